@@ -1,0 +1,58 @@
+"""Stage 1: read every raw source, clean it to the SPEC's rules, write merged/.
+
+    python merge_and_clean.py --raw data/raw --data data
+
+Reads   --raw (default data/raw): impressions/, clicks/, add_to_carts/, previous_orders/
+        in JSON Lines, CSV or Parquet, optionally gzipped.
+Writes  --data/merged/ (default data/merged), atomically, with _stage.json:
+          impressions/  one row per shown item, with position and split
+          actions/      the canonical action stream (customer_id, item_id, action_type, occurred_at)
+          _quarantine/<source>/  rows set aside, with source_file, row, reason, raw
+"""
+
+import argparse
+from pathlib import Path
+
+from recpipe import cluster, stage
+from recpipe.cli import UserError, entrypoint
+from recpipe.merge import merge_and_clean
+from recpipe.raw import SOURCES, list_source_files
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", default="data/raw", help="folder with one sub-folder per raw source")
+    parser.add_argument("--data", default="data", help="folder holding the stage folders")
+    parser.add_argument("--test-days", type=int, default=1, help="latest impression days labelled test")
+    parser.add_argument("--val-days", type=int, default=1, help="days before those labelled val")
+    parser.add_argument("--train-days", type=int, default=14, help="days before those labelled train")
+    cluster.add_arguments(parser)
+    args = parser.parse_args()
+    for flag in ("test_days", "val_days", "train_days"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
+    return args
+
+
+@entrypoint
+def main():
+    args = parse_args()
+    raw_files = {source: list_source_files(args.raw, source) for source in SOURCES}
+    parameters = {"test_days": args.test_days, "val_days": args.val_days, "train_days": args.train_days}
+    inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
+
+    with cluster.connect(args) as client, stage.publish(args.data, "merged", parameters, inputs) as run:
+        accounting, impression_days, extra_fields = merge_and_clean(
+            client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
+        for source, fields in extra_fields.items():
+            if fields:
+                print(f"ignored unknown fields of {source}: {', '.join(fields)}")
+        run.accounting = accounting
+        run.extra["impression_days"] = impression_days
+
+    stage.print_summary(run.published)
+    print(f"rows set aside are in {Path(args.data) / 'merged' / '_quarantine'}/")
+
+
+if __name__ == "__main__":
+    main()

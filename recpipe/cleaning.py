@@ -1,0 +1,240 @@
+"""The SPEC's cleaning rules (section 4), the canonical action stream (section 6) and the split (section 5).
+
+Input is RawRows from raw.py (object columns of plain Python values); output is
+typed frames ready for stage.write_table, plus the quarantined rows with their
+reason. All rules are evaluated on whole columns.
+
+When a row has several problems it is set aside for the first one in this order:
+malformed, missing:<field>, bad_id:<field>, bad_time:<field>, bad_impressions, with
+fields in the SPEC's order — so a row always has exactly one reason.
+"""
+
+import itertools
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from recpipe.raw import FIELDS
+from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
+
+INT64_MAX = 2**63 - 1
+OPTIONAL = {"user_agent", "simple_id"}
+IDS = ("customer_id", "item_id", "config_id", "simple_id")
+DATES = ("dt", "order_date")
+TIMESTAMPS = ("click_time", "occur_at")
+
+# How each action source becomes the canonical stream: (action_type, item field, time field).
+ACTION_SOURCES = {
+    "clicks": (CLICK, "item_id", "click_time"),
+    "add_to_carts": (ADD_TO_CART, "config_id", "occur_at"),
+    "previous_orders": (ORDER, "config_id", "order_date"),  # midnight UTC of the order's date
+}
+DUPLICATE_KEY = ["dt", "ranking_id", "customer_id", "item_id", "position"]
+QUARANTINE_COLUMNS = ["source_file", "row", "reason", "raw"]
+
+
+def is_missing(values):
+    """None, NaN, or text that is empty after stripping."""
+    missing = values.isna().to_numpy().copy()
+    text = values.map(type).to_numpy() == str
+    if text.any():
+        missing[text] = values[text].str.strip().eq("").to_numpy()
+    return missing
+
+
+def parse_ids(values):
+    """(int64 array, valid mask): valid ids are integers 1 … 2**63-1, given as numbers or digit strings.
+
+    Booleans and floats (3.0 included) are not ids: a float id has usually lost digits already.
+    """
+    kind = values.map(type).to_numpy()
+    candidates = np.full(len(values), None, dtype=object)
+    numbers = kind == int
+    candidates[numbers] = values[numbers].to_numpy()
+    text = kind == str
+    if text.any():
+        stripped = values[text].str.strip()
+        digits = stripped.str.fullmatch(r"\+?[0-9]{1,19}").to_numpy(dtype=bool)
+        candidates[np.flatnonzero(text)[digits]] = [int(digit) for digit in stripped[digits]]
+    has_value = candidates != None  # noqa: E711 (elementwise on an object array)
+    valid = np.zeros(len(values), dtype=bool)
+    if has_value.any():
+        present = candidates[has_value]
+        valid[has_value] = ((present >= 1) & (present <= INT64_MAX)).astype(bool)
+    ids = np.zeros(len(values), dtype=np.int64)
+    ids[valid] = candidates[valid].astype(np.int64)
+    return ids, valid
+
+
+def _text(values):
+    return values.where(values.map(type).to_numpy() == str).str.strip()
+
+
+def parse_dates(values):
+    """Strict YYYY-MM-DD (pandas alone would accept 2024-3-1) -> midnight UTC; NaT where invalid."""
+    text = _text(values)
+    text = text.where(text.str.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}").fillna(False).astype(bool))
+    return pd.to_datetime(text, format="%Y-%m-%d", utc=True, errors="coerce").astype("datetime64[us, UTC]")
+
+
+def parse_timestamps(values):
+    """ISO 8601 -> UTC (an offset is converted; none means UTC) at microsecond resolution; NaT where invalid."""
+    parsed = pd.to_datetime(_text(values), format="ISO8601", utc=True, errors="coerce")
+    return parsed.dt.floor("us").astype("datetime64[us, UTC]")
+
+
+def _as_text(values):
+    """Text fields: strings stripped; a number (ranking_id 123) becomes its JSON text; None stays None."""
+    kind = values.map(type).to_numpy()
+    text = values.copy()
+    strings = kind == str
+    text[strings] = values[strings].str.strip()
+    other = ~strings & ~values.isna().to_numpy()
+    if other.any():
+        text[other] = [orjson.dumps(value).decode() for value in values[other]]
+    return text
+
+
+def validate(frame, source):
+    """Parse every field of a RawRows frame; return (reasons, parsed columns).
+
+    `reasons` is an object Series, None for a row that is kept.
+    """
+    reasons = pd.Series(None, index=frame.index, dtype=object)
+
+    def set_aside(mask, reason):
+        reasons[np.asarray(mask, dtype=bool) & reasons.isna().to_numpy()] = reason
+
+    set_aside(frame["malformed"], "malformed")
+    present = {}
+    for name in FIELDS[source]:
+        present[name] = ~is_missing(frame[name])
+        if name not in OPTIONAL:
+            set_aside(~present[name], f"missing:{name}")
+    parsed = {}
+    for name in FIELDS[source]:
+        if name in IDS:
+            parsed[name], valid = parse_ids(frame[name])
+            set_aside(present[name] & ~valid, f"bad_id:{name}")
+    for name in FIELDS[source]:
+        if name in DATES or name in TIMESTAMPS:
+            parsed[name] = (parse_dates if name in DATES else parse_timestamps)(frame[name])
+            set_aside(present[name] & parsed[name].isna().to_numpy(), f"bad_time:{name}")
+    if source == "impressions":
+        set_aside(frame["impressions"].map(type).to_numpy() != list, "bad_impressions")
+        parsed["ranking_id"] = _as_text(frame["ranking_id"])
+        parsed["user_agent"] = _as_text(frame["user_agent"]).fillna("")
+    return reasons, parsed
+
+
+def quarantine(source_file, rows, reasons, raw):
+    return pd.DataFrame({"source_file": source_file, "row": np.asarray(rows, dtype=np.int64),
+                         "reason": list(reasons), "raw": list(raw)}, columns=QUARANTINE_COLUMNS)
+
+
+def _raw_text(frame, source):
+    """The original line where there is one; otherwise the row's fields as JSON."""
+    texts = []
+    fields = FIELDS[source]
+    for raw, values in zip(frame["raw"], frame[list(fields)].itertuples(index=False)):
+        if isinstance(raw, bytes):
+            texts.append(raw.decode("utf-8", "replace"))
+        elif isinstance(raw, str):
+            texts.append(raw)
+        else:
+            texts.append(orjson.dumps(dict(zip(fields, values)), default=str).decode())
+    return texts
+
+
+def set_aside_rows(frame, reasons, source, source_file):
+    bad = reasons.notna().to_numpy()
+    rejected = frame[bad]
+    return quarantine(source_file, rejected["row"], reasons[bad], _raw_text(rejected, source))
+
+
+def clean_actions(frame, source, source_file):
+    """RawRows frame of one action source -> (canonical actions, quarantined rows)."""
+    reasons, parsed = validate(frame, source)
+    kept = reasons.isna().to_numpy()
+    action_type, item_field, time_field = ACTION_SOURCES[source]
+    actions = pd.DataFrame({
+        "customer_id": parsed["customer_id"][kept],
+        "item_id": parsed[item_field][kept],
+        "action_type": np.full(kept.sum(), action_type, dtype=np.int8),
+        "occurred_at": parsed[time_field][kept].to_numpy(),
+    })
+    return actions, set_aside_rows(frame, reasons, source, source_file)
+
+
+def count_exact_duplicates(actions):
+    """How many actions repeat an earlier one exactly (they are kept: repeated actions are signal)."""
+    return int(actions.duplicated(["customer_id", "item_id", "action_type", "occurred_at"]).sum())
+
+
+def clean_impressions(frame, source_file):
+    """RawRows frame of impressions -> (one row per shown item, quarantined rankings, quarantined items, rankings kept).
+
+    The shown items carry `row` (the ranking's row in its file) so that duplicates
+    across files can later be resolved in the files' order.
+    """
+    reasons, parsed = validate(frame, "impressions")
+    kept = reasons.isna().to_numpy()
+    rankings = frame["impressions"][kept]
+    lengths = rankings.map(len).to_numpy(dtype=np.int64)
+    entries = list(itertools.chain.from_iterable(rankings))
+    owner = np.repeat(np.arange(kept.sum()), lengths)
+    position = np.arange(len(entries)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    item_values = pd.Series([entry.get("item_id") if type(entry) is dict else None for entry in entries], dtype=object)
+    is_order = [entry.get("is_order") if type(entry) is dict else None for entry in entries]
+    item_ids, item_valid = parse_ids(item_values)
+    good = item_valid & np.array([type(value) is bool for value in is_order], dtype=bool)
+
+    def per_ranking(values):
+        return np.asarray(values)[kept][owner]
+
+    shown = pd.DataFrame({
+        "dt": per_ranking(parsed["dt"].dt.date.to_numpy()),
+        "ranking_id": per_ranking(parsed["ranking_id"].to_numpy(dtype=object)),
+        "customer_id": per_ranking(parsed["customer_id"]),
+        "user_agent": per_ranking(parsed["user_agent"].to_numpy(dtype=object)),
+        "item_id": item_ids,
+        "is_order": np.array([value is True for value in is_order], dtype=bool),
+        "position": position.astype(np.int32),
+        "row": per_ranking(frame["row"].to_numpy()),
+    })
+    bad_entries = np.flatnonzero(~good)
+    bad_items = quarantine(
+        source_file,
+        shown["row"].to_numpy()[bad_entries],
+        ["bad_item"] * len(bad_entries),
+        [orjson.dumps({"ranking_id": shown["ranking_id"].iat[i], "position": int(position[i]), "entry": entries[i]},
+                      default=str).decode() for i in bad_entries],
+    )
+    return shown[good].reset_index(drop=True), set_aside_rows(frame, reasons, "impressions", source_file), bad_items
+
+
+def drop_duplicate_impressions(shown):
+    """Drop exact duplicate shown items (SPEC: same dt, ranking_id, customer_id, item_id, position).
+
+    `shown` must already be in the raw files' order; the first occurrence is kept.
+    """
+    duplicated = shown.duplicated(DUPLICATE_KEY).to_numpy()
+    return shown[~duplicated].reset_index(drop=True), int(duplicated.sum())
+
+
+def split_days(days, test_days=1, val_days=1, train_days=14):
+    """Map each impression day to 'test', 'val', 'train' or 'unused' (SPEC section 5).
+
+    The windows are calendar days counted back from the latest impression day, so a
+    day with no data (an outage) does not shift train days into val.
+    """
+    days = pd.to_datetime(pd.Series(sorted(set(days))))
+    if days.empty:
+        return {}
+    age = (days.max() - days).dt.days
+    split = np.select(
+        [age < test_days, age < test_days + val_days, age < test_days + val_days + train_days],
+        ["test", "val", "train"], default="unused",
+    )
+    return dict(zip(days.dt.date, map(str, split)))

@@ -1,0 +1,260 @@
+"""Stage mechanics: every stage publishes its output folder through this module.
+
+A stage writes into a staging folder beside its target (`data/.merged.staging-<host>-<pid>`)
+and renames it into place only after everything succeeded, with a `_stage.json`
+manifest recording its inputs (and their manifests' hashes), parameters, code version,
+row accounting, tables and timings. A failed, interrupted or terminated stage removes
+its staging folder; a SIGKILLed one leaves it behind, and the next run of that stage
+removes it. Readers therefore only ever see a complete previous output, or none.
+"""
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recpipe.cli import UserError
+
+MANIFEST = "_stage.json"
+
+# Each stage folder under --data, and the script that makes it.
+SCRIPTS = {
+    "merged": "merge_and_clean.py",
+    "repartitioned": "repartition.py",
+    "cleaned": "parse_ua_strings.py",
+    "processed": "preprocess.py",
+}
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def read_manifest(stage_dir):
+    path = Path(stage_dir) / MANIFEST
+    with open(path) as f:
+        return json.load(f)
+
+
+def require_stage(data_dir, name):
+    """Return the manifest of an input stage, or stop with which script makes it."""
+    stage_dir = Path(data_dir) / name
+    if not (stage_dir / MANIFEST).is_file():
+        state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
+        raise UserError(f"{stage_dir}/ {state}: run {SCRIPTS[name]} first")
+    return read_manifest(stage_dir)
+
+
+def stage_input(data_dir, name):
+    """The manifest entry for a stage this stage reads: its path and its manifest's hash."""
+    require_stage(data_dir, name)
+    manifest_path = Path(data_dir) / name / MANIFEST
+    return {"stage": name, "path": str(Path(data_dir, name).resolve()), "manifest_sha256": _sha256_file(manifest_path)}
+
+
+def raw_input(raw_dir, files):
+    """The manifest entry for raw files: a fingerprint of their names, sizes and mtimes.
+
+    Hashing the content of terabytes of logs on every run would cost more than the
+    stage; names, sizes and mtimes change whenever a file is replaced or appended to.
+    """
+    listing = [(str(Path(f).relative_to(raw_dir)), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files)]
+    digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"raw": str(Path(raw_dir).resolve()), "files": len(listing),
+            "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
+
+
+class StageRun:
+    """A stage being written: `path` is its staging folder; `accounting` ends up in the manifest."""
+
+    def __init__(self, name, data_dir, staging, parameters, inputs):
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.path = staging
+        self.parameters = parameters
+        self.inputs = inputs
+        self.accounting = {}
+        self.extra = {}
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self._started = time.monotonic()
+
+    def manifest(self):
+        check_accounting(self.accounting)
+        return {
+            "stage": self.name,
+            "script": SCRIPTS.get(self.name),
+            "code_version": code_version(),
+            "inputs": self.inputs,
+            "parameters": self.parameters,
+            "accounting": self.accounting,
+            "tables": describe_tables(self.path),
+            **self.extra,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - self._started, 2),
+        }
+
+
+@contextlib.contextmanager
+def publish(data_dir, name, parameters, inputs):
+    """Yield a StageRun writing into a staging folder; on success, swap it in as `data_dir/name`.
+
+    Anything raised inside (including SystemExit from SIGTERM and KeyboardInterrupt)
+    removes the staging folder and leaves the previous output untouched.
+    """
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(data_dir, name)
+    staging = data_dir / f".{name}.staging-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    run = StageRun(name, data_dir, staging, parameters, inputs)
+    try:
+        yield run
+        manifest = run.manifest()
+        run.published = manifest
+        with open(staging / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_into_place(staging, data_dir / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(staging, target):
+    """Replace target by staging with two renames; the old folder is deleted last.
+
+    Between the renames (microseconds) a kill leaves no target at all, which the
+    contract allows ("the previous output, or none"); it never leaves a partial one.
+    """
+    retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
+    if target.exists():
+        os.rename(target, retired)
+    os.rename(staging, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_abandoned_staging(data_dir, name):
+    """Delete staging/retired folders of this stage left by runs that were killed (their pid is gone)."""
+    host = socket.gethostname()
+    for leftover in Path(data_dir).glob(f".{name}.*-*"):
+        kind_and_owner = leftover.name[len(name) + 2:]
+        pid_text = kind_and_owner.rsplit("-", 1)[-1]
+        owned_here = kind_and_owner.startswith("retired-") or kind_and_owner.startswith(f"staging-{host}-")
+        if owned_here and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            print(f"removing {leftover}, left behind by a killed run")
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_accounting(accounting):
+    """Every row in ends in exactly one place; a stage that cannot show it does not publish."""
+    for source, counts in accounting.items():
+        out = counts["kept"] + sum(counts.get("set_aside", {}).values()) + counts.get("duplicates_dropped", 0)
+        if out != counts["rows_in"]:
+            raise RuntimeError(
+                f"accounting of {source} does not balance: {counts['rows_in']} rows in, but kept + set aside "
+                f"+ duplicates dropped = {out} ({counts}); this is a bug, the stage was not published"
+            )
+
+
+def write_table(frame, path, schema, row_group_size=None):
+    """Write a pandas frame as Parquet with exactly `schema`: no inferred or object dtypes reach disk.
+
+    Casting here fails loudly on a column of the wrong type instead of writing a file
+    whose types differ from its neighbours' (what breaks Dask reads and shuffles later).
+    """
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return table.num_rows
+
+
+def describe_tables(stage_dir):
+    """Rows, files and bytes of every table (sub-folder holding Parquet) in a stage folder."""
+    stage_dir = Path(stage_dir)
+    tables = {}
+    for file in sorted(stage_dir.rglob("*.parquet")):
+        table = str(file.parent.relative_to(stage_dir))
+        # A partitioned table (dt=…/ folders) is described as one table.
+        table = "/".join(part for part in table.split("/") if "=" not in part) or "."
+        entry = tables.setdefault(table, {"rows": 0, "files": 0, "bytes": 0})
+        entry["rows"] += pq.ParquetFile(file).metadata.num_rows
+        entry["files"] += 1
+        entry["bytes"] += file.stat().st_size
+    return tables
+
+
+def code_version():
+    """A hash of the package and scripts' source: it changes exactly when the code does."""
+    digest = hashlib.sha256()
+    root = _PACKAGE_DIR.parent
+    for source in sorted([*_PACKAGE_DIR.glob("*.py"), *root.glob("*.py")]):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    version = {"source_sha256": digest.hexdigest()[:16]}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return version
+
+
+def _sha256_file(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def print_summary(manifest):
+    """The closing one-screen summary: rows in / out / set aside by reason, bytes, seconds."""
+    print(f"\n{manifest['script']} -> {manifest['stage']}/ done in {manifest['seconds']:.1f}s")
+    accounting = manifest["accounting"]
+    if accounting:
+        print(f"  {'rows of':<28}{'in':>12}{'kept':>12}{'set aside':>12}{'dup dropped':>13}")
+        for source, counts in accounting.items():
+            set_aside = sum(counts.get("set_aside", {}).values())
+            print(f"  {source:<28}{counts['rows_in']:>12,}{counts['kept']:>12,}{set_aside:>12,}"
+                  f"{counts.get('duplicates_dropped', 0):>13,}")
+            for reason, count in sorted(counts.get("set_aside", {}).items()):
+                print(f"  {'':<28}{'':>12}{'':>12}{count:>12,}  {reason}")
+            if counts.get("exact_duplicates_kept"):
+                print(f"  {'':<28}exact duplicates kept (repeated actions are signal): "
+                      f"{counts['exact_duplicates_kept']:,}")
+    total_bytes = 0
+    for table, described in manifest["tables"].items():
+        total_bytes += described["bytes"]
+        print(f"  wrote {table:<26}{described['rows']:>12,} rows {described['files']:>6} files "
+              f"{described['bytes'] / 2**20:>10.1f} MiB")
+    print(f"  {total_bytes / 2**20:.1f} MiB written in {manifest['seconds']:.1f}s", flush=True)
