@@ -3,8 +3,11 @@
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 from dask.utils import parse_bytes
@@ -61,6 +64,7 @@ def connect(args):
                 "to use a LocalCluster"
             ) from None
         with client:
+            _ship_package(client)
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
             print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
             print(f"Dask dashboard: {client.dashboard_link}", flush=True)
@@ -105,6 +109,19 @@ def wait_with_progress(futures, label):
                 print(f"{label}: {done}/{len(futures)} tasks done ({time.monotonic() - started:.1f}s)", flush=True)
     # gather re-raises a task's exception here, in the client, with its traceback
     return [future.result() for future in futures]
+
+
+def _ship_package(client):
+    """Send this checkout's recpipe to the cluster's workers, which may have been started anywhere.
+
+    Registered as a plugin, so workers that join later get it too. The workers still
+    need the packages of requirements.txt installed.
+    """
+    package = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = shutil.make_archive(str(Path(tmp) / package.name), "zip", root_dir=package.parent,
+                                      base_dir=package.name)
+        client.upload_file(archive)
 
 
 def _port_free(port):

@@ -1,9 +1,16 @@
 """merge_and_clean.py end to end on tiny planted data: accounting, quarantine, atomicity, determinism."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import EXPECTED_ACCOUNTING, run_script
 
@@ -48,3 +55,83 @@ def test_merge_writes_canonical_actions_in_utc(raw_dir, tmp_path):
     orders = actions[actions.action_type == 3]
     assert orders.occurred_at.tolist() == [pd.Timestamp("2024-02-28T00:00:00Z")] * 2
     assert orders.item_id.tolist() == [12, 12]
+
+
+def merged_rows(data_dir):
+    """Every table of merged/ as frames, in file order: what 'identical rows in identical order' compares."""
+    merged = data_dir / "merged"
+    return {str(path.relative_to(merged)): read_table(path) for path in sorted(merged.rglob("*.parquet"))}
+
+
+def test_merge_twice_gives_identical_rows_in_identical_order(raw_dir, tmp_path):
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "a", *CLUSTER)
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "b", "--workers", "2")
+    first, second = merged_rows(tmp_path / "a"), merged_rows(tmp_path / "b")
+    assert first.keys() == second.keys()
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], second[name])
+
+
+def test_merge_labels_splits_by_day(raw_dir, tmp_path):
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", "--test-days", "1",
+               "--val-days", "0", "--train-days", "0", *CLUSTER)
+    impressions = read_table(tmp_path / "data" / "merged" / "impressions")
+    assert impressions.groupby("split").dt.unique().map(list).to_dict() == {
+        "test": [pd.Timestamp("2024-03-03").date()], "unused": [pd.Timestamp("2024-03-02").date()]}
+    assert impressions.position.tolist() == [0, 2, 1]  # r1 keeps positions 0 and 2 around its bad entry
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda raw: shutil.rmtree(raw / "clicks"), "clicks/ is missing"),
+    (lambda raw: [p.unlink() for p in (raw / "clicks").iterdir()], "clicks/ is empty"),
+    (lambda raw: (raw / "clicks" / "more.xml").write_text("<x/>"), "more.xml: unknown format"),
+    (lambda raw: (raw / "clicks" / "2024-03-01.jsonl").write_text("\n"), "clicks/ holds no rows"),
+])
+def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, tmp_path, breakage, message):
+    data = tmp_path / "data"
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
+    before = (data / "merged" / "_stage.json").read_text()
+    breakage(raw_dir)
+    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (data / "merged" / "_stage.json").read_text() == before
+    assert sorted(p.name for p in data.iterdir()) == ["merged"]
+
+
+def test_merge_runs_on_an_external_scheduler_and_workers(raw_dir, tmp_path):
+    """A `dask scheduler` and a `dask worker` on loopback, the worker started outside the repository."""
+    dask = Path(sys.executable).parent / "dask"
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                   "--dashboard-address", ":0", "--scheduler-file", scheduler_file],
+                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        processes.append(subprocess.Popen([dask, "worker", "--scheduler-file", scheduler_file, "--nworkers", "2",
+                                           "--nthreads", "1", "--dashboard-address", ":0"],
+                                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        address = json.loads(scheduler_file.read_text())["address"]
+        external = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "external",
+                              env={**env, "DASK_SCHEDULER_ADDRESS": address})
+        assert f"joined scheduler {address}" in external.stdout
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(timeout=30)
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "local", *CLUSTER)
+    external_rows, local_rows = merged_rows(tmp_path / "external"), merged_rows(tmp_path / "local")
+    assert external_rows.keys() == local_rows.keys()
+    for name in local_rows:
+        pd.testing.assert_frame_equal(external_rows[name], local_rows[name])
+
+
+def test_merge_unreachable_scheduler_is_a_clear_error(raw_dir, tmp_path):
+    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data",
+                        "--scheduler", "tcp://127.0.0.1:9", check=False)
+    assert result.returncode == 2
+    assert "could not reach the Dask scheduler at --scheduler tcp://127.0.0.1:9" in result.stderr

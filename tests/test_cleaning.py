@@ -1,0 +1,103 @@
+"""The SPEC's cleaning rules on tiny literal frames."""
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+
+from recpipe.cleaning import (clean_actions, clean_impressions, drop_duplicate_impressions, parse_dates, parse_ids,
+                              parse_timestamps, split_days, validate)
+
+
+def rows(source_fields, *records):
+    """A RawRows-shaped frame from literal records (dicts of field values)."""
+    frame = pd.DataFrame({"row": np.arange(1, len(records) + 1), "raw": [None] * len(records),
+                          "malformed": [False] * len(records)})
+    for name in source_fields:
+        frame[name] = pd.Series([record.get(name) for record in records], dtype=object)
+    return frame
+
+
+CLICK_FIELDS = ("dt", "customer_id", "item_id", "click_time")
+
+
+def test_parse_ids_accepts_positive_integers_and_digit_strings_only():
+    ids, valid = parse_ids(pd.Series([7, " 8 ", "+9", 0, -1, "abc", 3.0, True, None, 2**63, 2**63 - 1], dtype=object))
+    assert valid.tolist() == [True, True, True, False, False, False, False, False, False, False, True]
+    assert ids[valid].tolist() == [7, 8, 9, 2**63 - 1]
+
+
+def test_parse_dates_is_strict_yyyy_mm_dd():
+    parsed = parse_dates(pd.Series(["2024-03-01", "2024-3-1", "2024-02-30", " 2024-03-02 ", 20240301], dtype=object))
+    assert parsed.isna().tolist() == [False, True, True, False, True]
+    assert parsed[0] == pd.Timestamp("2024-03-01T00:00:00Z")
+
+
+def test_parse_timestamps_converts_offsets_to_utc_and_treats_naive_as_utc():
+    parsed = parse_timestamps(pd.Series(
+        ["2024-03-01T10:00:00+02:00", "2024-03-01T08:00:00Z", "2024-03-01T08:00:00", "2024-03-01 03:00:00-05:00",
+         "yesterday", 1709280000], dtype=object))
+    assert parsed[:4].tolist() == [pd.Timestamp("2024-03-01T08:00:00Z")] * 4
+    assert parsed[4:].isna().all()  # an epoch number is not ISO 8601
+    assert str(parsed.dtype) == "datetime64[us, UTC]"
+
+
+def test_validate_reports_the_first_problem_only():
+    frame = rows(CLICK_FIELDS,
+                 {"dt": "2024-03-01", "item_id": -1, "click_time": "nope"},          # missing customer_id first
+                 {"dt": "bad", "customer_id": 1, "item_id": -1, "click_time": "x"},  # bad_id before bad_time
+                 {"dt": "2024-03-01", "customer_id": "", "item_id": 1, "click_time": "2024-03-01"})  # "" is missing
+    reasons, _ = validate(frame, "clicks")
+    assert reasons.tolist() == ["missing:customer_id", "bad_id:item_id", "missing:customer_id"]
+
+
+def test_clean_actions_gives_orders_midnight_utc_of_their_date():
+    frame = rows(("order_date", "customer_id", "config_id"),
+                 {"order_date": "2024-02-28", "customer_id": 1, "config_id": 12})
+    actions, set_aside = clean_actions(frame, "previous_orders", "orders.parquet")
+    assert actions.to_dict("records") == [{"customer_id": 1, "item_id": 12, "action_type": 3,
+                                           "occurred_at": pd.Timestamp("2024-02-28T00:00:00Z")}]
+    assert set_aside.empty
+
+
+def test_clean_actions_keeps_optional_simple_id_missing_but_rejects_a_bad_one():
+    fields = ("dt", "customer_id", "config_id", "simple_id", "occur_at")
+    frame = rows(fields,
+                 {"dt": "2024-03-01", "customer_id": 1, "config_id": 2, "simple_id": "", "occur_at": "2024-03-01"},
+                 {"dt": "2024-03-01", "customer_id": 1, "config_id": 2, "simple_id": "x", "occur_at": "2024-03-01"})
+    actions, set_aside = clean_actions(frame, "add_to_carts", "carts.csv")
+    assert len(actions) == 1
+    assert set_aside[["row", "reason"]].to_dict("records") == [{"row": 2, "reason": "bad_id:simple_id"}]
+    assert '"simple_id":"x"' in set_aside.raw[0]
+
+
+def test_clean_impressions_keeps_the_ranking_and_sets_aside_bad_entries_alone():
+    frame = rows(("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
+                 {"dt": "2024-03-01", "ranking_id": " r1 ", "customer_id": 5, "user_agent": None,
+                  "impressions": [{"item_id": 1, "is_order": False}, {"item_id": 2, "is_order": "yes"},
+                                  "junk", {"item_id": 4, "is_order": True}]})
+    shown, rankings_set_aside, items_set_aside = clean_impressions(frame, "f.jsonl")
+    assert shown[["item_id", "position", "is_order"]].to_dict("records") == [
+        {"item_id": 1, "position": 0, "is_order": False}, {"item_id": 4, "position": 3, "is_order": True}]
+    assert shown.ranking_id.tolist() == ["r1", "r1"]
+    assert shown.user_agent.tolist() == ["", ""]
+    assert shown.dt.tolist() == [dt.date(2024, 3, 1)] * 2
+    assert rankings_set_aside.empty
+    assert items_set_aside.reason.tolist() == ["bad_item", "bad_item"]
+    assert '"position":1' in items_set_aside.raw[0]
+
+
+def test_drop_duplicate_impressions_keeps_the_first_of_the_same_key():
+    shown = pd.DataFrame({"dt": [dt.date(2024, 3, 1)] * 3, "ranking_id": ["r"] * 3, "customer_id": [1] * 3,
+                          "item_id": [9, 9, 9], "position": [0, 0, 1], "is_order": [False, True, False]})
+    kept, dropped = drop_duplicate_impressions(shown)
+    assert dropped == 1
+    assert kept[["position", "is_order"]].to_dict("records") == [{"position": 0, "is_order": False},
+                                                                  {"position": 1, "is_order": False}]
+
+
+def test_split_days_counts_calendar_days_back_from_the_latest():
+    days = [dt.date(2024, 3, d) for d in (1, 2, 3, 5, 6, 7)]  # 4 March is missing
+    assert split_days(days, test_days=1, val_days=2, train_days=2) == {
+        dt.date(2024, 3, 1): "unused", dt.date(2024, 3, 2): "unused", dt.date(2024, 3, 3): "train",
+        dt.date(2024, 3, 5): "val", dt.date(2024, 3, 6): "val", dt.date(2024, 3, 7): "test"}

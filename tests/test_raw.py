@@ -1,0 +1,85 @@
+"""Reading raw files of every accepted format into rows."""
+
+import gzip
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recpipe.cli import UserError
+from recpipe.raw import file_format, list_source_files, read_rows
+
+
+def test_raw_file_format_looks_through_gzip():
+    assert [file_format(name) for name in ("a.jsonl", "a.json.gz", "a.CSV", "a.parquet.gz", "a.txt")] == [
+        ".jsonl", ".jsonl", ".csv", ".parquet", None]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "clicks/ is missing"),
+    ({"clicks/": None}, "clicks/ is empty"),
+    ({"clicks/_SUCCESS": ""}, "clicks/ is empty"),
+    ({"clicks/c.txt": "x"}, "c.txt: unknown format"),
+])
+def test_raw_list_source_files_names_an_unusable_source(tmp_path, layout, message):
+    for name, text in layout.items():
+        path = tmp_path / name
+        if text is None:
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        list_source_files(tmp_path, "clicks")
+
+
+def test_raw_impressions_cannot_be_csv(tmp_path):
+    (tmp_path / "impressions").mkdir()
+    (tmp_path / "impressions" / "i.csv").write_text("dt\n")
+    with pytest.raises(UserError, match="impressions cannot be CSV"):
+        list_source_files(tmp_path, "impressions")
+
+
+def test_raw_json_lines_marks_undecodable_lines_malformed_and_skips_blank_ones(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"dt": "2024-03-01", "customer_id": 1}\n\n[1, 2]\n{"dt": "\xff"}\n{"x": 1}\n'))
+    frame = read_rows(path, "clicks").frame
+    assert frame.row.tolist() == [1, 3, 4, 5]
+    assert frame.malformed.tolist() == [False, True, True, False]
+    assert frame.customer_id.tolist()[0] == 1
+    assert read_rows(path, "clicks").extra_fields == {"x"}
+
+
+def test_raw_csv_numbers_rows_and_keeps_the_malformed_line(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("dt,customer_id,config_id,occur_at,extra\n2024-03-01,1,2,2024-03-01,e\n1,2\n2024-03-01,3,4,,e\n")
+    rows = read_rows(path, "add_to_carts")
+    assert rows.frame[["row", "malformed"]].to_dict("records") == [
+        {"row": 1, "malformed": False}, {"row": 2, "malformed": True}, {"row": 3, "malformed": False}]
+    assert rows.frame.raw[1] == "1,2"
+    assert rows.frame.simple_id.tolist() == [None, None, None]  # absent column
+    assert rows.frame.occur_at.tolist()[2] == ""
+    assert rows.extra_fields == {"extra"}
+
+
+@pytest.mark.parametrize("text", ["", "dt,customer_id,config_id,simple_id,occur_at\n"])
+def test_raw_empty_or_header_only_csv_has_no_rows(tmp_path, text):
+    path = tmp_path / "a.csv"
+    path.write_text(text)
+    assert len(read_rows(path, "add_to_carts").frame) == 0
+
+
+def test_raw_parquet_dates_arrive_as_text(tmp_path):
+    import datetime as dt
+    path = tmp_path / "o.parquet"
+    pq.write_table(pa.table({"order_date": [dt.date(2024, 2, 28)], "customer_id": [1], "config_id": [2]}), path)
+    frame = read_rows(path, "previous_orders").frame
+    assert frame.order_date.tolist() == ["2024-02-28"]
+    assert frame.customer_id.tolist() == [1]
+
+
+def test_raw_corrupt_gzip_is_a_user_error_naming_the_file(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="c.jsonl.gz: cannot be read or decompressed"):
+        read_rows(path, "clicks")
