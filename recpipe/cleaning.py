@@ -167,9 +167,9 @@ def clean_actions(frame, source, source_file):
     return actions, set_aside_rows(frame, reasons, source, source_file)
 
 
-def count_exact_duplicates(actions):
-    """How many actions repeat an earlier one exactly (they are kept: repeated actions are signal)."""
-    return int(actions.duplicated(["customer_id", "item_id", "action_type", "occurred_at"]).sum())
+def exact_duplicate_actions(actions):
+    """True for each action that repeats an earlier one exactly (they are kept: repeated actions are signal)."""
+    return actions.duplicated(["customer_id", "item_id", "action_type", "occurred_at"]).to_numpy()
 
 
 def clean_impressions(frame, source_file):

@@ -3,28 +3,29 @@
 Two passes, both one task per unit of work:
 
 1. one task per raw file reads, validates and cleans it, writes its canonical actions
-   (`actions/<source>-<file>.parquet`) or its shown items cut by day into a scratch
-   folder, and its quarantined rows (`_quarantine/<source>/part-<file>.parquet`);
+   (`actions/<source>-<file>.parquet`, plus a copy cut by customer bucket into a
+   scratch folder) or its shown items cut by day into the scratch folder, and its
+   quarantined rows (`_quarantine/<source>/part-<file>.parquet`);
 2. one task per impression day gathers that day's pieces in the raw files' order,
    drops exact duplicate shown items (they may sit in different files), labels the
-   split and writes `impressions/part-<day>.parquet`.
+   split and writes `impressions/part-<day>.parquet`; one task per customer bucket
+   counts the exact duplicate actions (kept, but reported).
 
-Passing shown items through disk, cut by day, is the shuffle: no worker ever holds
-more than one raw file or one day.
+Passing rows through disk, cut by day or bucket, is the shuffle: no worker ever
+holds more than one raw file, one day or one bucket.
 """
 
 import collections
 import shutil
 from pathlib import Path
 
-import dask.dataframe as dd
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recpipe import schemas
-from recpipe.cleaning import (ACTION_SOURCES, clean_actions, clean_impressions, drop_duplicate_impressions,
-                              split_days)
+from recpipe.cleaning import (ACTION_SOURCES, clean_actions, clean_impressions, exact_duplicate_actions,
+                              drop_duplicate_impressions, split_days)
 from recpipe.cli import UserError
 from recpipe.cluster import wait_with_progress
 from recpipe.raw import SOURCES, read_rows
@@ -39,8 +40,11 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
     """Run both passes into `out_dir` (a staging folder); return (accounting, impression days, extra fields)."""
     out_dir = Path(out_dir)
     scratch = out_dir / "_scratch"
+    action_files = sum(len(raw_files[source]) for source in ACTION_SOURCES)
+    buckets = min(64, max(1, action_files // 8))  # few enough that bucket pieces are not tiny
     futures = [
-        client.submit(clean_file, str(path), source, index, str(out_dir), key=f"clean-{source}-{index}", pure=False)
+        client.submit(clean_file, str(path), source, index, str(out_dir), buckets,
+                      key=f"clean-{source}-{index}", pure=False)
         for source in SOURCES
         for index, path in enumerate(raw_files[source])
     ]
@@ -61,9 +65,11 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
         for day in days
     ]
     day_reports = wait_with_progress(futures, "deduplicating impressions by day")
+    futures = [client.submit(count_exact_duplicate_actions, str(bucket_dir), key=f"duplicates-{bucket_dir.name}",
+                             pure=False)
+               for bucket_dir in sorted((scratch / "actions").glob("*"))]
+    exact_duplicates = _sum_counters(wait_with_progress(futures, "counting exact duplicate actions"))
     shutil.rmtree(scratch)
-
-    exact_duplicates = count_exact_duplicate_actions(client, out_dir / "actions")
     accounting = {}
     for source in SOURCES:
         reports = by_source[source]
@@ -91,7 +97,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
     return accounting, impression_days, extra_fields
 
 
-def clean_file(path, source, index, out_dir):
+def clean_file(path, source, index, out_dir, buckets):
     """Pass 1 for one raw file (runs on a worker). Returns its accounting."""
     out_dir = Path(out_dir)
     rows = read_rows(path, source)
@@ -111,7 +117,10 @@ def clean_file(path, source, index, out_dir):
     else:
         actions, set_aside = clean_actions(rows.frame, source, path)
         if len(actions):
-            write_table(actions, out_dir / "actions" / f"{source}-{index:05d}.parquet", schemas.ACTIONS)
+            name = f"{source}-{index:05d}.parquet"
+            write_table(actions, out_dir / "actions" / name, schemas.ACTIONS)
+            for bucket, of_bucket in actions.groupby(actions["customer_id"] % buckets, sort=True):
+                write_table(of_bucket, out_dir / "_scratch" / "actions" / f"{bucket:03d}" / name, schemas.ACTIONS)
         report["kept"] = len(actions)
         report["set_aside"] = dict(collections.Counter(set_aside["reason"]))
     if len(set_aside):
@@ -130,17 +139,11 @@ def finish_impression_day(pieces_dir, day, split, out_dir):
     return {"day": day, "split": split, "kept": len(shown), "duplicates_dropped": duplicates}
 
 
-def count_exact_duplicate_actions(client, actions_dir):
-    """Exact repeats per action type across all files ({action_type: count}); they stay in the stream."""
-    if not any(Path(actions_dir).glob("*.parquet")):
-        return {}
-    actions = dd.read_parquet(str(actions_dir))
-    occurrences = actions.assign(n=1).groupby(["action_type", "customer_id", "item_id", "occurred_at"]).n.sum(
-        split_out=max(1, actions.npartitions // 8))
-    repeats = (occurrences[occurrences > 1] - 1).reset_index().groupby("action_type").n.sum()
-    future = client.compute(repeats)
-    (repeats,) = wait_with_progress([future], "counting exact duplicate actions")
-    return {int(action_type): int(count) for action_type, count in repeats.items()}
+def count_exact_duplicate_actions(bucket_dir):
+    """Exact repeats among one customer bucket's actions, {action_type: count} (runs on a worker)."""
+    actions = pq.read_table(bucket_dir, schema=schemas.ACTIONS).to_pandas()
+    repeats = actions[exact_duplicate_actions(actions)]
+    return {int(action_type): int(n) for action_type, n in repeats.groupby("action_type").size().items()}
 
 
 def _sum_counters(counters):

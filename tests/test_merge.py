@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXPECTED_ACCOUNTING, run_script
+from conftest import EXPECTED_ACCOUNTING, ROOT, run_script
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
 
@@ -135,3 +136,59 @@ def test_merge_unreachable_scheduler_is_a_clear_error(raw_dir, tmp_path):
                         "--scheduler", "tcp://127.0.0.1:9", check=False)
     assert result.returncode == 2
     assert "could not reach the Dask scheduler at --scheduler tcp://127.0.0.1:9" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def generated_raw(tmp_path_factory):
+    """A generated dataset big enough (about 120 files, 200k rows) that a run can be killed midway."""
+    from recpipe.synthetic import generate
+    raw = tmp_path_factory.mktemp("generated") / "raw"
+    generate(raw, customers=3000, items=2000, days=18, actions_per_customer=60, seed=1)
+    return raw
+
+
+def test_merge_accounting_matches_what_the_generator_planted(generated_raw, tmp_path):
+    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", tmp_path / "data")
+    accounting = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]
+    expected = json.loads((generated_raw / "_generated.json").read_text())["expected"]
+    impressions = expected["impressions"]
+    assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
+    assert accounting["impressions.rankings"]["set_aside"] == impressions["rankings_quarantined"]
+    assert accounting["impressions.shown_items"]["rows_in"] == impressions["shown_items_in"]
+    assert accounting["impressions.shown_items"]["set_aside"] == impressions["shown_items_quarantined"]
+    assert accounting["impressions.shown_items"]["duplicates_dropped"] == impressions["shown_items_duplicates"]
+    for source in ("clicks", "add_to_carts", "previous_orders"):
+        assert accounting[source]["rows_in"] == expected[source]["rows_in"]
+        assert accounting[source]["set_aside"] == expected[source]["quarantined"]
+        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_merge_killed_midway_leaves_the_previous_output(generated_raw, tmp_path, signal_number):
+    data = tmp_path / "data"
+    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    previous = merged_rows(data)
+    manifest = (data / "merged" / "_stage.json").read_text()
+
+    # The whole process group: a SIGKILLed client would otherwise leave its LocalCluster workers running.
+    process = subprocess.Popen([sys.executable, "merge_and_clean.py", "--raw", generated_raw, "--data", data],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(data.glob(".merged.staging-*/actions/*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal_number)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+
+    assert (data / "merged" / "_stage.json").read_text() == manifest
+    staging_left = list(data.glob(".merged.staging-*"))
+    assert staging_left if signal_number == signal.SIGKILL else not staging_left
+    result = run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    assert not list(data.glob(".merged.staging-*"))
+    if signal_number == signal.SIGKILL:
+        assert "left behind by a killed run" in result.stdout
+    rerun = merged_rows(data)
+    assert rerun.keys() == previous.keys()
+    for name in previous:
+        pd.testing.assert_frame_equal(rerun[name], previous[name])
