@@ -34,13 +34,19 @@ DUPLICATE_KEY = ["dt", "ranking_id", "customer_id", "item_id", "position"]
 QUARANTINE_COLUMNS = ["source_file", "row", "reason", "raw"]
 
 
-def is_missing(values):
-    """None, NaN, or text that is empty after stripping."""
-    missing = values.isna().to_numpy().copy()
+def strip_text(values):
+    """Text values stripped (the SPEC strips text fields); other values untouched."""
     text = values.map(type).to_numpy() == str
-    if text.any():
-        missing[text] = values[text].str.strip().eq("").to_numpy()
-    return missing
+    if not text.any():
+        return values
+    stripped = values.copy()
+    stripped[text] = values[text].str.strip()
+    return stripped
+
+
+def is_missing(values):
+    """None, NaN, or empty text (values are already stripped)."""
+    return (values.isna() | values.eq("")).to_numpy(dtype=bool)
 
 
 def parse_ids(values):
@@ -54,9 +60,9 @@ def parse_ids(values):
     candidates[numbers] = values[numbers].to_numpy()
     text = kind == str
     if text.any():
-        stripped = values[text].str.strip()
-        digits = stripped.str.fullmatch(r"\+?[0-9]{1,19}").to_numpy(dtype=bool)
-        candidates[np.flatnonzero(text)[digits]] = [int(digit) for digit in stripped[digits]]
+        strings = values[text]
+        digits = strings.str.fullmatch(r"\+?[0-9]{1,19}").to_numpy(dtype=bool)
+        candidates[np.flatnonzero(text)[digits]] = [int(digit) for digit in strings[digits]]
     has_value = candidates != None  # noqa: E711 (elementwise on an object array)
     valid = np.zeros(len(values), dtype=bool)
     if has_value.any():
@@ -68,7 +74,7 @@ def parse_ids(values):
 
 
 def _text(values):
-    return values.where(values.map(type).to_numpy() == str).str.strip()
+    return values.where(values.map(type).to_numpy() == str)
 
 
 def parse_dates(values):
@@ -79,18 +85,15 @@ def parse_dates(values):
 
 
 def parse_timestamps(values):
-    """ISO 8601 -> UTC (an offset is converted; none means UTC) at microsecond resolution; NaT where invalid."""
+    """ISO 8601 -> UTC (an offset is converted; none means UTC), truncated to microseconds; NaT where invalid."""
     parsed = pd.to_datetime(_text(values), format="ISO8601", utc=True, errors="coerce")
-    return parsed.dt.floor("us").astype("datetime64[us, UTC]")
+    return parsed.dt.as_unit("us")
 
 
 def _as_text(values):
-    """Text fields: strings stripped; a number (ranking_id 123) becomes its JSON text; None stays None."""
-    kind = values.map(type).to_numpy()
+    """Text fields: a number (ranking_id 123) becomes its JSON text; None stays None."""
     text = values.copy()
-    strings = kind == str
-    text[strings] = values[strings].str.strip()
-    other = ~strings & ~values.isna().to_numpy()
+    other = (values.map(type).to_numpy() != str) & ~values.isna().to_numpy()
     if other.any():
         text[other] = [orjson.dumps(value).decode() for value in values[other]]
     return text
@@ -107,24 +110,25 @@ def validate(frame, source):
         reasons[np.asarray(mask, dtype=bool) & reasons.isna().to_numpy()] = reason
 
     set_aside(frame["malformed"], "malformed")
+    fields = {name: strip_text(frame[name]) for name in FIELDS[source]}
     present = {}
     for name in FIELDS[source]:
-        present[name] = ~is_missing(frame[name])
+        present[name] = ~is_missing(fields[name])
         if name not in OPTIONAL:
             set_aside(~present[name], f"missing:{name}")
     parsed = {}
     for name in FIELDS[source]:
         if name in IDS:
-            parsed[name], valid = parse_ids(frame[name])
+            parsed[name], valid = parse_ids(fields[name])
             set_aside(present[name] & ~valid, f"bad_id:{name}")
     for name in FIELDS[source]:
         if name in DATES or name in TIMESTAMPS:
-            parsed[name] = (parse_dates if name in DATES else parse_timestamps)(frame[name])
+            parsed[name] = (parse_dates if name in DATES else parse_timestamps)(fields[name])
             set_aside(present[name] & parsed[name].isna().to_numpy(), f"bad_time:{name}")
     if source == "impressions":
         set_aside(frame["impressions"].map(type).to_numpy() != list, "bad_impressions")
-        parsed["ranking_id"] = _as_text(frame["ranking_id"])
-        parsed["user_agent"] = _as_text(frame["user_agent"]).fillna("")
+        parsed["ranking_id"] = _as_text(fields["ranking_id"])
+        parsed["user_agent"] = _as_text(fields["user_agent"]).fillna("")
     return reasons, parsed
 
 

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask
 import psutil
 from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, as_completed, progress
@@ -40,7 +41,8 @@ def local_cluster_size(workers=None, memory_limit=None):
     The quarter left over is for the client, the scheduler and the page cache the
     Parquet reads live on.
     """
-    workers = workers or os.cpu_count() or 1
+    if workers is None:
+        workers = os.cpu_count() or 1
     if workers < 1:
         raise UserError(f"--workers {workers}: needs at least 1 worker")
     if memory_limit is None:
@@ -72,15 +74,19 @@ def connect(args):
         return
 
     workers, memory_limit = local_cluster_size(args.workers, args.memory_limit)
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=memory_limit,
-        processes=True,
-        silence_logs=logging.ERROR,
-        # :0 when 8787 is taken would print a warning per script; asking for :0 keeps logs clean.
-        dashboard_address=":8787" if _port_free(8787) else ":0",
-    )
+    # Dask's statistical profiler samples every worker thread's stack each 10 ms; on our
+    # Python-heavy cleaning tasks that cost 28% of merge_and_clean's time (43 s -> 31 s).
+    # The dashboard's Profile page stays empty; everything else on it works.
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=args.threads_per_worker,
+            memory_limit=memory_limit,
+            processes=True,
+            silence_logs=logging.ERROR,
+            # Dask warns at length when 8787 is taken; asking for a free port (:0) keeps the log clean.
+            dashboard_address=":8787" if _port_free(8787) else ":0",
+        )
     with cluster, Client(cluster) as client:
         print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
               f"{memory_limit / 2**30:.1f} GiB each")

@@ -124,7 +124,8 @@ def _read_json_lines(data, fields):
     malformed = [record is None for record in records]
     records = [_NOT_AN_OBJECT if record is None else record for record in records]
     columns = {name: [record.get(name) for record in records] for name in fields}
-    extra = set().union(*(record.keys() for record in records)) - set(fields) if records else set()
+    # Records share a handful of key layouts; collecting those (map(tuple) runs in C) is cheap.
+    extra = set().union(*set(map(tuple, records))) - set(fields)
     return RawRows(_frame(rows, lines, malformed, columns, fields), extra)
 
 

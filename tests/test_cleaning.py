@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from recpipe.cleaning import (clean_actions, clean_impressions, drop_duplicate_impressions, parse_dates, parse_ids,
-                              parse_timestamps, split_days, validate)
+                              parse_timestamps, split_days, strip_text, validate)
 
 
 def rows(source_fields, *records):
@@ -22,13 +22,15 @@ CLICK_FIELDS = ("dt", "customer_id", "item_id", "click_time")
 
 
 def test_parse_ids_accepts_positive_integers_and_digit_strings_only():
-    ids, valid = parse_ids(pd.Series([7, " 8 ", "+9", 0, -1, "abc", 3.0, True, None, 2**63, 2**63 - 1], dtype=object))
+    ids, valid = parse_ids(strip_text(pd.Series([7, " 8 ", "+9", 0, -1, "abc", 3.0, True, None, 2**63, 2**63 - 1],
+                                                dtype=object)))
     assert valid.tolist() == [True, True, True, False, False, False, False, False, False, False, True]
     assert ids[valid].tolist() == [7, 8, 9, 2**63 - 1]
 
 
 def test_parse_dates_is_strict_yyyy_mm_dd():
-    parsed = parse_dates(pd.Series(["2024-03-01", "2024-3-1", "2024-02-30", " 2024-03-02 ", 20240301], dtype=object))
+    parsed = parse_dates(strip_text(pd.Series(["2024-03-01", "2024-3-1", "2024-02-30", " 2024-03-02 ", 20240301],
+                                              dtype=object)))
     assert parsed.isna().tolist() == [False, True, True, False, True]
     assert parsed[0] == pd.Timestamp("2024-03-01T00:00:00Z")
 
