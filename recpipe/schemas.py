@@ -36,3 +36,19 @@ QUARANTINE = pa.schema([
     ("reason", pa.string()),
     ("raw", pa.string()),
 ])
+
+# cleaned/impressions: the impressions plus the parsed user agent (parse_ua_strings.py).
+# Families are null only for an empty user agent (missing); for anything else
+# ua-parser answers, with "Other" where it recognizes nothing. Versions, brand and
+# model are null where ua-parser finds none: no default would be true.
+USER_AGENT_FIELDS = [
+    ("browser_family", pa.string()),
+    ("browser_major", pa.string()),
+    ("os_family", pa.string()),
+    ("os_major", pa.string()),
+    ("device_family", pa.string()),
+    ("device_brand", pa.string()),
+    ("device_model", pa.string()),
+    ("is_bot", pa.bool_()),
+]
+CLEANED_IMPRESSIONS = pa.schema([*IMPRESSIONS, *USER_AGENT_FIELDS])

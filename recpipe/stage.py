@@ -15,11 +15,13 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recpipe.cli import UserError
@@ -200,18 +202,55 @@ def write_table(frame, path, schema, row_group_size=None):
     return table.num_rows
 
 
+def write_sized(table, directory, schema, row_group_mb, basename="part"):
+    """Write an Arrow table with PyArrow's dataset writer: row groups near `row_group_mb` of
+    uncompressed data, files of whole row groups (at most 16), rows in their given order.
+    Returns the in-memory size in bytes of each row group written.
+
+    "Uncompressed" means as a reader holds it in memory (Arrow), which is what bounds a
+    Dask worker; Parquet's own "uncompressed" size is after dictionary and run-length
+    encoding, often several times smaller.
+    """
+    table = table.cast(schema)
+    bytes_per_row = max(1.0, table.nbytes / max(1, table.num_rows))
+    rows_per_group = max(1, int(row_group_mb * 2**20 / bytes_per_row))
+    ds.write_dataset(
+        table, directory, format="parquet", basename_template=f"{basename}-{{i}}.parquet",
+        min_rows_per_group=rows_per_group, max_rows_per_group=rows_per_group,
+        max_rows_per_file=16 * rows_per_group, preserve_order=True,
+        existing_data_behavior="overwrite_or_ignore",
+    )
+    return [table.slice(start, rows_per_group).nbytes for start in range(0, table.num_rows, rows_per_group)]
+
+
+def size_stats(sizes):
+    """min / median / max in MiB, and how many, of a list of sizes in bytes."""
+    sizes = [size / 2**20 for size in sizes]
+    return {"min": round(min(sizes), 2), "median": round(statistics.median(sizes), 2),
+            "max": round(max(sizes), 2), "count": len(sizes)}
+
+
 def describe_tables(stage_dir):
-    """Rows, files and bytes of every table (sub-folder holding Parquet) in a stage folder."""
+    """Rows, files, bytes and Parquet row-group sizes (MiB, encoded, before compression) of every table.
+
+    A table is a sub-folder holding Parquet; its partition folders (`dt=…`, `bucket=…`)
+    belong to it.
+    """
     stage_dir = Path(stage_dir)
-    tables = {}
+    tables, group_sizes = {}, {}
     for file in sorted(stage_dir.rglob("*.parquet")):
         table = str(file.parent.relative_to(stage_dir))
-        # A partitioned table (dt=…/ folders) is described as one table.
         table = "/".join(part for part in table.split("/") if "=" not in part) or "."
         entry = tables.setdefault(table, {"rows": 0, "files": 0, "bytes": 0})
-        entry["rows"] += pq.ParquetFile(file).metadata.num_rows
+        metadata = pq.ParquetFile(file).metadata
+        entry["rows"] += metadata.num_rows
         entry["files"] += 1
         entry["bytes"] += file.stat().st_size
+        group_sizes.setdefault(table, []).extend(
+            metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    for table, sizes in group_sizes.items():
+        if sizes:
+            tables[table]["parquet_row_group_mib"] = size_stats(sizes)
     return tables
 
 
@@ -257,4 +296,7 @@ def print_summary(manifest):
         total_bytes += described["bytes"]
         print(f"  wrote {table:<26}{described['rows']:>12,} rows {described['files']:>6} files "
               f"{described['bytes'] / 2**20:>10.1f} MiB")
+    for table, groups in manifest.get("row_group_mib_in_memory", {}).items():
+        print(f"  {table} row groups in memory: {groups['min']:.1f} / {groups['median']:.1f} / {groups['max']:.1f} MiB "
+              f"(min / median / max of {groups['count']})")
     print(f"  {total_bytes / 2**20:.1f} MiB written in {manifest['seconds']:.1f}s", flush=True)

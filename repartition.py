@@ -1,0 +1,52 @@
+"""Stage 2: rewrite merged/ bucketed by customer, with row groups near --row-group-mb.
+
+    python repartition.py --data data --buckets 16 --row-group-mb 64
+
+Reads   --data/merged/ (from merge_and_clean.py)
+Writes  --data/repartitioned/ (default data/repartitioned), atomically, with _stage.json:
+          actions/bucket=NNNNN/      sorted by customer_id, occurred_at
+          impressions/bucket=NNNNN/  sorted by dt, customer_id, ranking_id, position
+A customer's bucket is splitmix64(customer_id) % --buckets: the same on every run and machine.
+"""
+
+import argparse
+from pathlib import Path
+
+from recpipe import cluster, stage
+from recpipe.cli import UserError, entrypoint
+from recpipe.repartition import BUCKET_HASH, repartition
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data", help="folder holding the stage folders")
+    parser.add_argument("--buckets", type=int, default=16,
+                        help="customer buckets; size them so that one bucket fits a worker many times over")
+    parser.add_argument("--row-group-mb", type=float, default=64, help="target uncompressed row group size")
+    cluster.add_arguments(parser)
+    args = parser.parse_args()
+    if not 1 <= args.buckets <= 99999:
+        raise UserError(f"--buckets {args.buckets}: must be between 1 and 99999")
+    if args.row_group_mb <= 0:
+        raise UserError(f"--row-group-mb {args.row_group_mb}: must be positive")
+    return args
+
+
+@entrypoint
+def main():
+    args = parse_args()
+    stage.require_stage(args.data, "merged")
+    parameters = {"buckets": args.buckets, "row_group_mb": args.row_group_mb, "bucket_hash": BUCKET_HASH}
+    inputs = [stage.stage_input(args.data, "merged")]
+
+    with cluster.connect(args) as client, stage.publish(args.data, "repartitioned", parameters, inputs) as run:
+        run.accounting, group_sizes = repartition(client, Path(args.data) / "merged", run.path, args.buckets,
+                                                  args.row_group_mb)
+        run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
+                                                for table, sizes in group_sizes.items() if sizes}
+
+    stage.print_summary(run.published)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""repartition.py: stable customer buckets, sorted buckets, sized row groups, atomic re-runs."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import run_script
+from recpipe import schemas
+from recpipe.repartition import bucket_of
+from recpipe.stage import write_sized
+
+CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
+
+
+def splitmix64_finalizer(x):
+    """The textbook algorithm on Python integers, to hold the vectorized one to."""
+    mask = 2**64 - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_repartition_bucket_of_is_splitmix64_and_pinned():
+    ids = [1, 2, 3, 1000, 2**62, 2**63 - 1]
+    assert bucket_of(ids, 1000).tolist() == [splitmix64_finalizer(i) % 1000 for i in ids]
+    # Pinned: a change here would move customers between buckets of existing data.
+    assert bucket_of(ids[:5], 16).tolist() == [5, 10, 0, 7, 5]
+
+
+def test_repartition_bucket_of_spreads_sequential_ids_evenly():
+    counts = np.bincount(bucket_of(np.arange(1, 160_001), 16), minlength=16)
+    assert counts.min() > 9_000 and counts.max() < 11_000
+
+
+def test_repartition_write_sized_makes_row_groups_near_the_target(tmp_path):
+    table = pa.table({"customer_id": np.arange(400_000, dtype=np.int64),
+                      "item_id": np.arange(400_000, dtype=np.int64)})  # 6.1 MiB in memory
+    sizes = write_sized(table, tmp_path / "t", table.schema, row_group_mb=1)
+    assert [round(size / 2**20, 2) for size in sizes[:-1]] == [1.0] * 6
+    files = sorted((tmp_path / "t").glob("*.parquet"))
+    assert pa.concat_tables([pq.read_table(f) for f in files]).equals(table)  # order kept
+    groups = [pq.ParquetFile(f).metadata.row_group(i).num_rows for f in files
+              for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    assert groups == [65_536] * 6 + [400_000 - 6 * 65_536]
+
+
+def read_buckets(stage_dir, table):
+    frames = []
+    for folder in sorted((stage_dir / table).glob("bucket=*")):
+        frame = pq.read_table(sorted(folder.glob("*.parquet")), schema=getattr(schemas, table.upper())).to_pandas()
+        frame["bucket"] = int(folder.name.split("=")[1])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_repartition_buckets_customers_and_sorts_each_bucket(raw_dir, tmp_path):
+    data = tmp_path / "data"
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
+    result = run_script("repartition.py", "--data", data, "--buckets", "4", *CLUSTER)
+    assert "row groups in memory" in result.stdout
+    actions = read_buckets(data / "repartitioned", "actions")
+    assert (actions.bucket == bucket_of(actions.customer_id, 4)).all()
+    for _, bucket in actions.groupby("bucket"):
+        keys = bucket[["customer_id", "occurred_at"]]
+        assert keys.equals(keys.sort_values(["customer_id", "occurred_at"]).reset_index(drop=True)
+                           .set_axis(keys.index))
+    merged = pq.read_table(data / "merged" / "actions").to_pandas()
+    columns = ["customer_id", "item_id", "action_type", "occurred_at"]
+    pd.testing.assert_frame_equal(merged.sort_values(columns).reset_index(drop=True),
+                                  actions[columns].sort_values(columns).reset_index(drop=True))
+    impressions = read_buckets(data / "repartitioned", "impressions")
+    assert (impressions.bucket == bucket_of(impressions.customer_id, 4)).all()
+    manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
+    assert manifest["accounting"]["impressions"] == {"rows_in": 3, "kept": 3}
+    assert manifest["parameters"]["buckets"] == 4
+    assert set(manifest["row_group_mib_in_memory"]) == {"actions", "impressions"}
+
+
+def test_repartition_twice_gives_identical_files(raw_dir, tmp_path):
+    data = tmp_path / "data"
+    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
+    run_script("repartition.py", "--data", data, *CLUSTER)
+    first = {p.relative_to(data): p.read_bytes() for p in (data / "repartitioned").rglob("*.parquet")}
+    run_script("repartition.py", "--data", data, "--workers", "2")
+    second = {p.relative_to(data): p.read_bytes() for p in (data / "repartitioned").rglob("*.parquet")}
+    assert first == second
+
+
+def test_repartition_refuses_when_merged_is_missing(tmp_path):
+    result = run_script("repartition.py", "--data", tmp_path, check=False)
+    assert result.returncode == 2
+    assert "merged/ is missing: run merge_and_clean.py first" in result.stderr
+    assert "Traceback" not in result.stderr
