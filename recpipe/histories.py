@@ -1,0 +1,105 @@
+"""The history rule (SPEC section 6) and the activity features (section 7), for one customer bucket.
+
+For a customer shown items on day D, the history is every action of that customer
+with D − lookback ≤ occurred_at < D (both bounds at midnight UTC), most recent first
+(occurred_at, then action_type, then item_id, all descending), of which the first
+`max_history` are kept.
+
+No join of impressions to actions: the bucket's actions arrive sorted ascending by
+(customer_id, occurred_at, action_type, item_id), so the actions of one customer
+before one midnight form a prefix of that customer's run, and the window of a
+(customer, day) is a slice found by binary search. Because both bounds are
+midnights, `t < D` is the same as `day(t) < day(D)`, so one integer key per action,
+(customer rank, day), is enough to search on. The slice read backwards is the SPEC's
+order; counts per window come from cumulative sums. Cost: O((actions + keys) log
+actions) and memory linear in the bucket.
+"""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
+
+US_PER_DAY = 86_400_000_000
+COUNT_WINDOWS = (7, 30)
+ACTION_NAMES = {CLICK: "clicks", ADD_TO_CART: "atc", ORDER: "orders"}
+# In the order preprocess writes them (SPEC section 7).
+NUMERIC_FEATURES = [f"num_{ACTION_NAMES[t]}_{k}d" for k in COUNT_WINDOWS for t in (CLICK, ADD_TO_CART, ORDER)] + [
+    "num_actions_lookback", "num_history_len", "num_days_since_last"]
+COUNT_FEATURES = NUMERIC_FEATURES[:-1]  # log1p-ed before scaling; days_since_last is not a count
+
+
+def _days(timestamps_us):
+    return np.floor_divide(timestamps_us, US_PER_DAY)
+
+
+def compute_histories(actions, keys, lookback_days=365, max_history=1000):
+    """Histories and activity features for every (customer_id, dt) in `keys`.
+
+    actions: DataFrame customer_id int64, item_id int64, action_type int8, occurred_at
+             datetime64[us, UTC], sorted ascending by (customer_id, occurred_at,
+             action_type, item_id) — repartitioned/ guarantees it.
+    keys:    DataFrame customer_id int64, dt (date or datetime64) — the days each
+             customer was shown items.
+    Returns an Arrow table, one row per key in the keys' order: customer_id, dt, the
+    raw (not yet log1p-ed or scaled) num_* features, and the lists history_items (raw
+    item ids), history_action_types and history_occurred_at (µs since the epoch, kept
+    so that the leak guard can check what was produced).
+    """
+    customer = actions["customer_id"].to_numpy(np.int64)
+    occurred_us = actions["occurred_at"].dt.as_unit("us").astype("int64").to_numpy()
+    action_type = actions["action_type"].to_numpy(np.int8)
+    key_customer = keys["customer_id"].to_numpy(np.int64)
+    key_day = pd.to_datetime(keys["dt"]).to_numpy().astype("datetime64[D]").astype(np.int64)
+
+    # One searchable integer per action and per bound: rank of the customer among the
+    # bucket's customers, then the day. Keys' customers absent from the actions sort
+    # correctly too (their rank is where they would be, with empty ranges).
+    customers = np.unique(np.concatenate([customer, key_customer]))
+    first_day = min(_days(occurred_us).min(initial=0), key_day.min(initial=0) - lookback_days - 1)
+    span = max(_days(occurred_us).max(initial=0), key_day.max(initial=0)) - first_day + 2
+    action_key = np.searchsorted(customers, customer) * span + (_days(occurred_us) - first_day)
+    base = np.searchsorted(customers, key_customer) * span - first_day
+    if len(action_key) > 1 and (np.diff(action_key) < 0).any():
+        raise ValueError("actions must be sorted by customer_id, occurred_at (as repartition.py writes them)")
+
+    def first_at_or_after(day):
+        """Index of the first action of the key's customer on or after `day` (midnight)."""
+        return np.searchsorted(action_key, base + day, side="left")
+
+    end = first_at_or_after(key_day)                       # first action at or after D: excluded
+    start = first_at_or_after(key_day - lookback_days)     # first action at or after D - lookback
+    lengths = np.minimum(end - start, max_history)
+
+    # Most recent first: from end - 1 backwards, `lengths` of them.
+    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    taken = np.repeat(end - 1, lengths) - within
+
+    features = {}
+    for days in COUNT_WINDOWS:
+        window_start = np.maximum(first_at_or_after(key_day - days), start)
+        for type_code, name in ACTION_NAMES.items():
+            is_type = np.zeros(len(action_type) + 1, dtype=np.int64)
+            np.cumsum(action_type == type_code, out=is_type[1:])
+            features[f"num_{name}_{days}d"] = (is_type[end] - is_type[window_start]).astype(np.float64)
+    features["num_actions_lookback"] = (end - start).astype(np.float64)
+    features["num_history_len"] = lengths.astype(np.float64)
+    has_any = end > start
+    last_us = occurred_us[np.where(has_any, end - 1, 0)] if len(occurred_us) else np.zeros(len(keys), np.int64)
+    features["num_days_since_last"] = np.where(
+        has_any, (key_day * US_PER_DAY - last_us) / US_PER_DAY, float(lookback_days))
+
+    def lists(values, dtype):
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[taken], dtype))
+
+    return pa.table({
+        "customer_id": pa.array(key_customer, pa.int64()),
+        "dt": pa.array(keys["dt"].to_numpy().astype("datetime64[D]"), pa.date32()),
+        **{name: pa.array(features[name], pa.float64()) for name in NUMERIC_FEATURES},
+        "history_items": lists(actions["item_id"].to_numpy(np.int64), pa.int64()),
+        "history_action_types": lists(action_type, pa.int8()),
+        "history_occurred_at": lists(occurred_us, pa.int64()),
+    })
