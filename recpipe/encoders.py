@@ -1,0 +1,116 @@
+"""Categorical encoders and the standard scaler (SPEC section 7), saved as readable JSON.
+
+Index convention: 0 is padding / missing, 1 is unknown (not in the sample, or seen
+fewer than `min_frequency` times), known values take 2, 3, … by descending
+frequency, ties by value. Fitting takes counts (or moments) that the cluster computed
+over the sample, so the client only ever holds one row per distinct value.
+"""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from recpipe.cli import UserError
+
+MISSING, UNKNOWN = 0, 1
+
+
+class CategoryEncoder:
+    def __init__(self, min_frequency=1):
+        self.min_frequency = min_frequency
+
+    def fit(self, counts):
+        """counts: a Series of occurrences indexed by value (missing values already left out)."""
+        counts = counts[counts >= self.min_frequency]
+        order = pd.DataFrame({"value": counts.index, "count": counts.to_numpy()})
+        order = order.sort_values(["count", "value"], ascending=[False, True], kind="stable")
+        self.categories_ = order["value"].tolist()
+        self._index = pd.Index(self.categories_)
+        return self
+
+    def transform(self, values):
+        """Values (array-like; None, NaN or "" for missing) -> int64 indices."""
+        values = pd.Series(values)
+        indices = self._index.get_indexer(values) + 2
+        indices[indices == 1] = UNKNOWN  # get_indexer's -1 (not found) became 1
+        missing = values.isna().to_numpy() | (values == "").to_numpy(dtype=bool)
+        indices[missing] = MISSING
+        return indices.astype(np.int64)
+
+    @property
+    def size(self):
+        """Rows an embedding table needs: padding, unknown and every category."""
+        return len(self.categories_) + 2
+
+    def to_json(self):
+        return {"categories": [_plain(value) for value in self.categories_]}
+
+    @classmethod
+    def from_json(cls, fitted, min_frequency=1):
+        encoder = cls(min_frequency)
+        encoder.categories_ = list(fitted["categories"])
+        encoder._index = pd.Index(encoder.categories_)
+        return encoder
+
+
+class StandardScaler:
+    """Mean and population standard deviation per column; a constant column gets std 1.0."""
+
+    def fit(self, moments):
+        """moments: {column: (n, sum, sum of squares)} over the sample."""
+        self.mean_, self.std_ = {}, {}
+        for column, (n, total, total_sq) in moments.items():
+            mean = total / n if n else 0.0
+            variance = max(total_sq / n - mean * mean, 0.0) if n else 0.0
+            std = math.sqrt(variance)
+            self.mean_[column] = mean
+            self.std_[column] = std if std > 1e-12 else 1.0
+        return self
+
+    def transform(self, column, values):
+        return ((np.asarray(values, dtype=np.float64) - self.mean_[column]) / self.std_[column]).astype(np.float32)
+
+    def to_json(self):
+        return {column: {"mean": self.mean_[column], "std": self.std_[column]} for column in self.mean_}
+
+    @classmethod
+    def from_json(cls, fitted):
+        scaler = cls()
+        scaler.mean_ = {column: stats["mean"] for column, stats in fitted.items()}
+        scaler.std_ = {column: stats["std"] for column, stats in fitted.items()}
+        return scaler
+
+
+def _plain(value):
+    """numpy scalars -> Python, so that JSON holds plain numbers and strings."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+ENCODERS_FILE, SCALER_FILE, FIT_FILE = "encoders.json", "scaler.json", "fit.json"
+
+
+def save(directory, encoders, scaler, fit_record):
+    """Write encoders.json, scaler.json and fit.json (sample size, seed, parameters) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in ((ENCODERS_FILE, {column: encoder.to_json() for column, encoder in encoders.items()}),
+                          (SCALER_FILE, scaler.to_json()), (FIT_FILE, fit_record)):
+        with open(directory / name, "w") as f:
+            json.dump(content, f, indent=1)
+            f.write("\n")
+
+
+def load(directory):
+    """(encoders, scaler, fit record) from a preprocessors folder, or a UserError saying what makes it."""
+    try:
+        fit_record = json.loads((directory / FIT_FILE).read_text())
+        encoders = {column: CategoryEncoder.from_json(fitted, fit_record["parameters"]["min_frequency"])
+                    for column, fitted in json.loads((directory / ENCODERS_FILE).read_text()).items()}
+        scaler = StandardScaler.from_json(json.loads((directory / SCALER_FILE).read_text()))
+    except FileNotFoundError as error:
+        raise UserError(f"{error.filename} is missing: run preprocess.py first") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{directory}/ is not a preprocessors folder preprocess.py wrote ({error}); "
+                        "run preprocess.py again") from None
+    return encoders, scaler, fit_record
