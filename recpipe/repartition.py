@@ -44,12 +44,16 @@ def bucket_of(customer_ids, buckets):
     every run, machine and version. Mixing first keeps buckets even when ids are
     sequential or share a stride.
     """
-    x = np.asarray(customer_ids, dtype=np.int64).astype(np.uint64)
+    mixed = splitmix64(np.asarray(customer_ids, dtype=np.int64).astype(np.uint64))
+    return (mixed % np.uint64(buckets)).astype(np.int32)
+
+
+def splitmix64(x):
+    """splitmix64's finalizer on a uint64 array: a fixed, well-spread 64-bit mix."""
     with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(buckets)).astype(np.int32)
+        return x ^ (x >> np.uint64(31))
 
 
 def bucket_name(bucket):

@@ -127,13 +127,13 @@ def publish(data_dir, name, parameters, inputs):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _swap_into_place(staging, data_dir / name)
+        replace_dir(staging, data_dir / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _swap_into_place(staging, target):
+def replace_dir(staging, target):
     """Replace target by staging with two renames; the old folder is deleted last.
 
     Between the renames (microseconds) a kill leaves no target at all, which the

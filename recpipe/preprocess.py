@@ -1,0 +1,254 @@
+"""preprocess's work on the cluster: cleaned/ -> processed/ and the fitted preprocessors.
+
+NVTabular's split: statistics are computed on the cluster, fitted in the client from
+their sums, then applied to partitions.
+
+1. One task per customer bucket computes the histories and activity features of every
+   (customer, day) with impressions (histories.compute_histories), checks them with
+   the leak guard, keeps them in a scratch folder, and returns the statistics of the
+   bucket's share of the seeded train sample: value counts per categorical column
+   (history items included) and moments per numeric column.
+2. The client sums those, fits the encoders and the scaler, and saves them as JSON.
+3. One task per bucket transforms its examples and histories and writes them per
+   split and day, in the compact or the wide layout (SPEC section 8).
+
+A worker holds one bucket at a time: its actions, impressions and histories.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recpipe import encoders, schemas
+from recpipe.cluster import wait_with_progress
+from recpipe.encoders import CategoryEncoder, StandardScaler
+from recpipe.histories import COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories
+from recpipe.repartition import splitmix64
+
+SPLITS = ("train", "val", "test")
+# Categorical feature -> the cleaned impressions column it encodes (SPEC section 7).
+CATEGORICAL = {"cat_item": "item_id", "cat_position": "position", "cat_browser": "browser_family",
+               "cat_os": "os_family", "cat_device": "device_family"}
+EXAMPLE_ROW_GROUP = 65_536
+WIDE_ROW_GROUP = 50_000  # rows of 2 x max_history values each: keep a group's memory bounded
+WIDE_CHUNK = 10_000      # examples padded at once: 10k x 1000 x 9 bytes ~ 90 MB
+
+
+class LeakError(RuntimeError):
+    """A history holds an action from its own day or later, or is too long: a bug, never published."""
+
+
+def examples_schema():
+    return pa.schema([("customer_id", pa.int64()), ("ranking_id", pa.string()),
+                      *[(name, pa.int64()) for name in CATEGORICAL],
+                      *[(name, pa.float32()) for name in NUMERIC_FEATURES], ("is_order", pa.float32())])
+
+
+HISTORIES_SCHEMA = pa.schema([("customer_id", pa.int64()), ("actions", pa.list_(pa.int64())),
+                              ("action_types", pa.list_(pa.int8()))])
+
+
+def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
+    """Run the three steps into `out_dir` (a staging folder); return (accounting, fit record, rows per split)."""
+    cleaned_dir, out_dir = Path(cleaned_dir), Path(out_dir)
+    scratch = out_dir / "_scratch"
+    buckets = sorted(path.name for path in (cleaned_dir / "impressions").glob("bucket=*"))
+    futures = [client.submit(summarize_bucket, str(cleaned_dir), bucket, str(scratch), params,
+                             key=f"histories-{bucket}", pure=False) for bucket in buckets]
+    summaries = wait_with_progress(futures, "computing histories and sample statistics")
+
+    counts = {name: pd.Series(dtype="int64") for name in CATEGORICAL}
+    moments = {name: np.zeros(3) for name in NUMERIC_FEATURES}
+    for summary in summaries:
+        for name, bucket_counts in summary["counts"].items():
+            counts[name] = counts[name].add(bucket_counts, fill_value=0)
+        for name, bucket_moments in summary["moments"].items():
+            moments[name] += bucket_moments
+    fitted = {name: CategoryEncoder(params["min_frequency"]).fit(counts[name]) for name in CATEGORICAL}
+    scaler = StandardScaler().fit({name: tuple(values) for name, values in moments.items()})
+    sample_rows = sum(summary["sample_rows"] for summary in summaries)
+    fit_record = {"fitted_on": "train", "sample_rows": sample_rows,
+                  "parameters": {name: params[name] for name in
+                                 ("seed", "sample_frac", "min_frequency", "lookback_days", "max_history")},
+                  "vocabulary_sizes": {name: encoder.size for name, encoder in fitted.items()},
+                  "categorical": list(CATEGORICAL), "numeric": NUMERIC_FEATURES}
+    encoders.save(Path(preprocessors_dir), fitted, scaler, fit_record)
+
+    futures = [client.submit(write_bucket, str(cleaned_dir), bucket, str(scratch), str(out_dir),
+                             str(preprocessors_dir), params, key=f"write-{bucket}", pure=False)
+               for bucket in buckets]
+    written = wait_with_progress(futures, f"writing the {params['layout']} layout")
+    shutil.rmtree(scratch)
+
+    rows_in = sum(summary["rows_in"] for summary in summaries)
+    outside = sum(summary["outside_splits"] for summary in summaries)
+    rows_per_split = {split: sum(w[split] for w in written) for split in SPLITS}
+    accounting = {"impressions": {"rows_in": rows_in, "kept": sum(rows_per_split.values()),
+                                  "set_aside": {"day_outside_splits": outside} if outside else {}}}
+    return accounting, fit_record, rows_per_split
+
+
+def read_bucket(cleaned_dir, table, bucket, schema):
+    files = sorted((Path(cleaned_dir) / table / bucket).glob("*.parquet"))
+    if not files:
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(file, schema=schema) for file in files])
+
+
+def in_sample(ranking_id, position, seed, fraction):
+    """The seeded sample: a fixed hash of (ranking_id, position, seed) below `fraction`.
+
+    Per row, not per partition: the same rows are sampled whatever the buckets are.
+    """
+    text = pd.util.hash_array(np.asarray(ranking_id, dtype=object), categorize=False)
+    salt = splitmix64(np.asarray(position, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    uniform = (splitmix64(text ^ salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return uniform < fraction
+
+
+def _key_index(keys, examples):
+    """Row of `keys` for each example, by (customer_id, dt)."""
+    index = pd.MultiIndex.from_arrays([keys["customer_id"], keys["dt"]])
+    return index.get_indexer(pd.MultiIndex.from_arrays([examples["customer_id"], examples["dt"]]))
+
+
+def _features(histories, rows):
+    """The num_* features of the given histories rows, log1p on counts, as float64 (not yet scaled)."""
+    out = {}
+    for name in NUMERIC_FEATURES:
+        values = histories.column(name).to_numpy()[rows]
+        out[name] = np.log1p(values) if name in COUNT_FEATURES else values
+    return out
+
+
+def check_histories(histories, lookback_days, max_history, where):
+    """The leak guard: every history action is in [D − lookback, D) and no history is too long."""
+    lengths = pc.list_value_length(histories.column("history_items")).to_numpy(zero_copy_only=False)
+    if len(lengths) and lengths.max() > max_history:
+        raise LeakError(f"{where}: a history holds {lengths.max()} actions, more than --max-history {max_history}")
+    times = pc.list_flatten(histories.column("history_occurred_at")).to_numpy()
+    day_us = histories.column("dt").cast(pa.timestamp("us")).cast(pa.int64()).to_numpy()
+    parent_day = np.repeat(day_us, lengths)
+    late = times >= parent_day
+    early = times < parent_day - lookback_days * US_PER_DAY
+    if late.any() or early.any():
+        row = int(np.repeat(np.arange(len(lengths)), lengths)[np.flatnonzero(late | early)[0]])
+        raise LeakError(f"{where}: the history of customer {histories.column('customer_id')[row]} on "
+                        f"{histories.column('dt')[row]} holds an action outside [D - {lookback_days} days, D)")
+
+
+def summarize_bucket(cleaned_dir, bucket, scratch, params):
+    """Step 1 for one bucket (runs on a worker)."""
+    impressions = read_bucket(cleaned_dir, "impressions", bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
+    rows_in = len(impressions)
+    impressions = impressions[impressions["split"].isin(SPLITS)]
+    keys = impressions[["customer_id", "dt"]].drop_duplicates(ignore_index=True)
+    actions = read_bucket(cleaned_dir, "actions", bucket, schemas.ACTIONS).to_pandas()
+    histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
+    check_histories(histories, params["lookback_days"], params["max_history"], bucket)
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    pq.write_table(histories, Path(scratch) / f"{bucket}.parquet")
+
+    train = impressions[impressions["split"] == "train"]
+    sampled = train[in_sample(train["ranking_id"], train["position"], params["seed"], params["sample_frac"])]
+    counts = {name: sampled[column].value_counts(dropna=True) for name, column in CATEGORICAL.items()}
+    for name in ("cat_browser", "cat_os", "cat_device"):
+        counts[name] = counts[name][counts[name].index != ""]
+    # History items share the item vocabulary: count them once per sampled (customer, day).
+    sampled_keys = np.unique(_key_index(keys, sampled))
+    history_items = pc.list_flatten(histories.column("history_items").take(pa.array(sampled_keys, pa.int64())))
+    counts["cat_item"] = counts["cat_item"].add(
+        pd.Series(history_items.to_numpy()).value_counts(), fill_value=0)
+    features = _features(histories, _key_index(keys, sampled))
+    moments = {name: np.array([len(values), values.sum(), np.square(values).sum()])
+               for name, values in features.items()}
+    return {"counts": counts, "moments": moments, "sample_rows": len(sampled), "rows_in": rows_in,
+            "outside_splits": rows_in - len(impressions)}
+
+
+def _encode_lists(lists, encode, value_type):
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = encode(pc.list_flatten(lists).to_numpy())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type)), lengths
+
+
+def write_bucket(cleaned_dir, bucket, scratch, out_dir, preprocessors_dir, params):
+    """Step 3 for one bucket (runs on a worker): rows written per split."""
+    fitted, scaler, _ = encoders.load(Path(preprocessors_dir))
+    impressions = read_bucket(cleaned_dir, "impressions", bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
+    impressions = impressions[impressions["split"].isin(SPLITS)].reset_index(drop=True)
+    histories = pq.read_table(Path(scratch) / f"{bucket}.parquet")
+    keys = histories.select(["customer_id", "dt"]).to_pandas()
+    key_of_example = _key_index(keys, impressions)
+
+    columns = {"customer_id": impressions["customer_id"].to_numpy(), "ranking_id": impressions["ranking_id"]}
+    for name, column in CATEGORICAL.items():
+        columns[name] = fitted[name].transform(impressions[column].to_numpy())
+    for name, values in _features(histories, key_of_example).items():
+        columns[name] = scaler.transform(name, values)
+    columns["is_order"] = impressions["is_order"].to_numpy(np.float32)
+    examples = pa.table(columns, schema=examples_schema())
+    actions, lengths = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
+    action_types = histories.column("history_action_types").combine_chunks()
+    if len(lengths) and lengths.max() > params["max_history"]:
+        raise LeakError(f"{bucket}: an encoded history is longer than --max-history {params['max_history']}")
+
+    rows = {split: 0 for split in SPLITS}
+    days = impressions["dt"].to_numpy()
+    key_days = keys["dt"].to_numpy()
+    for (split, day), example_rows in impressions.groupby(["split", "dt"], sort=True).indices.items():
+        day_name = f"dt={pd.Timestamp(day).date().isoformat()}"
+        of_day = examples.take(pa.array(example_rows))
+        base = Path(out_dir) / split
+        if params["layout"] == "compact":
+            key_rows = np.flatnonzero(key_days == day)
+            day_histories = pa.table({"customer_id": histories.column("customer_id").take(key_rows),
+                                      "actions": actions.take(key_rows), "action_types": action_types.take(key_rows)},
+                                     schema=HISTORIES_SCHEMA)
+            _write(of_day, base / "examples" / day_name / f"part-{bucket}.parquet", EXAMPLE_ROW_GROUP)
+            _write(day_histories, base / "histories" / day_name / f"part-{bucket}.parquet", EXAMPLE_ROW_GROUP)
+        else:
+            _write_wide(of_day, actions, action_types, key_of_example[example_rows],
+                        base / day_name / f"part-{bucket}.parquet", params["max_history"])
+        rows[split] += len(example_rows)
+    assert sum(rows.values()) == len(days)
+    return rows
+
+
+def _write(table, path, row_group_size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def padded(lists, rows, length, dtype):
+    """The lists at `rows` as a [len(rows), length] array, right-padded with 0 (numpy, no row loop)."""
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy()
+    starts, lengths = offsets[rows], np.minimum(offsets[rows + 1] - offsets[rows], length)
+    out = np.zeros((len(rows), length), dtype=dtype)
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    column = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[row_of, column] = values[np.repeat(starts, lengths) + column]
+    return out
+
+
+def _write_wide(examples, actions, action_types, key_rows, path, max_history):
+    schema = examples.schema.append(pa.field("actions", pa.list_(pa.int64(), max_history))).append(
+        pa.field("action_types", pa.list_(pa.int8(), max_history)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(key_rows), 1), WIDE_CHUNK):
+            rows = key_rows[start:start + WIDE_CHUNK]
+            chunk = examples.slice(start, len(rows))
+            lists = [pa.FixedSizeListArray.from_arrays(padded(data, rows, max_history, dtype).ravel(), max_history)
+                     for data, dtype in ((actions, np.int64), (action_types, np.int8))]
+            writer.write_table(pa.Table.from_arrays([*chunk.columns, *lists], schema=schema),
+                               row_group_size=WIDE_ROW_GROUP)
