@@ -1,0 +1,125 @@
+"""preprocess.py end to end on generated data, after every earlier stage: the one test of all stages."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import run_script
+from recpipe.preprocess import LeakError, check_histories, in_sample, padded
+
+CLUSTER = ["--workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def cleaned_data(tmp_path_factory):
+    """raw -> merged -> repartitioned -> cleaned, once for this module."""
+    from recpipe.synthetic import generate
+    root = tmp_path_factory.mktemp("pipeline")
+    generate(root / "raw", customers=400, items=300, days=18, actions_per_customer=80, seed=3)
+    run_script("merge_and_clean.py", "--raw", root / "raw", "--data", root / "data", *CLUSTER)
+    run_script("repartition.py", "--data", root / "data", "--buckets", "3", *CLUSTER)
+    run_script("parse_ua_strings.py", "--data", root / "data", *CLUSTER)
+    return root
+
+
+def read(path):
+    return ds.dataset(path, format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def processed_content(data):
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "processed").rglob("*.parquet"))}
+
+
+def test_preprocess_all_stages_end_to_end(cleaned_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    # merged/ and repartitioned/ may be deleted once cleaned/ exists.
+    shutil.rmtree(data / "merged")
+    shutil.rmtree(data / "repartitioned")
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "50", *CLUSTER)
+    manifest = json.loads((data / "processed" / "_stage.json").read_text())
+    impressions = manifest["accounting"]["impressions"]
+    assert impressions["kept"] + sum(impressions["set_aside"].values()) == impressions["rows_in"]
+    assert set(manifest["rows_per_split"]) == {"train", "val", "test"}
+
+    examples = read(data / "processed" / "train" / "examples")
+    histories = read(data / "processed" / "train" / "histories")
+    assert [c for c in examples.columns if c != "dt"][-1] == "is_order"
+    assert examples.filter(like="cat_").dtypes.eq("int64").all()
+    assert examples.filter(like="num_").dtypes.eq("float32").all()
+    assert histories.actions.map(len).max() == 50
+    assert (histories.actions.map(len) == histories.action_types.map(len)).all()
+    # Each example has exactly one history row of its day and customer.
+    joined = examples.merge(histories, on=["customer_id", "dt"], how="left", validate="many_to_one")
+    assert joined.actions.notna().all()
+    # The planted signal is visible through the encoded ids: shown and history items share one vocabulary.
+    in_history = np.array([item in set(actions) for item, actions in zip(joined.cat_item, joined.actions)])
+    assert joined.is_order[in_history].mean() > 3 * joined.is_order[~in_history].mean()
+
+    encoders_json = json.loads((tmp_path / "pre" / "encoders.json").read_text())
+    assert set(encoders_json) == {"cat_item", "cat_position", "cat_browser", "cat_os", "cat_device"}
+    assert json.loads((tmp_path / "pre" / "fit.json").read_text())["parameters"]["max_history"] == 50
+
+
+def test_preprocess_twice_gives_identical_output_and_preprocessors(cleaned_data, tmp_path):
+    data = cleaned_data / "data"
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a", *CLUSTER)
+    first = processed_content(data)
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
+    assert processed_content(data) == first
+    for name in ("encoders.json", "scaler.json", "fit.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20", *CLUSTER)
+    compact = read(data / "processed" / "val" / "examples").merge(
+        read(data / "processed" / "val" / "histories"), on=["customer_id", "dt"])
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20",
+               "--layout", "wide", *CLUSTER)
+    wide = read(data / "processed" / "val")
+    assert len(wide) == len(compact)
+    assert wide.actions.map(len).eq(20).all()
+    key = ["customer_id", "ranking_id", "cat_position"]
+    both = wide.merge(compact, on=key, suffixes=("_wide", ""))
+    for padded_actions, actions in zip(both.actions_wide, both.actions):
+        assert list(padded_actions) == list(actions) + [0] * (20 - len(actions))
+
+
+def test_preprocess_refuses_when_cleaned_is_missing(tmp_path):
+    result = run_script("preprocess.py", "--data", tmp_path, check=False)
+    assert result.returncode == 2
+    assert "cleaned/ is missing: run parse_ua_strings.py first" in result.stderr
+
+
+def test_preprocess_leak_guard_rejects_an_action_from_day_d():
+    day_us = pd.Timestamp("2024-03-10").value // 1000
+    histories = pa.table({
+        "customer_id": [7], "dt": pa.array([pd.Timestamp("2024-03-10").date()], pa.date32()),
+        "history_items": [[1, 2]], "history_occurred_at": [[day_us, day_us - 1]],
+    })
+    with pytest.raises(LeakError, match="customer 7 on 2024-03-10"):
+        check_histories(histories, lookback_days=365, max_history=1000, where="bucket=00001")
+    with pytest.raises(LeakError, match="more than --max-history 1"):
+        check_histories(histories, lookback_days=365, max_history=1, where="bucket=00001")
+
+
+def test_preprocess_sample_is_seeded_and_about_the_fraction():
+    ranking_ids = np.array([f"r{i}" for i in range(20_000)], dtype=object)
+    positions = np.arange(20_000) % 10
+    first = in_sample(ranking_ids, positions, seed=0, fraction=0.2)
+    assert (first == in_sample(ranking_ids, positions, seed=0, fraction=0.2)).all()
+    assert (first != in_sample(ranking_ids, positions, seed=1, fraction=0.2)).any()
+    assert 0.18 < first.mean() < 0.22
+
+
+def test_preprocess_padded_right_pads_and_truncates():
+    lists = pa.array([[5, 6, 7], [], [8]], pa.list_(pa.int64()))
+    assert padded(lists, np.array([2, 0, 1]), 2, np.int64).tolist() == [[8, 0], [5, 6], [0, 0]]
