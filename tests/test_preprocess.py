@@ -1,7 +1,12 @@
 """preprocess.py end to end on generated data, after every earlier stage: the one test of all stages."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from recpipe.preprocess import LeakError, check_histories, in_sample, padded
 
 CLUSTER = ["--workers", "2"]
@@ -123,3 +128,21 @@ def test_preprocess_sample_is_seeded_and_about_the_fraction():
 def test_preprocess_padded_right_pads_and_truncates():
     lists = pa.array([[5, 6, 7], [], [8]], pa.list_(pa.int64()))
     assert padded(lists, np.array([2, 0, 1]), 2, np.int64).tolist() == [[8, 0], [5, 6], [0, 0]]
+
+
+def test_preprocess_killed_midway_leaves_the_previous_output(cleaned_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", *CLUSTER)
+    previous = processed_content(data)
+    process = subprocess.Popen([sys.executable, "preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre",
+                                "--max-history", "7", *CLUSTER],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(data.glob(".processed.staging-*/_scratch/*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert processed_content(data) == previous
+    assert json.loads((tmp_path / "pre" / "fit.json").read_text())["parameters"]["max_history"] == 1000
