@@ -1,0 +1,103 @@
+"""Benchmark preprocess.py at a scale and at twice that scale, against the same histories in DuckDB.
+
+    .venv/bin/pip install -r bench/requirements.txt
+    .venv/bin/python bench/bench_preprocess.py --customers 200000 --actions-per-customer 100 --scales 1 2
+
+For each scale (a multiple of --customers), prepares cleaned/ with the pipeline's own
+stages (reused when present), then measures preprocess.py (wall time, peak memory of
+all processes and of the largest single process: a worker) and bench/duckdb_histories.py
+(the SQL window-function version of the history computation, on the same cleaned/
+Parquet, in its own process), and checks that both give the same history lengths
+and action types for every (customer, day). Saves bench/results/preprocess.json.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+
+from measure import ROOT, add_data_arguments, ensure_raw, ensure_stage, run_measured, run_stage, save_report
+
+sys.path.insert(0, str(ROOT))
+from recpipe import encoders  # noqa: E402  (the repository root is not on the path of a bench/ script)
+
+
+def prepare(args, customers):
+    scaled = argparse.Namespace(**{**vars(args), "customers": customers,
+                                   "work": f"{args.work}-{customers}"})
+    raw, parameters = ensure_raw(scaled)
+    data = Path(scaled.work) / "data"
+    ensure_stage(scaled, "merged", ["merge_and_clean.py", "--raw", raw, "--data", data])
+    ensure_stage(scaled, "repartitioned", ["repartition.py", "--data", data, "--buckets", args.buckets])
+    ensure_stage(scaled, "cleaned", ["parse_ua_strings.py", "--data", data])
+    return data, parameters
+
+
+def histories_agree(processed, duckdb_file):
+    """Same (customer, day) keys and, per key, the same items and action types in the same order.
+
+    Our items are encoded; DuckDB's raw ids go through the same fitted encoder first.
+    """
+    columns = ["customer_id", "dt", "actions", "action_types"]
+    ours = pd.concat([ds.dataset(processed / split / "histories", format="parquet", partitioning="hive").to_table(
+        columns=columns).to_pandas() for split in ("train", "val", "test")])
+    theirs = ds.dataset(duckdb_file).to_table(columns=columns).to_pandas()
+    item_encoder = encoders.load(processed / "_preprocessors")[0]["cat_item"]
+    ours["dt"] = ours["dt"].astype(str)
+    theirs["dt"] = theirs["dt"].astype(str)
+    both = ours.merge(theirs, on=["customer_id", "dt"], how="outer", suffixes=("_ours", "_duckdb"), indicator=True)
+    if (both["_merge"] != "both").any():
+        return False
+    return all(list(types) == list(their_types) and list(items) == item_encoder.transform(their_items).tolist()
+               for items, types, their_items, their_types in zip(
+                   both["actions_ours"], both["action_types_ours"], both["actions_duckdb"], both["action_types_duckdb"]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--buckets", type=int, default=16)
+    args = parser.parse_args()
+
+    runs = []
+    for scale in args.scales:
+        data, parameters = prepare(args, args.customers * scale)
+        ours = run_stage(["preprocess.py", "--data", data, "--preprocessors", data / "preprocessors"])
+        histories_pass = float(re.findall(r"computing histories and sample statistics: \d+/\d+ tasks done "
+                                          r"\(([\d.]+)s\)", ours["output"])[-1])
+        duckdb_out = data / "duckdb_histories.parquet"
+        duckdb = run_measured([sys.executable, "bench/duckdb_histories.py", data, duckdb_out], cwd=ROOT)
+        if duckdb["returncode"] != 0:
+            raise SystemExit("the DuckDB query failed")
+        processed = data / "processed"
+        actions = ds.dataset(data / "cleaned" / "actions", format="parquet").count_rows()
+        shown = ds.dataset(data / "cleaned" / "impressions", format="parquet").count_rows()
+        runs.append({
+            "scale": scale, "parameters": parameters, "actions": actions, "shown_items": shown,
+            "preprocess_seconds": round(ours["seconds"], 1),
+            "preprocess_histories_pass_seconds": histories_pass,
+            "preprocess_peak_rss_gib_all_processes": round(ours["peak_rss_bytes"] / 2**30, 2),
+            "preprocess_peak_rss_gib_largest_process": round(ours["peak_process_rss_bytes"] / 2**30, 2),
+            "duckdb_seconds": round(duckdb["seconds"], 1),
+            "duckdb_peak_rss_gib": round(duckdb["peak_rss_bytes"] / 2**30, 2),
+            "duckdb_over_preprocess_time": round(duckdb["seconds"] / ours["seconds"], 2),
+            "histories_agree": histories_agree(processed, duckdb_out),
+        })
+    if len(runs) > 1:
+        for later in runs[1:]:
+            later["growth_vs_first"] = {
+                "data": round(later["actions"] / runs[0]["actions"], 2),
+                "preprocess_time": round(later["preprocess_seconds"] / runs[0]["preprocess_seconds"], 2),
+                "preprocess_peak_largest_process": round(later["preprocess_peak_rss_gib_largest_process"]
+                                                         / runs[0]["preprocess_peak_rss_gib_largest_process"], 2),
+                "duckdb_time": round(later["duckdb_seconds"] / runs[0]["duckdb_seconds"], 2),
+            }
+    save_report("preprocess", {"runs": runs})
+
+
+if __name__ == "__main__":
+    main()
