@@ -29,6 +29,7 @@ from recpipe.cluster import wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
 from recpipe.histories import COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories
 from recpipe.repartition import splitmix64
+from recpipe.stage import read_parts
 
 SPLITS = ("train", "val", "test")
 # Categorical feature -> the cleaned impressions column it encodes (SPEC section 7).
@@ -93,13 +94,6 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     return accounting, fit_record, rows_per_split
 
 
-def read_bucket(cleaned_dir, table, bucket, schema):
-    files = sorted((Path(cleaned_dir) / table / bucket).glob("*.parquet"))
-    if not files:
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(file, schema=schema) for file in files])
-
-
 def in_sample(ranking_id, position, seed, fraction):
     """The seeded sample: a fixed hash of (ranking_id, position, seed) below `fraction`.
 
@@ -144,11 +138,11 @@ def check_histories(histories, lookback_days, max_history, where):
 
 def summarize_bucket(cleaned_dir, bucket, scratch, params):
     """Step 1 for one bucket (runs on a worker)."""
-    impressions = read_bucket(cleaned_dir, "impressions", bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
+    impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
     rows_in = len(impressions)
     impressions = impressions[impressions["split"].isin(SPLITS)]
     keys = impressions[["customer_id", "dt"]].drop_duplicates(ignore_index=True)
-    actions = read_bucket(cleaned_dir, "actions", bucket, schemas.ACTIONS).to_pandas()
+    actions = read_parts(Path(cleaned_dir) / "actions" / bucket, schemas.ACTIONS).to_pandas()
     histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
     check_histories(histories, params["lookback_days"], params["max_history"], bucket)
     Path(scratch).mkdir(parents=True, exist_ok=True)
@@ -183,7 +177,7 @@ def _encode_lists(lists, encode, value_type):
 def write_bucket(cleaned_dir, bucket, scratch, out_dir, preprocessors_dir, params):
     """Step 3 for one bucket (runs on a worker): rows written per split."""
     fitted, scaler, _ = encoders.load(Path(preprocessors_dir))
-    impressions = read_bucket(cleaned_dir, "impressions", bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
+    impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS).to_pandas()
     impressions = impressions[impressions["split"].isin(SPLITS)].reset_index(drop=True)
     histories = pq.read_table(Path(scratch) / f"{bucket}.parquet")
     keys = histories.select(["customer_id", "dt"]).to_pandas()

@@ -212,15 +212,40 @@ def write_sized(table, directory, schema, row_group_mb, basename="part"):
     encoding, often several times smaller.
     """
     table = table.cast(schema)
-    bytes_per_row = max(1.0, table.nbytes / max(1, table.num_rows))
+    directory = Path(directory)
+    if table.num_rows == 0:  # the dataset writer writes no file for no rows; keep the folder readable
+        directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, directory / f"{basename}-00000.parquet")
+        return []
+    bytes_per_row = max(1.0, table.nbytes / table.num_rows)
     rows_per_group = max(1, int(row_group_mb * 2**20 / bytes_per_row))
     ds.write_dataset(
-        table, directory, format="parquet", basename_template=f"{basename}-{{i}}.parquet",
+        table, directory, format="parquet", basename_template=f"{basename}-{{i}}.unnumbered",
         min_rows_per_group=rows_per_group, max_rows_per_group=rows_per_group,
         max_rows_per_file=16 * rows_per_group, preserve_order=True,
         existing_data_behavior="overwrite_or_ignore",
     )
+    # pyarrow numbers files 0, 1, … 10 unpadded; padded names sort in write order (part-2 before part-10).
+    for written in directory.glob(f"{basename}-*.unnumbered"):
+        number = int(written.name[len(basename) + 1:-len(".unnumbered")])
+        written.rename(directory / f"{basename}-{number:05d}.parquet")
     return [table.slice(start, rows_per_group).nbytes for start in range(0, table.num_rows, rows_per_group)]
+
+
+def read_parts(directory, schema):
+    """Every Parquet file of a folder, in name order (write order), as one table of exactly `schema`.
+
+    A missing or empty folder is an empty table: a bucket may have no rows of a table.
+    """
+    files = sorted(path for path in Path(directory).glob("*.parquet") if not path.name.startswith((".", "_")))
+    tables = []
+    for path in files:
+        try:
+            tables.append(pq.read_table(path, schema=schema))
+        except (OSError, pa.ArrowException) as error:
+            raise UserError(f"{path}: not a readable table of {', '.join(schema.names)} ({error}); "
+                            "run the stage that wrote it again") from None
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def size_stats(sizes):

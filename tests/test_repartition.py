@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from conftest import run_script
 from recpipe import schemas
 from recpipe.repartition import bucket_of
-from recpipe.stage import write_sized
+from recpipe.stage import read_parts, write_sized
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
 
@@ -41,7 +41,7 @@ def test_repartition_write_sized_makes_row_groups_near_the_target(tmp_path):
     sizes = write_sized(table, tmp_path / "t", table.schema, row_group_mb=1)
     assert [round(size / 2**20, 2) for size in sizes[:-1]] == [1.0] * 6
     files = sorted((tmp_path / "t").glob("*.parquet"))
-    assert pa.concat_tables([pq.read_table(f) for f in files]).equals(table)  # order kept
+    assert read_parts(tmp_path / "t", table.schema).equals(table)  # order kept
     groups = [pq.ParquetFile(f).metadata.row_group(i).num_rows for f in files
               for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
     assert groups == [65_536] * 6 + [400_000 - 6 * 65_536]
@@ -50,7 +50,7 @@ def test_repartition_write_sized_makes_row_groups_near_the_target(tmp_path):
 def read_buckets(stage_dir, table):
     frames = []
     for folder in sorted((stage_dir / table).glob("bucket=*")):
-        frame = pq.read_table(sorted(folder.glob("*.parquet")), schema=getattr(schemas, table.upper())).to_pandas()
+        frame = read_parts(folder, getattr(schemas, table.upper())).to_pandas()
         frame["bucket"] = int(folder.name.split("=")[1])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

@@ -66,3 +66,23 @@ def test_stage_removes_staging_left_by_a_killed_run(tmp_path):
 def test_stage_write_table_refuses_a_column_of_the_wrong_type(tmp_path):
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         stage.write_table(pd.DataFrame({"customer_id": ["abc"]}), tmp_path / "t.parquet", SCHEMA)
+
+
+def test_stage_write_sized_files_read_back_in_write_order(tmp_path):
+    table = pa.table({"customer_id": list(range(4000))})
+    stage.write_sized(table, tmp_path / "t", table.schema, row_group_mb=0.0001)  # 13 rows a group, 16 a file
+    names = sorted(p.name for p in (tmp_path / "t").glob("*.parquet"))
+    assert len(names) > 10 and names[:2] == ["part-00000.parquet", "part-00001.parquet"]
+    assert stage.read_parts(tmp_path / "t", table.schema).equals(table)
+
+
+def test_stage_write_sized_keeps_an_empty_table_as_an_empty_file(tmp_path):
+    stage.write_sized(SCHEMA.empty_table(), tmp_path / "t", SCHEMA, row_group_mb=64)
+    assert stage.read_parts(tmp_path / "t", SCHEMA).num_rows == 0
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["part-00000.parquet"]
+
+
+def test_stage_read_parts_names_an_unreadable_file(tmp_path):
+    (tmp_path / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="part-00000.parquet: not a readable table"):
+        stage.read_parts(tmp_path, SCHEMA)

@@ -1,0 +1,53 @@
+"""Stage 3: parse every impression's user agent into browser, OS and device columns; write cleaned/.
+
+    python parse_ua_strings.py --data data
+
+Reads   --data/repartitioned/ (from repartition.py): impressions/bucket=NNNNN/, actions/
+Writes  --data/cleaned/ (default data/cleaned), atomically, with _stage.json:
+          impressions/bucket=NNNNN/  the same rows in the same order, plus browser_family, browser_major,
+                                     os_family, os_major, device_family, device_brand, device_model, is_bot
+          actions/                   copied unchanged, at the same paths
+Each distinct user agent of a bucket is parsed once, with ua-parser's native resolver.
+"""
+
+import argparse
+from pathlib import Path
+
+from recpipe import cluster, stage, user_agents
+from recpipe.cli import entrypoint
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data", help="folder holding the stage folders")
+    cluster.add_arguments(parser)
+    return parser.parse_args()
+
+
+@entrypoint
+def main():
+    args = parse_args()
+    manifest = stage.require_stage(args.data, "repartitioned")
+    user_agents.require_native_resolver()
+    # Row groups as repartition.py sized them, so that readers of cleaned/ get the same bound.
+    row_group_mb = manifest.get("parameters", {}).get("row_group_mb", 64)
+    parameters = {"row_group_mb": row_group_mb, **user_agents.parser_version()}
+    inputs = [stage.stage_input(args.data, "repartitioned")]
+    expected_rows = {table: described["rows"] for table, described in manifest.get("tables", {}).items()}
+
+    with cluster.connect(args) as client, stage.publish(args.data, "cleaned", parameters, inputs) as run:
+        run.accounting, summary, group_sizes = user_agents.parse_ua_strings(
+            client, Path(args.data) / "repartitioned", run.path, row_group_mb, expected_rows)
+        run.extra["user_agents"] = summary
+        if group_sizes:
+            run.extra["row_group_mib_in_memory"] = {"impressions": stage.size_stats(group_sizes)}
+        rate = f"{summary['parsed_per_second']:,}/s per core" if summary["parsed_per_second"] else "-"
+        print(f"user agents: {summary['distinct']:,} distinct strings parsed (once per bucket, "
+              f"{summary['buckets']} buckets; {rate}); {summary['bots']:,} rows flagged as bots, "
+              f"{summary['missing']:,} rows without a user agent")
+
+    stage.print_summary(run.published)
+
+
+if __name__ == "__main__":
+    main()
