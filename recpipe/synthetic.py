@@ -63,6 +63,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recpipe.stage import replace_dir
+
 FIRST_IMPRESSION_DAY = np.datetime64("2024-03-01", "D")
 DAYS_BEFORE = 28  # action days before the first impression day
 SIGNAL_DAYS = 14
@@ -169,7 +171,7 @@ def generate(out_dir, *, customers=2000, items=5000, days=18, actions_per_custom
             for job in jobs:
                 job.result()
         (staging / "_generated.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -181,17 +183,6 @@ def generate(out_dir, *, customers=2000, items=5000, days=18, actions_per_custom
         "duplicate_rows": {name: int(source.duplicate.sum()) for name, source in sources.items()},
     }
     return {**result, "summary": summary}
-
-
-def _replace_dir(staging, target):
-    """Rename `staging` to `target`; a previous `target` is moved aside first and removed after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(staging, target)
 
 
 # ---------------------------------------------------------------- the world
