@@ -10,11 +10,10 @@ Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fi
 """
 
 import argparse
-import hashlib
 import shutil
 from pathlib import Path
 
-from recpipe import cluster, stage
+from recpipe import cluster, encoders, stage
 from recpipe.cli import UserError, entrypoint
 from recpipe.preprocess import preprocess
 
@@ -54,7 +53,7 @@ def main():
             client, Path(args.data) / "cleaned", run.path, fitted_dir, parameters)
         run.extra["rows_per_split"] = rows_per_split
         run.extra["sample_rows"] = fit_record["sample_rows"]
-        run.extra["preprocessors_sha256"] = preprocessors_hash(fitted_dir)
+        run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
 
     target = Path(args.preprocessors)
     staging = target.with_name(f".{target.name}.staging")
@@ -64,14 +63,6 @@ def main():
     stage.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
           f"sampled train rows, saved in {target}/")
-
-
-def preprocessors_hash(directory):
-    """What train.py compares to make sure preprocessors/ belongs to this processed/."""
-    digest = hashlib.sha256()
-    for name in ("encoders.json", "scaler.json"):
-        digest.update((directory / name).read_bytes())
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ frequency, ties by value. Fitting takes counts (or moments) that the cluster com
 over the sample, so the client only ever holds one row per distinct value.
 """
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,6 +101,17 @@ def save(directory, encoders, scaler, fit_record):
         with open(directory / name, "w") as f:
             json.dump(content, f, indent=1)
             f.write("\n")
+
+
+def fingerprint(directory):
+    """A hash of the fitted encoders and scaler: processed/'s manifest records the one it was made with."""
+    digest = hashlib.sha256()
+    for name in (ENCODERS_FILE, SCALER_FILE):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run preprocess.py first")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def load(directory):

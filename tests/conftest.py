@@ -100,3 +100,26 @@ def run_script(script, *args, env=None, check=True, timeout=300):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def cleaned_data(tmp_path_factory):
+    """raw -> merged -> repartitioned -> cleaned on generated data, once per test session."""
+    from recpipe.synthetic import generate
+    root = tmp_path_factory.mktemp("pipeline")
+    generate(root / "raw", customers=400, items=300, days=18, actions_per_customer=80, seed=3)
+    for script, *args in (("merge_and_clean.py", "--raw", root / "raw"), ("repartition.py", "--buckets", "3"),
+                          ("parse_ua_strings.py",)):
+        run_script(script, *args, "--data", root / "data", "--workers", "2")
+    return root
+
+
+@pytest.fixture(scope="session")
+def processed_data(cleaned_data, tmp_path_factory):
+    """cleaned_data carried on through preprocess.py, in a copy of its own: (data, preprocessors)."""
+    import shutil
+    root = tmp_path_factory.mktemp("processed")
+    shutil.copytree(cleaned_data / "data", root / "data")
+    run_script("preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
+               "--max-history", "60", "--workers", "2")
+    return root / "data", root / "preprocessors"

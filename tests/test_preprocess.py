@@ -20,18 +20,6 @@ from recpipe.preprocess import LeakError, check_histories, in_sample, padded
 CLUSTER = ["--workers", "2"]
 
 
-@pytest.fixture(scope="module")
-def cleaned_data(tmp_path_factory):
-    """raw -> merged -> repartitioned -> cleaned, once for this module."""
-    from recpipe.synthetic import generate
-    root = tmp_path_factory.mktemp("pipeline")
-    generate(root / "raw", customers=400, items=300, days=18, actions_per_customer=80, seed=3)
-    run_script("merge_and_clean.py", "--raw", root / "raw", "--data", root / "data", *CLUSTER)
-    run_script("repartition.py", "--data", root / "data", "--buckets", "3", *CLUSTER)
-    run_script("parse_ua_strings.py", "--data", root / "data", *CLUSTER)
-    return root
-
-
 def read(path):
     return ds.dataset(path, format="parquet", partitioning="hive").to_table().to_pandas()
 
