@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recpipe.cli import UserError
 
@@ -28,18 +30,24 @@ class CategoryEncoder:
         counts = counts[counts >= self.min_frequency]
         order = pd.DataFrame({"value": counts.index, "count": counts.to_numpy()})
         order = order.sort_values(["count", "value"], ascending=[False, True], kind="stable")
-        self.categories_ = order["value"].tolist()
-        self._index = pd.Index(self.categories_)
+        self.categories_ = [_plain(value) for value in order["value"]]
+        self._value_set = pa.array(self.categories_)
         return self
 
     def transform(self, values):
-        """Values (array-like; None, NaN or "" for missing) -> int64 indices."""
-        values = pd.Series(values)
-        indices = self._index.get_indexer(values) + 2
-        indices[indices == 1] = UNKNOWN  # get_indexer's -1 (not found) became 1
-        missing = values.isna().to_numpy() | (values == "").to_numpy(dtype=bool)
-        indices[missing] = MISSING
-        return indices.astype(np.int64)
+        """Values (Arrow or numpy array; null or "" for missing) -> int64 indices.
+
+        The lookup is Arrow's hash join of the values against the categories, in C++.
+        """
+        values = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, from_pandas=True)
+        if len(self.categories_) and values.type != self._value_set.type:
+            values = values.cast(self._value_set.type)
+        found = pc.index_in(values, value_set=self._value_set) if len(self.categories_) else pa.nulls(len(values))
+        indices = pc.fill_null(pc.add(found.cast(pa.int64()), 2), UNKNOWN)
+        missing = pc.is_null(values)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            missing = pc.or_kleene(missing, pc.equal(values, ""))
+        return pc.if_else(missing, MISSING, indices).to_numpy(zero_copy_only=False).astype(np.int64)
 
     @property
     def size(self):
@@ -53,7 +61,7 @@ class CategoryEncoder:
     def from_json(cls, fitted, min_frequency=1):
         encoder = cls(min_frequency)
         encoder.categories_ = list(fitted["categories"])
-        encoder._index = pd.Index(encoder.categories_)
+        encoder._value_set = pa.array(encoder.categories_)
         return encoder
 
 

@@ -127,7 +127,7 @@ def test_preprocess_killed_midway_leaves_the_previous_output(cleaned_data, tmp_p
                                 "--max-history", "7", *CLUSTER],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not list(data.glob(".processed.staging-*/_scratch/*.parquet")):
+    while not list(data.glob(".processed.staging-*/*/examples/*/*.parquet")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
