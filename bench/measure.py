@@ -73,7 +73,8 @@ def ensure_raw(args):
     wanted = {"customers": args.customers, "items": args.items, "days": args.days,
               "actions_per_customer": args.actions_per_customer, "seed": args.seed}
     generated = raw / "_generated.json"
-    if not generated.exists() or json.loads(generated.read_text())["parameters"] != wanted:
+    recorded = json.loads(generated.read_text())["parameters"] if generated.exists() else {}
+    if any(recorded.get(name) != value for name, value in wanted.items()):
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in wanted.items()]
         run_stage(["generate_data.py", "--out", raw, *flags])
     return raw, wanted
