@@ -38,6 +38,8 @@ SPLITS = ("train", "val", "test")
 # Categorical feature -> the cleaned impressions column it encodes (SPEC section 7).
 CATEGORICAL = {"cat_item": "item_id", "cat_position": "position", "cat_browser": "browser_family",
                "cat_os": "os_family", "cat_device": "device_family"}
+# What an example is made of; the raw user agent and its versions, brand and model are not read.
+EXAMPLE_SOURCES = ["dt", "ranking_id", "customer_id", "split", "is_order", *CATEGORICAL.values()]
 EXAMPLE_ROW_GROUP = 65_536
 WIDE_ROW_GROUP = 50_000  # rows of 2 x max_history values each: keep a group's memory bounded
 WIDE_CHUNK = 10_000      # examples padded at once: 10k x 1000 x 9 bytes ~ 90 MB
@@ -139,7 +141,7 @@ def check_histories(histories, lookback_days, max_history, where):
 
 def read_bucket(cleaned_dir, bucket, params):
     """A bucket's impressions of the three splits (Arrow), its actions (pandas), and how many rows it had."""
-    impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS)
+    impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS, EXAMPLE_SOURCES)
     rows_in = impressions.num_rows
     impressions = impressions.filter(pc.is_in(impressions.column("split"), value_set=pa.array(SPLITS)))
     actions = read_parts(Path(cleaned_dir) / "actions" / bucket, schemas.ACTIONS).to_pandas()

@@ -232,16 +232,19 @@ def write_sized(table, directory, schema, row_group_mb, basename="part"):
     return [table.slice(start, rows_per_group).nbytes for start in range(0, table.num_rows, rows_per_group)]
 
 
-def read_parts(directory, schema):
-    """Every Parquet file of a folder, in name order (write order), as one table of exactly `schema`.
+def read_parts(directory, schema, columns=None):
+    """Every Parquet file of a folder, in name order (write order), as one table of exactly `schema`
+    (or of its `columns` only: Parquet then reads nothing else).
 
     A missing or empty folder is an empty table: a bucket may have no rows of a table.
     """
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
     files = sorted(path for path in Path(directory).glob("*.parquet") if not path.name.startswith((".", "_")))
     tables = []
     for path in files:
         try:
-            tables.append(pq.read_table(path, schema=schema))
+            tables.append(pq.read_table(path, schema=schema, columns=schema.names))
         except (OSError, pa.ArrowException) as error:
             raise UserError(f"{path}: not a readable table of {', '.join(schema.names)} ({error}); "
                             "run the stage that wrote it again") from None
