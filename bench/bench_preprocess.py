@@ -7,7 +7,8 @@ For each scale (a multiple of --customers), prepares cleaned/ with the pipeline'
 stages (reused when present), then measures preprocess.py (wall time, peak memory of
 all processes and of the largest single process: a worker) and bench/duckdb_histories.py
 (the SQL window-function version of the history computation, on the same cleaned/
-Parquet, in its own process), and checks that both give the same history lengths
+Parquet, in its own process) against bench/histories_only.py (our history computation
+alone, same input and output as the query), and checks that both give the same history lengths
 and action types for every (customer, day). Saves bench/results/preprocess.json.
 """
 
@@ -69,6 +70,10 @@ def main():
         ours = run_stage(["preprocess.py", "--data", data, "--preprocessors", data / "preprocessors"])
         histories_pass = float(re.findall(r"computing histories, writing the compact layout: \d+/\d+ tasks done "
                                           r"\(([\d.]+)s\)", ours["output"])[-1])
+        histories_only = run_measured([sys.executable, "bench/histories_only.py", data, data / "histories_only"],
+                                      cwd=ROOT)
+        if histories_only["returncode"] != 0:
+            raise SystemExit("bench/histories_only.py failed")
         duckdb_out = data / "duckdb_histories.parquet"
         duckdb = run_measured([sys.executable, "bench/duckdb_histories.py", data, duckdb_out], cwd=ROOT)
         if duckdb["returncode"] != 0:
@@ -85,6 +90,9 @@ def main():
             "duckdb_seconds": round(duckdb["seconds"], 1),
             "duckdb_peak_rss_gib": round(duckdb["peak_rss_bytes"] / 2**30, 2),
             "duckdb_over_preprocess_time": round(duckdb["seconds"] / ours["seconds"], 2),
+            "our_histories_only_seconds": round(histories_only["seconds"], 1),
+            "our_histories_only_peak_rss_gib_all_processes": round(histories_only["peak_rss_bytes"] / 2**30, 2),
+            "duckdb_over_our_histories_only_time": round(duckdb["seconds"] / histories_only["seconds"], 2),
             "histories_agree": histories_agree(processed, duckdb_out),
         })
     if len(runs) > 1:
@@ -95,6 +103,8 @@ def main():
                 "preprocess_peak_largest_process": round(later["preprocess_peak_rss_gib_largest_process"]
                                                          / runs[0]["preprocess_peak_rss_gib_largest_process"], 2),
                 "duckdb_time": round(later["duckdb_seconds"] / runs[0]["duckdb_seconds"], 2),
+                "our_histories_only_time": round(later["our_histories_only_seconds"]
+                                                 / runs[0]["our_histories_only_seconds"], 2),
             }
     save_report("preprocess", {"runs": runs})
 
