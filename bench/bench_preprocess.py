@@ -17,7 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from measure import ROOT, add_data_arguments, ensure_raw, ensure_stage, run_measured, run_stage, save_report
@@ -41,20 +43,30 @@ def histories_agree(processed, duckdb_file):
     """Same (customer, day) keys and, per key, the same items and action types in the same order.
 
     Our items are encoded; DuckDB's raw ids go through the same fitted encoder first.
+    Both sides are sorted by key and compared as flat arrays (no loop over rows).
     """
+    def sorted_by_key(table):
+        table = table.set_column(table.schema.get_field_index("dt"), "dt", pc.cast(table.column("dt"), pa.string()))
+        return table.sort_by([("customer_id", "ascending"), ("dt", "ascending")])
+
     columns = ["customer_id", "dt", "actions", "action_types"]
-    ours = pd.concat([ds.dataset(processed / split / "histories", format="parquet", partitioning="hive").to_table(
-        columns=columns).to_pandas() for split in ("train", "val", "test")])
-    theirs = ds.dataset(duckdb_file).to_table(columns=columns).to_pandas()
+    ours = sorted_by_key(pa.concat_tables([
+        ds.dataset(processed / split / "histories", format="parquet", partitioning="hive").to_table(columns=columns)
+        .cast(pa.schema([("customer_id", pa.int64()), ("dt", pa.string()), ("actions", pa.list_(pa.int64())),
+                         ("action_types", pa.list_(pa.int8()))]))
+        for split in ("train", "val", "test")]))
+    theirs = sorted_by_key(ds.dataset(duckdb_file).to_table(columns=columns))
     item_encoder = encoders.load(processed / "_preprocessors")[0]["cat_item"]
-    ours["dt"] = ours["dt"].astype(str)
-    theirs["dt"] = theirs["dt"].astype(str)
-    both = ours.merge(theirs, on=["customer_id", "dt"], how="outer", suffixes=("_ours", "_duckdb"), indicator=True)
-    if (both["_merge"] != "both").any():
-        return False
-    return all(list(types) == list(their_types) and list(items) == item_encoder.transform(their_items).tolist()
-               for items, types, their_items, their_types in zip(
-                   both["actions_ours"], both["action_types_ours"], both["actions_duckdb"], both["action_types_duckdb"]))
+
+    def flat(table, name):
+        return pc.list_flatten(table.column(name)).to_numpy()
+
+    return (ours.num_rows == theirs.num_rows
+            and ours.column("customer_id").equals(theirs.column("customer_id"))
+            and ours.column("dt").equals(theirs.column("dt"))
+            and pc.list_value_length(ours.column("actions")).equals(pc.list_value_length(theirs.column("actions")))
+            and np.array_equal(flat(ours, "action_types"), flat(theirs, "action_types").astype(np.int8))
+            and np.array_equal(flat(ours, "actions"), item_encoder.transform(flat(theirs, "actions"))))
 
 
 def main():
