@@ -3,8 +3,11 @@
 One item embedding table serves the shown item and the history (the encoder fitted
 them as one vocabulary). The history — items plus action types plus positions — goes
 through a transformer encoder with a padding mask; the shown item attends to the
-encoded history (target attention); the other categorical columns are embedded, the
-numeric ones projected; an MLP maps all of it to one logit for BCE.
+encoded history (target attention); how often the shown item itself occurs in the
+history, per action type, is counted explicitly (a target-match feature, as in DIN:
+learning "same item" through attention over fresh embeddings takes far more steps
+than a short run has); the other categorical columns are embedded, the numeric ones
+projected; an MLP maps all of it to one logit for BCE.
 """
 
 import torch
@@ -25,7 +28,7 @@ class Recommender(nn.Module):
         self.target_attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.categorical_embeddings = nn.ModuleList(nn.Embedding(size, dim // 4) for size in categorical_vocabularies)
         self.numeric_projection = nn.Linear(numeric_features, dim // 2)
-        width = 3 * dim + len(categorical_vocabularies) * (dim // 4) + dim // 2
+        width = 3 * dim + ACTION_TYPES + len(categorical_vocabularies) * (dim // 4) + dim // 2
         self.head = nn.Sequential(nn.Linear(width, 2 * dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * dim, 1))
 
     def forward(self, batch):
@@ -42,7 +45,12 @@ class Recommender(nn.Module):
         shown = self.item_embedding(batch["item"])
         attended, _ = self.target_attention(shown[:, None], encoded, encoded, key_padding_mask=padding)
         attended = attended[:, 0]
-        features = [shown, attended, shown * attended,
+        # log1p of how often the shown item occurs in the history, in all and as each action type.
+        same_item = (history == batch["item"][:, None]) & (history != 0)
+        action_types = batch["history_action_types"].long()
+        matches = torch.stack([same_item.sum(1)] + [(same_item & (action_types == t)).sum(1)
+                                                    for t in range(1, ACTION_TYPES)], dim=1)
+        features = [shown, attended, shown * attended, torch.log1p(matches.float()),
                     *(embedding(batch["categorical"][:, i]) for i, embedding in enumerate(self.categorical_embeddings)),
                     self.numeric_projection(batch["numeric"])]
         return self.head(torch.cat(features, dim=1)).squeeze(1)
