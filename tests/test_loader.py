@@ -1,0 +1,268 @@
+"""The loader on a tiny processed/ written here with PyArrow (not by the pipeline).
+
+Every example carries its own id: num_clicks_7d and cat_position are the id, so a batch
+says which examples it holds, and the fixture knows each one's customer, day and history.
+"""
+
+import json
+import shutil
+import types
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recpipe.cli import UserError
+from recpipe.loader import ProcessedDataset, make_loader, to_device
+from recpipe.preprocess import HISTORIES_SCHEMA, examples_schema
+
+L = 5
+DAYS = {"train": ["2024-03-01", "2024-03-02", "2024-03-03"], "val": ["2024-03-04"]}
+CUSTOMERS = range(1, 14)
+LONG = (5, "2024-03-02")  # this customer's history that day is longer than L
+CATEGORICAL = ["cat_position", "cat_browser", "cat_os", "cat_device"]
+NUMERIC = ["num_clicks_7d", "num_days_since_last"]
+
+
+def history(customer, day):
+    """The fixture's history of (customer, day): the first item (most recent) is customer * 1000 + day."""
+    day_number = int(day[-2:])
+    length = 20 if (customer, day) == LONG else (customer + day_number) % 4  # 0 (empty) .. 3
+    return [customer * 1000 + day_number * 10 + j for j in range(length)], [1 + j % 3 for j in range(length)]
+
+
+def build_processed(root):
+    """processed/ of DAYS, two bucket files per day (bucket = customer % 2); returns {id: (customer, day)}."""
+    examples_of, next_id = {}, 1
+    names = examples_schema().names
+    for split, days in DAYS.items():
+        for day in days:
+            for bucket in (0, 1):
+                customers = [c for c in CUSTOMERS if c % 2 == bucket and (c + int(day[-2:])) % 5 != 0]
+                rows = {name: [] for name in names}
+                for customer in customers:
+                    for _ in range(1 + (customer * int(day[-2:])) % 3):
+                        example = {"customer_id": customer, "ranking_id": f"r{next_id}", "cat_item": 100 + next_id,
+                                   "cat_position": next_id, "cat_browser": customer, "cat_os": 7,
+                                   "cat_device": int(day[-2:]), "is_order": float(next_id % 2)}
+                        for name in names:
+                            if name.startswith("num_"):
+                                example[name] = float(next_id) if name == "num_clicks_7d" else next_id / 2
+                        for name in names:
+                            rows[name].append(example[name])
+                        examples_of[next_id] = (customer, day)
+                        next_id += 1
+                # Histories in the opposite order to the examples: the join cannot rely on file order.
+                lists = [history(c, day) for c in reversed(customers)]
+                write(root / split / "examples" / f"dt={day}" / f"part-bucket={bucket:05d}.parquet",
+                      pa.table(rows, schema=examples_schema()))
+                write(root / split / "histories" / f"dt={day}" / f"part-bucket={bucket:05d}.parquet",
+                      pa.table({"customer_id": list(reversed(customers)), "actions": [a for a, _ in lists],
+                                "action_types": [t for _, t in lists]}, schema=HISTORIES_SCHEMA))
+    (root / "_stage.json").write_text(json.dumps({"parameters": {"max_history": 20, "layout": "compact"},
+                                                  "rows_per_split": {"train": 1, "val": 1, "test": 0}}))
+    return examples_of
+
+
+def write(path, table):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "processed"
+    return root, build_processed(root)
+
+
+def dataset(root, split="train", **options):
+    return ProcessedDataset(root, split, **{"batch_size": 7, "max_history": L, "shuffle": True, "seed": 0,
+                                            "categorical": CATEGORICAL, "numeric": NUMERIC, **options})
+
+
+def ids_in_order(loader):
+    return [int(i) for batch in loader for i in batch["numeric"][:, 0]]
+
+
+def split_ids(examples_of, split):
+    return sorted(i for i, (_, day) in examples_of.items() if day in DAYS[split])
+
+
+def test_loader_yields_every_example_once_per_epoch_with_0_1_2_workers(processed):
+    root, examples_of = processed
+    data = dataset(root)
+    orders = {workers: ids_in_order(make_loader(data, num_workers=workers)) for workers in (0, 1, 2)}
+    for order in orders.values():
+        assert sorted(order) == split_ids(examples_of, "train")
+    # Batches are dealt to the workers in turn and taken back in turn: the same order for any count.
+    assert orders[0] == orders[1] == orders[2]
+    assert len(data) == len(orders[0])
+    assert sum(1 for _ in make_loader(data)) == data.num_batches
+
+
+def test_loader_a_single_day_is_shared_by_the_workers(processed, monkeypatch):
+    root, examples_of = processed
+    data = dataset(root, "val", batch_size=3)
+    shares = []
+    for worker in range(3):
+        monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=worker, num_workers=3))
+        shares.append(ids_in_order(data))
+    assert all(len(share) >= 3 for share in shares)
+    assert sorted(sum(shares, [])) == split_ids(examples_of, "val")
+    # More workers than batches: the idle ones yield nothing, the others everything.
+    monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=1, num_workers=64))
+    assert len(ids_in_order(dataset(root, "val", batch_size=3))) == 3
+
+
+def test_loader_days_come_in_date_order_each_shuffled_within(processed):
+    root, examples_of = processed
+    shuffled = ids_in_order(dataset(root))
+    in_order = ids_in_order(dataset(root, shuffle=False))
+    assert in_order == split_ids(examples_of, "train")  # files' order: day, then bucket file, then row
+    days = [examples_of[i][1] for i in shuffled]
+    assert days == sorted(days)
+    assert shuffled != in_order
+    for day in DAYS["train"]:
+        of_day = [i for i in in_order if examples_of[i][1] == day]
+        assert sorted(i for i in shuffled if examples_of[i][1] == day) == of_day
+
+
+def test_loader_order_depends_on_seed_and_epoch_also_in_persistent_workers(processed):
+    root, _ = processed
+    data = dataset(root)
+    loader = make_loader(data, num_workers=2)  # persistent workers: set_epoch must reach them
+    orders = {}
+    for epoch in (0, 1, 0):
+        data.set_epoch(epoch)
+        orders.setdefault(epoch, []).append(ids_in_order(loader))
+    assert orders[0][0] == orders[0][1]
+    assert orders[1][0] != orders[0][0]
+    other_seed = dataset(root, seed=1)
+    assert ids_in_order(make_loader(other_seed)) != orders[0][0]
+    other_seed.set_epoch(1)
+    assert ids_in_order(make_loader(other_seed)) != orders[1][0]
+
+
+def test_loader_batches_have_the_promised_shapes_and_dtypes(processed):
+    root, _ = processed
+    batches = list(make_loader(dataset(root), num_workers=2))
+    expected = {"item": (torch.int64, 1), "history_items": (torch.int64, 2), "history_action_types": (torch.int8, 2),
+                "categorical": (torch.int64, 2), "numeric": (torch.float32, 2), "target": (torch.float32, 1)}
+    for batch in batches:
+        assert set(batch) == set(expected)
+        size = len(batch["item"])
+        assert 1 <= size <= 7
+        for name, (dtype, dims) in expected.items():
+            assert batch[name].dtype == dtype and batch[name].dim() == dims
+            assert batch[name].shape[0] == size
+        assert batch["history_items"].shape == batch["history_action_types"].shape == (size, L)
+        assert batch["categorical"].shape[1] == len(CATEGORICAL) and batch["numeric"].shape[1] == len(NUMERIC)
+    assert any(len(batch["item"]) < 7 for batch in batches)  # a day's last batch is smaller, not dropped
+    moved = to_device(batches[0], torch.device("cpu"))
+    assert all(torch.equal(moved[name], batches[0][name]) for name in expected)
+
+
+def test_loader_columns_line_up_with_their_example(processed):
+    root, examples_of = processed
+    for batch in make_loader(dataset(root)):
+        ids = batch["numeric"][:, 0].long()
+        assert torch.equal(batch["categorical"][:, 0], ids)  # cat_position, in the order asked for
+        assert torch.equal(batch["item"], 100 + ids)
+        assert torch.equal(batch["target"], (ids % 2).float())
+        assert torch.equal(batch["numeric"][:, 1], ids.float() / 2)
+        customers = torch.tensor([examples_of[int(i)][0] for i in ids])
+        assert torch.equal(batch["categorical"][:, 1], customers)
+
+
+def test_loader_histories_line_up_and_a_long_one_is_cut_to_its_first_L(processed):
+    root, examples_of = processed
+    seen_long = seen_empty = False
+    for batch in make_loader(dataset(root), num_workers=2):
+        for number, items, action_types in zip(batch["numeric"][:, 0].tolist(), batch["history_items"],
+                                               batch["history_action_types"]):
+            customer, day = examples_of[int(number)]
+            expected_items, expected_types = history(customer, day)
+            length = min(len(expected_items), L)
+            assert items.tolist() == expected_items[:L] + [0] * (L - length)  # right-padded, no spill
+            assert action_types.tolist() == expected_types[:L] + [0] * (L - length)
+            seen_long |= (customer, day) == LONG
+            seen_empty |= not expected_items
+    assert seen_long and seen_empty
+
+
+def test_loader_empty_histories_gives_zeros_of_the_same_shapes(processed):
+    root, _ = processed
+    full = list(make_loader(dataset(root)))
+    empty = list(make_loader(dataset(root, empty_histories=True), num_workers=2))
+    assert len(full) == len(empty)
+    for with_history, without in zip(full, empty):
+        for name in ("history_items", "history_action_types"):
+            assert without[name].shape == with_history[name].shape
+            assert without[name].dtype == with_history[name].dtype
+            assert not without[name].any()
+        for name in ("item", "categorical", "numeric", "target"):
+            assert torch.equal(without[name], with_history[name])
+
+
+def test_loader_defaults_columns_to_the_files_order_and_L_to_the_manifest(processed):
+    root, _ = processed
+    data = ProcessedDataset(root, "val")
+    assert data.categorical == ["cat_position", "cat_browser", "cat_os", "cat_device"]
+    assert data.numeric == [name for name in examples_schema().names if name.startswith("num_")]
+    assert data.max_history == 20
+    batch = next(iter(make_loader(data)))
+    assert batch["history_items"].shape[1] == 20 and batch["numeric"].shape[1] == len(data.numeric)
+    assert len(ProcessedDataset(root, "test")) == 0  # preprocess.py recorded no test day: an empty split
+
+
+def test_loader_missing_or_corrupt_processed_is_a_user_error(processed, tmp_path):
+    root = tmp_path / "processed"
+    shutil.copytree(processed[0], root)
+    with pytest.raises(UserError, match="nowhere/ is missing: run preprocess.py first"):
+        dataset(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"val/histories/dt=2024-03-04/ is missing or empty .*run preprocess.py"):
+        shutil.rmtree(root / "val" / "histories" / "dt=2024-03-04")
+        dataset(root, "val")
+    with pytest.raises(UserError, match="val/examples is missing: run preprocess.py first"):
+        shutil.rmtree(root / "val" / "examples")
+        dataset(root, "val")
+    with pytest.raises(UserError, match="has no column cat_colour"):
+        dataset(root, categorical=["cat_colour"])
+    corrupt = root / "train" / "examples" / "dt=2024-03-02" / "part-bucket=00001.parquet"
+    corrupt.write_bytes(b"not parquet")
+    with pytest.raises(UserError, match=r"part-bucket=00001.parquet: not a readable Parquet file .*run preprocess.py"):
+        dataset(root)
+    (root / "_stage.json").unlink()
+    with pytest.raises(UserError, match=r"is incomplete \(no _stage.json\): run preprocess.py first"):
+        dataset(root)
+
+
+def test_loader_an_example_without_its_history_row_is_a_user_error(processed, tmp_path):
+    root = tmp_path / "processed"
+    shutil.copytree(processed[0], root)
+    path = root / "val" / "histories" / "dt=2024-03-04" / "part-bucket=00000.parquet"
+    pq.write_table(pq.read_table(path).slice(1), path)
+    with pytest.raises(UserError, match="has no histories row for customer"):
+        list(dataset(root, "val"))
+
+
+def test_loader_make_loader_gives_whole_batches_from_persistent_workers(processed):
+    root, _ = processed
+    data = dataset(root)
+    loader = make_loader(data, num_workers=2, pin_memory=False)
+    assert loader.batch_size is None and loader.num_workers == 2 and loader.persistent_workers
+    assert not make_loader(data).persistent_workers
+    assert make_loader(data).pin_memory == torch.cuda.is_available()
+
+
+def test_loader_a_file_gone_or_corrupted_after_the_start_is_a_user_error(processed, tmp_path):
+    root = tmp_path / "processed"
+    shutil.copytree(processed[0], root)
+    data = dataset(root)
+    (root / "train" / "histories" / "dt=2024-03-01" / "part-bucket=00001.parquet").write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"histories/dt=2024-03-01/part-bucket=00001.parquet: not a readable Parquet"):
+        list(data)
+    shutil.rmtree(root / "train")
+    with pytest.raises(UserError, match="has gone: processed/ was replaced or removed"):
+        list(data)
