@@ -5,8 +5,8 @@
 
 Reads   --data/processed/ (from preprocess.py) and --preprocessors/ (encoders.json, scaler.json, fit.json)
 Writes  --out (default runs/<timestamp>/): checkpoint.pt (the best by validation AUC),
-        metrics.jsonl (one JSON object per evaluation), final.json (test_auc, test_logloss,
-        val_auc, examples_per_second), curves.png
+        metrics.jsonl (one JSON object per evaluation), train_loss.jsonl (every 50 steps),
+        final.json (test_auc, test_logloss, val_auc, examples_per_second), curves.png
 """
 
 import argparse
@@ -110,7 +110,9 @@ def main():
             examples_seen += len(batch["target"])
             state["step"] += 1
             if state["step"] % 50 == 0:
-                print(f"epoch {state['epoch']} step {state['step']}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                recent = sum(losses[-50:]) / len(losses[-50:])
+                append_jsonl(out / "train_loss.jsonl", {"step": state["step"], "train_loss": recent})
+                print(f"epoch {state['epoch']} step {state['step']}: loss {recent:.4f}")
             if args.max_steps and state["step"] >= args.max_steps:
                 done = True
                 break
@@ -132,7 +134,7 @@ def main():
              "examples_per_second": examples_seen / max(train_seconds, 1e-9), "steps": state["step"],
              "empty_histories": args.empty_histories, "device": str(device)}
     (out / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-    plot_curves(metrics_path, out / "curves.png")
+    plot_curves(metrics_path, out / "train_loss.jsonl", out / "curves.png")
     print(f"final: {json.dumps(final)}\nwrote {out}/")
 
 

@@ -76,17 +76,24 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def plot_curves(metrics_path, out_path):
-    """Training loss and validation AUC per evaluation, as a PNG."""
+def _records(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(metrics_path, train_loss_path, out_path):
+    """Training loss (every 50 steps) with validation log loss, and validation AUC (per evaluation), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records, train_losses = _records(metrics_path), _records(train_loss_path)
     steps = [r["step"] for r in records]
     figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(steps, [r["train_loss"] for r in records], marker="o", label="train BCE")
+    loss_axis.plot([r["step"] for r in train_losses] or steps,
+                   [r["train_loss"] for r in train_losses] or [r["train_loss"] for r in records],
+                   label="train BCE (last 50 steps)")
     loss_axis.plot(steps, [r["val_logloss"] for r in records], marker="o", label="val log loss")
     loss_axis.set_xlabel("step")
     loss_axis.legend()
