@@ -29,8 +29,8 @@ from recpipe.training import (append_jsonl, bce, evaluate, load_checkpoint, plot
 config = dict(
     epochs=3, max_steps=0, batch_size=512, max_history=0,  # 0: no step limit / processed/'s max_history
     lr=1e-3, weight_decay=0.01, dim=64, heads=4, layers=2, dropout=0.1,
-    workers=2, eval_batches=0, seed=0, device="auto", empty_histories=False,
-)
+    workers=0, eval_batches=0, seed=0, device="auto", empty_histories=False,
+)  # workers: DataLoader processes; on 2 cores they lose to shipping 4.5 MB batches between processes
 
 
 def parse_args():
