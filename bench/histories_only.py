@@ -22,7 +22,7 @@ from recpipe.preprocess import _keys, read_bucket  # noqa: E402
 
 
 def histories_of_bucket(cleaned_dir, bucket, out_dir, params):
-    impressions, actions, _ = read_bucket(cleaned_dir, bucket, params)
+    impressions, actions, _ = read_bucket(cleaned_dir, bucket)
     _, keys = _keys(impressions)
     histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
     histories = histories.select(["customer_id", "dt", "history_items", "history_action_types"]).rename_columns(

@@ -139,7 +139,7 @@ def check_histories(histories, lookback_days, max_history, where):
                         f"{histories.column('dt')[row]} holds an action outside [D - {lookback_days} days, D)")
 
 
-def read_bucket(cleaned_dir, bucket, params):
+def read_bucket(cleaned_dir, bucket):
     """A bucket's impressions of the three splits (Arrow), its actions (pandas), and how many rows it had."""
     impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS, EXAMPLE_SOURCES)
     rows_in = impressions.num_rows
@@ -163,7 +163,7 @@ def _value_counts(values):
 
 def summarize_bucket(cleaned_dir, bucket, params):
     """Step 1 for one bucket (runs on a worker): the statistics of its share of the sample."""
-    impressions, actions, _ = read_bucket(cleaned_dir, bucket, params)
+    impressions, actions, _ = read_bucket(cleaned_dir, bucket)
     train = impressions.filter(pc.equal(impressions.column("split"), "train"))
     sampled = train.filter(in_sample(train.column("ranking_id").to_numpy(zero_copy_only=False),
                                      train.column("position").to_numpy(), params["seed"], params["sample_frac"]))
@@ -191,7 +191,7 @@ def _encode_lists(lists, encode, value_type):
 def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
     """Step 3 for one bucket (runs on a worker): rows written per split, rows read, rows outside the splits."""
     fitted, scaler, _ = encoders.load(Path(preprocessors_dir))
-    impressions, actions, rows_in = read_bucket(cleaned_dir, bucket, params)
+    impressions, actions, rows_in = read_bucket(cleaned_dir, bucket)
     examples_keys, keys = _keys(impressions)
     histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
     check_histories(histories, params["lookback_days"], params["max_history"], bucket)
