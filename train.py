@@ -78,7 +78,7 @@ def main():
     pin = device.type == "cuda"
     loaders = {split: make_loader(dataset, num_workers=args.workers, pin_memory=pin)
                for split, dataset in datasets.items()}
-    print(f"examples: " + ", ".join(f"{split} {len(dataset):,}" for split, dataset in datasets.items())
+    print("examples: " + ", ".join(f"{split} {len(dataset):,}" for split, dataset in datasets.items())
           + f"; history length {max_history}; device {device}")
 
     # ------------------------------------------------------------------------ model

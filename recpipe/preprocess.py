@@ -185,7 +185,7 @@ def _encode_lists(lists, encode, value_type):
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = encode(pc.list_flatten(lists).to_numpy())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type)), lengths
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type))
 
 
 def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
@@ -204,10 +204,8 @@ def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
         columns[name] = scaler.transform(name, values)
     columns["is_order"] = impressions.column("is_order").cast(pa.float32())
     examples = pa.table(columns, schema=examples_schema())
-    actions, lengths = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
+    actions = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
     action_types = histories.column("history_action_types").combine_chunks()
-    if len(lengths) and lengths.max() > params["max_history"]:
-        raise LeakError(f"{bucket}: an encoded history is longer than --max-history {params['max_history']}")
 
     rows = {split: 0 for split in SPLITS}
     key_days = keys["dt"].to_numpy()
