@@ -2,12 +2,21 @@
 
 A stage writes into a staging folder beside its target (`data/.merged.staging-<host>-<pid>`)
 and renames it into place only after everything succeeded, with a `_stage.json`
-manifest recording its inputs (and their manifests' hashes), parameters, code version,
-row accounting, tables and timings. A failed, interrupted or terminated stage removes
-its staging folder; a SIGKILLed one leaves it behind, and the next run of that stage
-removes it. Readers therefore only ever see a complete previous output, or none.
+manifest recording its inputs, parameters, code version, row accounting, tables,
+timings, and two fingerprints that `recpipe.pipeline` judges staleness by:
+
+- `output_sha256`: a hash of every file the stage wrote. Stages are deterministic, so
+  re-running one on the same input with the same parameters gives the same fingerprint.
+- `lineage`: everything this output was made from, all the way back: the raw files'
+  fingerprint, and every earlier stage's fingerprint and parameters, so staleness can
+  still be judged (and a stage remade as it was) after intermediate stages were deleted.
+
+A failed, interrupted or terminated stage removes its staging folder; a SIGKILLed one
+leaves it behind, and the next run of that stage removes it. Readers therefore only
+ever see a complete previous output, or none.
 """
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -55,10 +64,12 @@ def require_stage(data_dir, name):
 
 
 def stage_input(data_dir, name):
-    """The manifest entry for a stage this stage reads: its path and its manifest's hash."""
-    require_stage(data_dir, name)
+    """The manifest entry for a stage this stage reads: its path, its output's fingerprint and its lineage."""
+    manifest = require_stage(data_dir, name)
     manifest_path = Path(data_dir) / name / MANIFEST
-    return {"stage": name, "path": str(Path(data_dir, name).resolve()), "manifest_sha256": _sha256_file(manifest_path)}
+    return {"stage": name, "path": str(Path(data_dir, name).resolve()), "manifest_sha256": _sha256_file(manifest_path),
+            "output_sha256": manifest.get("output_sha256"), "parameters": manifest.get("parameters", {}),
+            "lineage": manifest.get("lineage", {})}
 
 
 def raw_input(raw_dir, files):
@@ -71,6 +82,18 @@ def raw_input(raw_dir, files):
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     return {"raw": str(Path(raw_dir).resolve()), "files": len(listing),
             "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
+
+
+def lineage(inputs):
+    """What an output is made of: the raw files' fingerprint, every earlier stage's fingerprint and parameters."""
+    made_of = {}
+    for entry in inputs:
+        if "raw" in entry:
+            made_of["raw"] = {"fingerprint_sha256": entry["fingerprint_sha256"]}
+        else:
+            made_of.update(entry.get("lineage", {}))
+            made_of[entry["stage"]] = {"output_sha256": entry.get("output_sha256"), "parameters": entry["parameters"]}
+    return made_of
 
 
 class StageRun:
@@ -97,6 +120,8 @@ class StageRun:
             "parameters": self.parameters,
             "accounting": self.accounting,
             "tables": describe_tables(self.path),
+            "output_sha256": output_fingerprint(self.path),
+            "lineage": lineage(self.inputs),
             **self.extra,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -147,14 +172,26 @@ def replace_dir(staging, target):
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def remove_abandoned_staging(data_dir, name):
-    """Delete staging/retired folders of this stage left by runs that were killed (their pid is gone)."""
+def leftovers(data_dir, name):
+    """This stage's staging/retired folders under data_dir, each as (path, whether its run is dead).
+
+    A folder whose owner pid is gone (on this host) was left by a killed run. One of
+    another host, or of a live pid, may belong to a run in progress: it is reported, not touched.
+    """
     host = socket.gethostname()
-    for leftover in Path(data_dir).glob(f".{name}.*-*"):
+    found = []
+    for leftover in sorted(Path(data_dir).glob(f".{name}.*-*")):
         kind_and_owner = leftover.name[len(name) + 2:]
         pid_text = kind_and_owner.rsplit("-", 1)[-1]
         owned_here = kind_and_owner.startswith("retired-") or kind_and_owner.startswith(f"staging-{host}-")
-        if owned_here and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        found.append((leftover, owned_here and pid_text.isdigit() and not _pid_alive(int(pid_text))))
+    return found
+
+
+def remove_abandoned_staging(data_dir, name):
+    """Delete staging/retired folders of this stage left by runs that were killed (their pid is gone)."""
+    for leftover, abandoned in leftovers(data_dir, name):
+        if abandoned:
             print(f"removing {leftover}, left behind by a killed run")
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -282,6 +319,28 @@ def describe_tables(stage_dir):
     return tables
 
 
+def output_fingerprint(stage_dir):
+    """sha256 over every file of a stage folder (but its manifest): names and contents.
+
+    Content, not timestamps: a stage re-run on the same input with the same parameters
+    writes the same bytes, so what was made from it stays fresh. Files are hashed on
+    a thread each per core (hashlib releases the GIL), about 1 GB/s per core.
+    """
+    stage_dir = Path(stage_dir)
+    files = sorted(path for path in stage_dir.rglob("*") if path.is_file() and path.name != MANIFEST)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        hashes = list(pool.map(_sha256_file, files))
+    digest = hashlib.sha256()
+    for path, file_hash in zip(files, hashes):
+        digest.update(f"{path.relative_to(stage_dir)}\0{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_bytes(path):
+    """Bytes of every file under a folder: what deleting it gives back."""
+    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file() and not file.is_symlink())
+
+
 def code_version():
     """A hash of the package and scripts' source: it changes exactly when the code does."""
     digest = hashlib.sha256()
@@ -301,7 +360,11 @@ def code_version():
 
 
 def _sha256_file(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def print_summary(manifest):
