@@ -13,8 +13,8 @@ Writes  --data/merged/ (default data/merged), atomically, with _stage.json:
 import argparse
 from pathlib import Path
 
-from recpipe import cluster, stage
-from recpipe.cli import UserError, entrypoint
+from recpipe import cluster, pipeline, stage
+from recpipe.cli import entrypoint
 from recpipe.merge import merge_and_clean
 from recpipe.raw import SOURCES, list_source_files
 
@@ -23,22 +23,16 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", default="data/raw", help="folder with one sub-folder per raw source")
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
-    parser.add_argument("--test-days", type=int, default=1, help="latest impression days labelled test")
-    parser.add_argument("--val-days", type=int, default=1, help="days before those labelled val")
-    parser.add_argument("--train-days", type=int, default=14, help="days before those labelled train")
+    pipeline.add_parameters(parser, "merged")
     cluster.add_arguments(parser)
-    args = parser.parse_args()
-    for flag in ("test_days", "val_days", "train_days"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be 0 or more")
-    return args
+    return parser.parse_args()
 
 
 @entrypoint
 def main():
     args = parse_args()
     raw_files = {source: list_source_files(args.raw, source) for source in SOURCES}
-    parameters = {"test_days": args.test_days, "val_days": args.val_days, "train_days": args.train_days}
+    parameters = pipeline.asked_parameters(args, "merged")
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
     with cluster.connect(args) as client, stage.publish(args.data, "merged", parameters, inputs) as run:

@@ -13,8 +13,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from recpipe import cluster, encoders, stage
-from recpipe.cli import UserError, entrypoint
+from recpipe import cluster, encoders, pipeline, stage
+from recpipe.cli import entrypoint
 from recpipe.preprocess import preprocess
 
 
@@ -22,28 +22,16 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
     parser.add_argument("--preprocessors", default="preprocessors", help="where the fitted encoders and scaler go")
-    parser.add_argument("--lookback-days", type=int, default=365, help="history window before the impression day")
-    parser.add_argument("--max-history", type=int, default=1000, help="most recent actions kept per history")
-    parser.add_argument("--sample-frac", type=float, default=0.2, help="share of train examples to fit on")
-    parser.add_argument("--min-frequency", type=int, default=3, help="rarer values encode as unknown (1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fitting sample")
-    parser.add_argument("--layout", choices=("compact", "wide"), default="compact")
+    pipeline.add_parameters(parser, "processed")
     cluster.add_arguments(parser)
-    args = parser.parse_args()
-    for flag, low in (("lookback_days", 1), ("max_history", 1), ("min_frequency", 1)):
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least {low}")
-    if not 0 < args.sample_frac <= 1:
-        raise UserError(f"--sample-frac {args.sample_frac}: must be in (0, 1]")
-    return args
+    return parser.parse_args()
 
 
 @entrypoint
 def main():
     args = parse_args()
     stage.require_stage(args.data, "cleaned")
-    parameters = {name: getattr(args, name) for name in
-                  ("lookback_days", "max_history", "sample_frac", "min_frequency", "seed", "layout")}
+    parameters = pipeline.asked_parameters(args, "processed")
     inputs = [stage.stage_input(args.data, "cleaned")]
 
     with cluster.connect(args) as client, stage.publish(args.data, "processed", parameters, inputs) as run:

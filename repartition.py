@@ -12,31 +12,24 @@ A customer's bucket is splitmix64(customer_id) % --buckets: the same on every ru
 import argparse
 from pathlib import Path
 
-from recpipe import cluster, stage
-from recpipe.cli import UserError, entrypoint
+from recpipe import cluster, pipeline, stage
+from recpipe.cli import entrypoint
 from recpipe.repartition import BUCKET_HASH, repartition
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
-    parser.add_argument("--buckets", type=int, default=16,
-                        help="customer buckets; size them so that one bucket fits a worker many times over")
-    parser.add_argument("--row-group-mb", type=float, default=64, help="target uncompressed row group size")
+    pipeline.add_parameters(parser, "repartitioned")
     cluster.add_arguments(parser)
-    args = parser.parse_args()
-    if not 1 <= args.buckets <= 99999:
-        raise UserError(f"--buckets {args.buckets}: must be between 1 and 99999")
-    if args.row_group_mb <= 0:
-        raise UserError(f"--row-group-mb {args.row_group_mb}: must be positive")
-    return args
+    return parser.parse_args()
 
 
 @entrypoint
 def main():
     args = parse_args()
     stage.require_stage(args.data, "merged")
-    parameters = {"buckets": args.buckets, "row_group_mb": args.row_group_mb, "bucket_hash": BUCKET_HASH}
+    parameters = {**pipeline.asked_parameters(args, "repartitioned"), "bucket_hash": BUCKET_HASH}
     inputs = [stage.stage_input(args.data, "merged")]
 
     with cluster.connect(args) as client, stage.publish(args.data, "repartitioned", parameters, inputs) as run:

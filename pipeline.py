@@ -1,0 +1,132 @@
+"""The pipeline as a whole: what state each stage is in, re-running what is out of date, reclaiming space.
+
+    python pipeline.py status                      # each stage: complete / stale / missing, rows, size, when
+    python pipeline.py run                         # run the stages in order, skipping complete ones
+    python pipeline.py run --from repartitioned    # re-run one stage (after a fix), then whatever that makes stale
+    python pipeline.py clean merged                # delete an intermediate folder no later stage still needs
+    python pipeline.py clean leftovers             # delete temporary folders left by killed runs
+
+Reads   --data (default data): merged/, repartitioned/, cleaned/, processed/ and their _stage.json;
+        --raw (default data/raw), to tell whether the raw files changed; --preprocessors (default preprocessors)
+Writes  `run`: what the stage scripts write; `clean`: deletes one folder.
+Stage parameters (--buckets, --max-history, ...) are the stage scripts' flags. Given, a stage made with other
+values is stale and `run` remakes it with them; not given, a stage keeps what it was made with.
+"""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from recpipe import cluster, pipeline, stage
+from recpipe.cli import UserError, entrypoint
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default="data", help="folder holding the stage folders")
+    common.add_argument("--raw", default="data/raw", help="the raw files merge_and_clean.py reads")
+    common.add_argument("--preprocessors", default="preprocessors", help="where preprocess.py saves encoders")
+    for name in pipeline.STAGES:
+        pipeline.add_parameters(common, name, defaults=False)
+    cluster.add_arguments(common)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean}")
+    commands.add_parser("status", parents=[common], help="the state of every stage, and what may be deleted")
+    run = commands.add_parser("run", parents=[common], help="run the stages that are missing or stale, in order")
+    run.add_argument("--from", dest="start", choices=pipeline.STAGES, default=None,
+                     help="run this stage even if complete, then every later stage that is then not complete")
+    clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
+    clean.add_argument("target", choices=[*pipeline.STAGES[:-1], "leftovers"], metavar="STAGE",
+                       help=f"one of {', '.join(pipeline.STAGES[:-1])}, or leftovers (temporary folders of killed runs)")
+    return parser.parse_args()
+
+
+def inspect(args):
+    asked = {name: pipeline.asked_parameters(args, name) for name in pipeline.STAGES}
+    return pipeline.inspect(args.data, args.raw, asked)
+
+
+def print_status(args):
+    states = inspect(args)
+    print(f"pipeline in {args.data}/ (raw files: {args.raw}/)")
+    print(pipeline.format_status(states, args.data, pipeline.all_leftovers(args.data, args.preprocessors),
+                                 pipeline.preprocessors_state(states, args.preprocessors)), flush=True)
+
+
+def stage_command(args, states, name):
+    """The command line that runs one stage's script with its parameters and the cluster asked of the pipeline."""
+    command = [sys.executable, str(ROOT / stage.SCRIPTS[name]), "--data", args.data]
+    if name == "merged":
+        command += ["--raw", args.raw]
+    if name == "processed":
+        command += ["--preprocessors", args.preprocessors]
+    asked = pipeline.asked_parameters(args, name)
+    command += pipeline.parameter_flags(pipeline.parameters_to_run(states, name, asked))
+    for flag in ("scheduler", "workers", "memory_limit"):
+        if getattr(args, flag) is not None:
+            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return command + ["--threads-per-worker", str(args.threads_per_worker)]
+
+
+def run_stage(command):
+    """Run a stage script in the foreground; Ctrl-C or SIGTERM reaches it, so it removes its staging folder."""
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        process.wait()
+        raise
+
+
+def run(args):
+    forced = args.start
+    ran = set()
+    while True:
+        states = inspect(args)
+        to_run = pipeline.stages_to_run(states, forced)
+        if not to_run:
+            break
+        name = to_run[0]
+        if name in ran:
+            state = states[pipeline.STAGES.index(name)]
+            raise RuntimeError(f"{name}/ is still {state.state} after running {state.script} "
+                               f"({'; '.join(state.reasons)}): this is a bug")
+        state = states[pipeline.STAGES.index(name)]
+        why = "asked with --from" if name == forced else f"{state.state}" + (
+            f": {'; '.join(state.reasons)}" if state.reasons else "")
+        print(f"\n=== {name}/ ({why}): python {state.script}", flush=True)
+        status = run_stage(stage_command(args, states, name))
+        if status != 0:
+            raise SystemExit(f"error: {state.script} failed (exit status {status}); the stages after it were not "
+                             f"run. Fix what it says, then `python pipeline.py run` again")
+        ran.add(name)
+        forced = None if name == forced else forced
+    skipped = [name for name in pipeline.STAGES if name not in ran]
+    print(f"\n=== ran {', '.join(ran_name + '/' for ran_name in pipeline.STAGES if ran_name in ran) or 'nothing'}"
+          f"; up to date or not needed: {', '.join(name + '/' for name in skipped) or 'none'}\n")
+    print_status(args)
+
+
+@entrypoint
+def main():
+    args = parse_args()
+    if args.command == "status":
+        print_status(args)
+    elif args.command == "run":
+        run(args)
+    elif args.target == "leftovers":
+        removed = pipeline.remove_leftovers(args.data, args.preprocessors)
+        print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")
+    else:
+        freed = pipeline.remove(inspect(args), args.target)
+        print(f"deleted {Path(args.data) / args.target}/, gave back {pipeline.mib(freed)}")
+        print_status(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The pipeline as a whole: each stage's parameters, its state, what may be deleted, what must run.
+
+A stage's folder under --data is in one of these states:
+
+- complete:      published, made from what is there now (raw files and earlier stages,
+                 by their fingerprints in its `lineage`) with the parameters asked;
+- stale:         published, but an earlier stage was re-run since with a different
+                 result, the raw files changed, an earlier stage is itself stale, or its
+                 parameters differ from those asked (the reasons say which);
+- cleaned away:  deleted after a later stage that was made from it completed;
+- missing:       never made (or deleted while a later stage still needed it);
+- incomplete:    a folder without a manifest (not made by a stage of this pipeline).
+
+Staleness is judged by content: a stage re-run on the same input with the same
+parameters writes the same bytes, so everything made from it stays complete.
+"""
+
+import argparse
+import dataclasses
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from recpipe import encoders, stage
+from recpipe.cli import UserError
+from recpipe.raw import SOURCES, list_source_files
+
+STAGES = list(stage.SCRIPTS)  # merged, repartitioned, cleaned, processed: the order they run in
+FINAL = STAGES[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A flag of a stage that decides its output, and so is recorded in its manifest."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    low: float = None      # smallest allowed
+    above: float = None    # exclusive lower bound
+    high: float = None     # largest allowed
+    choices: tuple = None
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, text):
+        try:
+            value = self.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.type is int else ' number'}")
+        for bound, broken, words in ((self.low, lambda b: value < b, "at least"),
+                                     (self.above, lambda b: value <= b, "more than"),
+                                     (self.high, lambda b: value > b, "at most")):
+            if bound is not None and broken(bound):
+                raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {text}")
+        return value
+
+
+# Every stage's parameters, in one place: its script's flags, and what `pipeline.py` asks for.
+PARAMETERS = {
+    "merged": [
+        Parameter("test_days", int, 1, "latest impression days labelled test", low=0),
+        Parameter("val_days", int, 1, "days before those labelled val", low=0),
+        Parameter("train_days", int, 14, "days before those labelled train", low=0),
+    ],
+    "repartitioned": [
+        Parameter("buckets", int, 16, "customer buckets; size them so that one bucket fits a worker many times over",
+                  low=1, high=99999),
+        Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size", above=0),
+    ],
+    "cleaned": [],
+    "processed": [
+        Parameter("lookback_days", int, 365, "history window before the impression day", low=1),
+        Parameter("max_history", int, 1000, "most recent actions kept per history", low=1),
+        Parameter("sample_frac", float, 0.2, "share of train examples to fit on, in (0, 1]", above=0, high=1),
+        Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1),
+        Parameter("seed", int, 0, "seed of the fitting sample"),
+        Parameter("layout", str, "compact", "compact (histories once per customer and day) or wide",
+                  choices=("compact", "wide")),
+    ],
+}
+
+
+def add_parameters(parser, name, defaults=True):
+    """Add one stage's parameter flags to a parser, as a group titled by its script.
+
+    defaults=False leaves a flag that is not given as None: pipeline.py then compares
+    and changes only what was asked, and otherwise keeps what a stage was made with.
+    """
+    group = parser.add_argument_group(f"{stage.SCRIPTS[name]} parameters")
+    for parameter in PARAMETERS[name]:
+        kind = str if parameter.choices else parameter.parse
+        default = f"{parameter.default}" if defaults else f"what the stage was made with, else {parameter.default}"
+        group.add_argument(parameter.flag, type=kind, default=parameter.default if defaults else None,
+                           choices=parameter.choices, help=f"{parameter.help} (default: {default})")
+
+
+def asked_parameters(args, name):
+    """One stage's parameters that were given (all of them in a stage script, which has defaults)."""
+    return {parameter.name: getattr(args, parameter.name) for parameter in PARAMETERS[name]
+            if getattr(args, parameter.name) is not None}
+
+
+def parameters_to_run(states, name, asked):
+    """What a stage is (re)made with: the flags asked, else what it was last made with, else the defaults.
+
+    "Last made with" is its own manifest, or, once it was cleaned away, the lineage
+    recorded by a later stage: a re-run after a fix does not quietly change parameters.
+    """
+    index = STAGES.index(name)
+    recorded = {}
+    if states[index].manifest:
+        recorded = states[index].manifest.get("parameters", {})
+    else:
+        for later in states[index + 1:]:
+            if later.manifest and name in later.manifest.get("lineage", {}):
+                recorded = later.manifest["lineage"][name].get("parameters", {})
+                break
+    defaults = {parameter.name: parameter.default for parameter in PARAMETERS[name]}
+    return {**defaults, **{key: value for key, value in recorded.items() if key in defaults}, **asked}
+
+
+def parameter_flags(parameters):
+    """Parameters back as command-line flags, to run a stage's script with them."""
+    return [text for name, value in parameters.items() for text in ("--" + name.replace("_", "-"), str(value))]
+
+
+@dataclasses.dataclass
+class StageState:
+    name: str
+    state: str                # complete, stale, cleaned away, missing, incomplete
+    reasons: list
+    path: Path
+    manifest: dict = None
+    bytes: int = 0
+
+    @property
+    def script(self):
+        return stage.SCRIPTS[self.name]
+
+    @property
+    def rows(self):
+        """Rows per table of the output (tables starting with `_` are bookkeeping: quarantine, preprocessors)."""
+        tables = (self.manifest or {}).get("tables", {})
+        return {table: described["rows"] for table, described in tables.items() if not table.startswith("_")}
+
+
+def raw_fingerprint(raw_dir):
+    """The raw files' fingerprint as merge_and_clean.py records it, or None where they cannot be listed."""
+    try:
+        files = [path for source in SOURCES for path in list_source_files(raw_dir, source)]
+    except UserError:
+        return None
+    return stage.raw_input(raw_dir, files)["fingerprint_sha256"]
+
+
+def inspect(data_dir, raw_dir, asked):
+    """The state of every stage under data_dir, in order. `asked`: {stage: {parameter: value}}."""
+    data_dir = Path(data_dir)
+    manifests = {}
+    for name in STAGES:
+        if (data_dir / name / stage.MANIFEST).is_file():
+            manifests[name] = stage.read_manifest(data_dir / name)
+    raw = raw_fingerprint(raw_dir)
+    states = []
+    for index, name in enumerate(STAGES):
+        path = data_dir / name
+        if name not in manifests:
+            later_made_from_it = any(name in manifests[later].get("lineage", {}) for later in STAGES[index + 1:]
+                                     if later in manifests)
+            state = ("incomplete" if path.exists() else "cleaned away" if later_made_from_it else "missing")
+            reasons = ["a folder without _stage.json: not the output of a finished stage"] if path.exists() else []
+            states.append(StageState(name, state, reasons, path, bytes=stage.folder_bytes(path) if path.exists() else 0))
+            continue
+        manifest = manifests[name]
+        reasons = _stale_reasons(manifest, states, manifests, raw, raw_dir, asked.get(name, {}))
+        states.append(StageState(name, "stale" if reasons else "complete", reasons, path, manifest,
+                                 stage.folder_bytes(path)))
+    return states
+
+
+def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
+    made_of = manifest.get("lineage")
+    if made_of is None or not manifest.get("output_sha256"):
+        return ["made by an older version of the pipeline that recorded no fingerprints: run it again"]
+    reasons = []
+    if "raw" in made_of and raw is not None and raw != made_of["raw"]["fingerprint_sha256"]:
+        reasons.append(f"the raw files under {raw_dir}/ changed since it was made")
+    for earlier in earlier_states:
+        if earlier.state == "stale":
+            reasons.append(f"{earlier.name}/ is stale")
+            break  # the first stale stage is the cause; those after it say so too
+        if earlier.name in manifests and (manifests[earlier.name]["output_sha256"]
+                                          != made_of.get(earlier.name, {}).get("output_sha256")):
+            reasons.append(f"{earlier.name}/ was re-run since, with a different result")
+    recorded = manifest.get("parameters", {})
+    for name, value in asked.items():
+        if recorded.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            reasons.append(f"made with {flag} {recorded.get(name)}, asked {flag} {value}")
+    return reasons
+
+
+def needed_by(states, name):
+    """Why a stage folder must be kept (a later stage would be rebuilt from it), or None if it may go."""
+    index = STAGES.index(name)
+    if name == FINAL:
+        return f"{name}/ is the pipeline's output: train.py reads it"
+    for later in states[index + 1:]:
+        if later.state == "cleaned away":
+            continue  # a stage after it was made from it, and is what matters
+        if later.state == "complete":
+            return None
+        return f"{later.name}/ is {later.state} and would be rebuilt from {name}/"
+    return None
+
+
+def deletable(states):
+    """The intermediate stage folders that can be deleted now without losing anything still needed."""
+    return [state for state in states if state.path.exists() and needed_by(states, state.name) is None]
+
+
+def stages_to_run(states, forced=None):
+    """The stages `run` must run, in order: the last stage unless complete, the forced one, and, walking
+    back from each, every input of theirs that is not complete (missing, cleaned away or stale)."""
+    must = set()
+    for target in [FINAL] + ([forced] if forced else []):
+        index = STAGES.index(target)
+        while index >= 0 and (states[index].state != "complete" or STAGES[index] == forced):
+            must.add(STAGES[index])
+            index -= 1
+    return [name for name in STAGES if name in must]
+
+
+def all_leftovers(data_dir, preprocessors_dir):
+    """Temporary folders of stage runs: [(path, abandoned)]; abandoned ones were left by killed runs."""
+    found = [leftover for name in STAGES for leftover in stage.leftovers(data_dir, name)]
+    preprocessors_staging = Path(preprocessors_dir).with_name(f".{Path(preprocessors_dir).name}.staging")
+    if preprocessors_staging.exists():
+        found.append((preprocessors_staging, True))  # preprocess.py removes it at start and end
+    return found
+
+
+def remove_leftovers(data_dir, preprocessors_dir):
+    """Delete the temporary folders killed runs left behind; return what was deleted."""
+    removed = []
+    for path, abandoned in all_leftovers(data_dir, preprocessors_dir):
+        if abandoned:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def preprocessors_state(states, preprocessors_dir):
+    """Whether preprocessors/ is the one processed/ was made with (train.py refuses any other)."""
+    processed = states[-1]
+    if processed.manifest is None:
+        return None
+    try:
+        matches = encoders.fingerprint(preprocessors_dir) == processed.manifest.get("preprocessors_sha256")
+    except UserError:
+        return f"{preprocessors_dir}/ is missing: run `python pipeline.py run --from processed` (train.py needs it)"
+    if matches:
+        return f"{preprocessors_dir}/ was fitted with processed/: train.py can run"
+    return (f"{preprocessors_dir}/ was not fitted with processed/: train.py refuses it; "
+            "run `python pipeline.py run --from processed`")
+
+
+def remove(states, name):
+    """Delete an intermediate stage folder, refusing (UserError, with the reason) when it is still needed."""
+    if name not in STAGES:
+        raise UserError(f"clean {name}: not a stage; choose one of {', '.join(STAGES)} (or `leftovers`)")
+    state = states[STAGES.index(name)]
+    if not state.path.exists():
+        raise UserError(f"{state.path}/ does not exist: nothing to delete")
+    reason = needed_by(states, name)
+    if reason:
+        raise UserError(f"{state.path}/ is still needed: {reason}; run the later stages first "
+                        "(`python pipeline.py run`), then clean it")
+    shutil.rmtree(state.path)
+    return state.bytes
+
+
+def mib(size):
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def format_status(states, data_dir, leftovers, preprocessors_line):
+    """The status report: one line per stage, then what may be deleted and what was left behind."""
+    lines = [f"{'stage':<16}{'state':<14}{'size':>13}  {'finished (UTC)':<18}{'made by'}"]
+    for state in states:
+        finished = ""
+        if state.manifest:
+            finished = dt.datetime.fromisoformat(state.manifest["finished_at"]).strftime("%Y-%m-%d %H:%M")
+        size = mib(state.bytes) if state.path.exists() else "-"
+        lines.append(f"{state.name + '/':<16}{state.state:<14}{size:>13}  {finished:<18}{state.script}")
+        if state.rows:
+            lines.append(" " * 16 + "rows: " + ", ".join(f"{table} {rows:,}" for table, rows in state.rows.items()))
+        for reason in state.reasons:
+            lines.append(" " * 16 + f"why: {reason}")
+        if state.state in ("missing", "stale", "incomplete") and state.name in stages_to_run(states):
+            lines.append(" " * 16 + f"run: python {state.script} (or python pipeline.py run)")
+    if preprocessors_line:
+        lines.append(preprocessors_line)
+    free = deletable(states)
+    if free:
+        lines.append(f"can be deleted now, giving back {mib(sum(state.bytes for state in free))}:")
+        lines.extend(f"  python pipeline.py clean {state.name:<14}# {mib(state.bytes)}" for state in free)
+    else:
+        lines.append("nothing can be deleted now without losing what a later stage still needs")
+    for path, abandoned in leftovers:
+        owner = ("left by a killed run: `python pipeline.py clean leftovers` (or the stage's next run) removes it"
+                 if abandoned else "a run in progress, or another host's: not touched")
+        lines.append(f"temporary folder {path} ({mib(stage.folder_bytes(path))}): {owner}")
+    return "\n".join(lines)
