@@ -19,6 +19,9 @@ from recpipe.raw import FIELDS
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
 
 INT64_MAX = 2**63 - 1
+# Dates and times must lie in years 1 … 9999, the range every downstream tool (Python's datetime) can hold.
+FIRST_INSTANT = pd.Timestamp("0001-01-01T00:00:00Z").as_unit("us")
+LAST_INSTANT = pd.Timestamp("9999-12-31T23:59:59.999999Z").as_unit("us")
 OPTIONAL = {"user_agent", "simple_id"}
 IDS = ("customer_id", "item_id", "config_id", "simple_id")
 DATES = ("dt", "order_date")
@@ -77,17 +80,64 @@ def _text(values):
     return values.where(values.map(type).to_numpy() == str)
 
 
+def _in_calendar(parsed):
+    """NaT outside years 1 … 9999: pandas parses year 0 (and an offset can reach it or year 10000), Python cannot."""
+    return parsed.where((parsed >= FIRST_INSTANT) & (parsed <= LAST_INSTANT))
+
+
 def parse_dates(values):
     """Strict YYYY-MM-DD (pandas alone would accept 2024-3-1) -> midnight UTC; NaT where invalid."""
     text = _text(values)
     text = text.where(text.str.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}").fillna(False).astype(bool))
-    return pd.to_datetime(text, format="%Y-%m-%d", utc=True, errors="coerce").astype("datetime64[us, UTC]")
+    return _in_calendar(pd.to_datetime(text, format="%Y-%m-%d", utc=True, errors="coerce").astype("datetime64[us, UTC]"))
 
 
 def parse_timestamps(values):
     """ISO 8601 -> UTC (an offset is converted; none means UTC), truncated to microseconds; NaT where invalid."""
-    parsed = pd.to_datetime(_text(values), format="ISO8601", utc=True, errors="coerce")
-    return parsed.dt.as_unit("us")
+    text = _text(values)
+    parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+    if parsed.dt.unit == "ns":
+        # One string with nanoseconds makes pandas parse the whole column in ns, which cannot hold years
+        # outside 1677-2262: those came out NaT. Parse them again at microseconds, so that a row's fate
+        # does not depend on its neighbours.
+        again = parsed.isna().to_numpy() & text.notna().to_numpy()
+        parsed = parsed.dt.as_unit("us")
+        if again.any():
+            retry = text[again].str.replace(r"(\.[0-9]{6})[0-9]+", r"\1", regex=True)
+            parsed[again] = pd.to_datetime(retry, format="ISO8601", utc=True, errors="coerce").dt.as_unit("us")
+    return _in_calendar(parsed.dt.as_unit("us"))
+
+
+def json_text(value):
+    """`value` as compact JSON text, however deeply nested (anything JSON lacks, such as bytes, as its str()).
+
+    orjson encodes at most 254 levels of nesting, while a JSON line may hold up to 1024 (orjson's
+    decoding limit); deeper values are written level by level here, with no recursion at all.
+    """
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:
+        pass
+    pieces, stack = [], [(False, value)]
+    while stack:
+        literal, item = stack.pop()
+        if literal:
+            pieces.append(item)
+        elif isinstance(item, (list, tuple, dict)):
+            is_dict = isinstance(item, dict)
+            children = list(item.items()) if is_dict else list(item)
+            stack.append((True, "}" if is_dict else "]"))
+            for i in range(len(children) - 1, -1, -1):
+                key, child = children[i] if is_dict else (None, children[i])
+                stack.append((False, child))
+                if is_dict:
+                    stack.append((True, orjson.dumps(str(key)).decode() + ":"))
+                if i:
+                    stack.append((True, ","))
+            stack.append((True, "{" if is_dict else "["))
+        else:
+            pieces.append(orjson.dumps(item, default=str).decode())
+    return "".join(pieces)
 
 
 def _as_text(values):
@@ -95,7 +145,7 @@ def _as_text(values):
     text = values.copy()
     other = (values.map(type).to_numpy() != str) & ~values.isna().to_numpy()
     if other.any():
-        text[other] = [orjson.dumps(value).decode() for value in values[other]]
+        text[other] = [json_text(value) for value in values[other]]
     return text
 
 
@@ -147,7 +197,7 @@ def _raw_text(frame, source):
         elif isinstance(raw, str):
             texts.append(raw)
         else:
-            texts.append(orjson.dumps(dict(zip(fields, values)), default=str).decode())
+            texts.append(json_text(dict(zip(fields, values))))
     return texts
 
 
@@ -212,8 +262,8 @@ def clean_impressions(frame, source_file):
         source_file,
         shown["row"].to_numpy()[bad_entries],
         ["bad_item"] * len(bad_entries),
-        [orjson.dumps({"ranking_id": shown["ranking_id"].iat[i], "position": int(position[i]), "entry": entries[i]},
-                      default=str).decode() for i in bad_entries],
+        [json_text({"ranking_id": shown["ranking_id"].iat[i], "position": int(position[i]), "entry": entries[i]})
+         for i in bad_entries],
     )
     return shown[good].reset_index(drop=True), set_aside_rows(frame, reasons, "impressions", source_file), bad_items
 

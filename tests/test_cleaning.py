@@ -103,3 +103,37 @@ def test_split_days_counts_calendar_days_back_from_the_latest():
     assert split_days(days, test_days=1, val_days=2, train_days=2) == {
         dt.date(2024, 3, 1): "unused", dt.date(2024, 3, 2): "unused", dt.date(2024, 3, 3): "train",
         dt.date(2024, 3, 5): "val", dt.date(2024, 3, 6): "val", dt.date(2024, 3, 7): "test"}
+
+
+def test_clean_impressions_keeps_text_and_entries_nested_deeper_than_orjson_writes():
+    deep = 1
+    for _ in range(300):  # orjson encodes at most 254 levels; a JSON line may hold up to 1024
+        deep = [deep]
+    frame = rows(("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
+                 {"dt": "2024-03-01", "ranking_id": "r1", "customer_id": 5, "user_agent": deep,
+                  "impressions": [{"item_id": 1, "is_order": False}, {"item_id": deep, "is_order": True}]})
+    shown, rankings_set_aside, items_set_aside = clean_impressions(frame, "f.jsonl")
+    assert shown.user_agent.tolist() == ["[" * 300 + "1" + "]" * 300]
+    assert rankings_set_aside.empty
+    assert items_set_aside.reason.tolist() == ["bad_item"]
+    assert items_set_aside.raw[0].endswith('"entry":{"item_id":' + "[" * 300 + "1" + "]" * 300 + ',"is_order":true}}')
+
+
+def test_parse_dates_and_timestamps_reject_years_outside_1_to_9999():
+    dates = parse_dates(pd.Series(["0000-01-01", "0001-01-01", "9999-12-31"], dtype=object))
+    assert dates.isna().tolist() == [True, False, False]
+    times = parse_timestamps(pd.Series(["0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00",
+                                        "0001-01-01T00:00:00Z"], dtype=object))
+    assert times.isna().tolist() == [True, True, False]
+    frame = rows(("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
+                 {"dt": "0000-01-01", "ranking_id": "r", "customer_id": 1, "impressions": []})
+    assert clean_impressions(frame, "f.jsonl")[1].reason.tolist() == ["bad_time:dt"]
+
+
+def test_parse_timestamps_judges_a_row_whatever_its_neighbours():
+    alone = parse_timestamps(pd.Series(["9999-03-01T10:00:00Z"], dtype=object))
+    # one value with nanoseconds made pandas parse the column in ns, which cannot hold year 9999
+    beside_nanoseconds = parse_timestamps(pd.Series(["9999-03-01T10:00:00Z", "2024-03-01T10:00:00.123456789"],
+                                                    dtype=object))
+    assert beside_nanoseconds.tolist() == [alone[0], pd.Timestamp("2024-03-01T10:00:00.123456Z")]
+    assert str(beside_nanoseconds.dtype) == "datetime64[us, UTC]"
