@@ -6,16 +6,20 @@ whatever the file format was. A line that does not even decode is marked `malfor
 here; everything else is judged there.
 """
 
+import codecs
 import csv
 import gzip
 import io
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -87,6 +91,8 @@ def read_rows(path, source):
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
+    if data.startswith(codecs.BOM_UTF8):  # a byte order mark names the encoding; it is not part of the first row
+        data = data[len(codecs.BOM_UTF8):]
     fmt = file_format(path)
     if fmt == ".jsonl":
         return _read_json_lines(data, fields)
@@ -129,21 +135,37 @@ def _read_json_lines(data, fields):
     return RawRows(_frame(rows, lines, malformed, columns, fields), extra)
 
 
+BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is not a row
+_NON_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")
+_LINE_END = re.compile(rb"\r\n?|\n")
+
+
 def _read_csv(data, fields, path):
-    if not data.strip():
+    first = _NON_BLANK.search(data)
+    if first is None:
         return RawRows(_frame([], [], [], {}, fields))
-    header = next(csv.reader(io.StringIO(data.split(b"\n", 1)[0].decode("utf-8", "replace"))))
-    invalid = []
+    start = max(data.rfind(b"\n", 0, first.start()), data.rfind(b"\r", 0, first.start())) + 1
+    if start:  # blank lines before the header
+        data = data[start:]
+    end = _LINE_END.search(data)
+    header = _csv_header(data[:end.start()] if end else data, path)
+    if end is None or not _NON_BLANK.search(data, end.end()):  # the header alone (pyarrow refuses one with no line end)
+        return RawRows(_frame([], [], [], {}, fields), set(header) - set(fields))
+    marker = None
+    if not (data.isascii() or _is_utf8(data)):
+        marker, data = _mark_invalid_utf8(data)
+    invalid, blank = [], []
 
     def set_aside(row):
-        invalid.append(row)
+        (invalid if row.text.strip(BLANK) else blank).append(row)  # a line of spaces is blank, as in JSON Lines
         return "skip"
 
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
-            # Single-threaded so that pyarrow numbers the invalid rows it hands us.
-            read_options=pacsv.ReadOptions(use_threads=False),
+            # Single-threaded so that pyarrow numbers the invalid rows it hands us; one block for the
+            # whole file (it is in memory already) so that no field is too long for a block.
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=min(max(len(data) + 1, 1 << 20), 1 << 30)),
             parse_options=pacsv.ParseOptions(invalid_row_handler=set_aside),
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in header}, strings_can_be_null=False,
@@ -151,23 +173,69 @@ def _read_csv(data, fields, path):
         )
     except pa.ArrowInvalid as error:
         raise UserError(f"{path}: not readable as CSV with a header row ({error})") from None
-    # pyarrow numbers rows from 1 at the header; ours count data rows from 1.
+    # pyarrow numbers rows from 1 at the header, leaving out empty lines; ours count data rows from 1.
     bad_rows = sorted(row.number - 1 for row in invalid)
-    good_rows = sorted(set(range(1, table.num_rows + len(invalid) + 1)) - set(bad_rows))
+    good_rows = sorted(set(range(1, table.num_rows + len(invalid) + len(blank) + 1)) - set(bad_rows)
+                       - {row.number - 1 for row in blank})
+    malformed = np.zeros(table.num_rows, dtype=bool)
+    if marker is not None:  # a row with invalid UTF-8 anywhere is malformed, like a JSON line with it
+        for column in table.columns:
+            malformed |= pc.match_substring(column, marker).to_numpy(zero_copy_only=False)
+        table = pa.table([pc.replace_substring(column, marker, "\ufffd") for column in table.columns],
+                         names=table.column_names)
     columns = {name: table.column(name).to_pylist() for name in fields if name in table.column_names}
-    good = _frame(good_rows, [None] * table.num_rows, [False] * table.num_rows, columns, fields)
-    bad = _frame(bad_rows, [row.text for row in sorted(invalid, key=lambda row: row.number)],
-                 [True] * len(invalid), {}, fields)
+    good = _frame(good_rows, [None] * table.num_rows, malformed, columns, fields)
+    bad_text = [row.text for row in sorted(invalid, key=lambda row: row.number)]
+    if marker is not None:
+        bad_text = [text.replace(marker, "\ufffd") for text in bad_text]
+    bad = _frame(bad_rows, bad_text, [True] * len(invalid), {}, fields)
     frame = pd.concat([good, bad], ignore_index=True).sort_values("row", kind="stable", ignore_index=True)
     return RawRows(frame, set(table.column_names) - set(fields))
 
 
+def _csv_header(line, path):
+    """The column names of a CSV header line; a header we cannot read unambiguously stops the stage."""
+    try:
+        header = next(csv.reader([line.decode("utf-8")]), [])
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: the header row is not valid UTF-8 ({error}); save the file as UTF-8") from None
+    except csv.Error as error:
+        raise UserError(f"{path}: the header row is not valid CSV ({error}); fix the first line") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: the header row names {', '.join(map(repr, repeated))} more than once, so its "
+                        "rows are ambiguous; rename or remove the repeated column")
+    return header
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _mark_invalid_utf8(data):
+    """(marker, data): every invalid byte replaced by a character the file does not hold, so pyarrow can
+    parse the rest and the rows that held one can be found; the marker is U+FFFD where that is free."""
+    text = data.decode("utf-8", "surrogateescape")
+    marker = next(char for char in ("\ufffd", *map(chr, range(0xE000, 0xF900))) if char not in text)
+    return marker, re.sub("[\udc80-\udcff]", marker, text).encode("utf-8")
+
+
 def _read_parquet(data, fields, path):
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowInvalid, OSError) as error:
         raise UserError(f"{path}: not a readable Parquet file ({error}); replace or remove the file") from None
+    repeated = sorted({name for name in table.column_names if name in fields and table.column_names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: the schema names {', '.join(map(repr, repeated))} more than once, so its rows "
+                        "are ambiguous; rewrite the file with one column of each name")
+    n = table.num_rows
     columns = {}
+    malformed = np.zeros(n, dtype=bool)
     for name in fields:
         if name not in table.column_names:
             continue
@@ -175,7 +243,15 @@ def _read_parquet(data, fields, path):
         # Dates and timestamps are judged like JSON/CSV text, by the same parser.
         if pa.types.is_temporal(column.type):
             column = column.cast(pa.string())
+        # Some writers store text as plain binary; it is text when it is UTF-8.
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            try:
+                column = column.cast(pa.string())
+            except pa.ArrowInvalid:  # a value that is not UTF-8 makes its row malformed, as in JSON and CSV
+                values = column.to_pylist()
+                malformed |= np.array([value is not None and not _is_utf8(value) for value in values], dtype=bool)
+                columns[name] = [value if value is None else value.decode("utf-8", "replace") for value in values]
+                continue
         columns[name] = column.to_pylist()
-    n = table.num_rows
-    return RawRows(_frame(range(1, n + 1), [None] * n, [False] * n, columns, fields),
+    return RawRows(_frame(range(1, n + 1), [None] * n, malformed, columns, fields),
                    set(table.column_names) - set(fields))

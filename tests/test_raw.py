@@ -83,3 +83,74 @@ def test_raw_corrupt_gzip_is_a_user_error_naming_the_file(tmp_path):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match="c.jsonl.gz: cannot be read or decompressed"):
         read_rows(path, "clicks")
+
+
+def test_raw_csv_invalid_utf8_makes_only_its_row_malformed(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"dt,customer_id,config_id,occur_at\n2024-03-01,1,2,2024-03-01\n"
+                     b"2024-03-01,1\xff,2,2024-03-01\n1,\xfe\n2024-03-01,3,4,2024-03-01\n")
+    frame = read_rows(path, "add_to_carts").frame
+    assert frame.row.tolist() == [1, 2, 3, 4]
+    assert frame.malformed.tolist() == [False, True, True, False]
+    assert frame.customer_id.tolist() == ["1", "1\ufffd", None, "3"]
+    assert frame.raw[2] == "1,\ufffd"
+
+
+def test_raw_csv_reads_a_field_longer_than_pyarrows_block(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"dt,customer_id,config_id,occur_at\n2024-03-01," + b"9" * 3_000_000 + b",2,2024-03-01\n")
+    assert len(read_rows(path, "add_to_carts").frame.customer_id[0]) == 3_000_000
+
+
+def test_raw_csv_header_survives_bom_cr_line_ends_and_blank_lines(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"\xef\xbb\xbf\r  \rdt,customer_id,config_id,occur_at\r2024-03-01,1,2,2024-03-01\r \t \r"
+                     b"2024-03-01,3,4,2024-03-01\r")
+    frame = read_rows(path, "add_to_carts").frame
+    assert frame.dt.tolist() == ["2024-03-01", "2024-03-01"]  # "dt", not "\ufeffdt" read as a date
+    assert frame.row.tolist() == [1, 3]  # the line of spaces is blank, not a malformed row
+    assert not frame.malformed.any()
+
+
+def test_raw_csv_header_without_a_line_end_has_no_rows(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("dt,customer_id,config_id,occur_at,extra")
+    rows = read_rows(path, "add_to_carts")
+    assert len(rows.frame) == 0
+    assert rows.extra_fields == {"extra"}
+
+
+def test_raw_csv_header_that_is_not_utf8_is_a_user_error_naming_the_file(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"dt,customer_\xffid\n2024-03-01,1\n")
+    with pytest.raises(UserError, match=r"a\.csv: the header row is not valid UTF-8"):
+        read_rows(path, "add_to_carts")
+
+
+@pytest.mark.parametrize("name", ["a.csv", "a.parquet"])
+def test_raw_repeated_column_is_a_user_error_naming_it(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("dt,customer_id,customer_id\n2024-03-01,1,x\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array(["2024-03-01"]), pa.array([1]), pa.array(["x"])],
+                                            names=["dt", "customer_id", "customer_id"]), path)
+    with pytest.raises(UserError, match=rf"{name}: .*'customer_id' .*more than once"):
+        read_rows(path, "clicks")
+
+
+def test_raw_json_lines_skip_a_byte_order_mark(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"customer_id": 1}\n')
+    frame = read_rows(path, "clicks").frame
+    assert frame.malformed.tolist() == [False]
+    assert frame.customer_id.tolist() == [1]
+
+
+def test_raw_parquet_binary_columns_are_text_and_invalid_utf8_is_malformed(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"dt": pa.array([b"2024-03-01", b"2024-03-01\xff", None], pa.binary()),
+                             "customer_id": [1, 2, 3]}), path)
+    frame = read_rows(path, "clicks").frame
+    assert frame.dt.tolist() == ["2024-03-01", "2024-03-01\ufffd", None]
+    assert frame.malformed.tolist() == [False, True, False]
