@@ -190,12 +190,14 @@ def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
     if "raw" in made_of and raw is not None and raw != made_of["raw"]["fingerprint_sha256"]:
         reasons.append(f"the raw files under {raw_dir}/ changed since it was made")
     for earlier in earlier_states:
+        # The first earlier stage that differs is the cause; every stage after it says the same.
         if earlier.state == "stale":
             reasons.append(f"{earlier.name}/ is stale")
-            break  # the first stale stage is the cause; those after it say so too
+            break
         if earlier.name in manifests and (manifests[earlier.name]["output_sha256"]
                                           != made_of.get(earlier.name, {}).get("output_sha256")):
             reasons.append(f"{earlier.name}/ was re-run since, with a different result")
+            break
     recorded = manifest.get("parameters", {})
     for name, value in asked.items():
         if recorded.get(name) != value:
@@ -214,6 +216,8 @@ def needed_by(states, name):
             continue  # a stage after it was made from it, and is what matters
         if later.state == "complete":
             return None
+        if states[index].state == "stale":
+            return f"{name}/ is stale, and so is {later.name}/: keep it until the stages after it are complete again"
         return f"{later.name}/ is {later.state} and would be rebuilt from {name}/"
     return None
 
@@ -302,7 +306,7 @@ def format_status(states, data_dir, leftovers, preprocessors_line):
         for reason in state.reasons:
             lines.append(" " * 16 + f"why: {reason}")
         if state.state in ("missing", "stale", "incomplete") and state.name in stages_to_run(states):
-            lines.append(" " * 16 + f"run: python {state.script} (or python pipeline.py run)")
+            lines.append(" " * 16 + f"to make it: python pipeline.py run (same flags), which runs {state.script}")
     if preprocessors_line:
         lines.append(preprocessors_line)
     free = deletable(states)

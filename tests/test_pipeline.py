@@ -1,0 +1,233 @@
+"""pipeline.py: stage states judged by fingerprints and parameters, what may be deleted, what must run."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from conftest import run_script
+from recpipe import pipeline, stage
+from recpipe.cli import UserError
+from recpipe.raw import SOURCES
+
+SCHEMA = pa.schema([("customer_id", pa.int64())])
+DEFAULTS = {name: {p.name: p.default for p in parameters} for name, parameters in pipeline.PARAMETERS.items()}
+
+
+def make_raw(root):
+    raw = root / "raw"
+    for source in SOURCES:
+        (raw / source).mkdir(parents=True)
+        (raw / source / "part.jsonl").write_text("{}\n")
+    return raw
+
+
+def make_stage(data, name, rows, parameters=None, raw=None):
+    """Publish a stage of `rows` rows from its input (raw files for merged), as the real scripts do."""
+    if name == "merged":
+        inputs = [stage.raw_input(raw, sorted(raw.rglob("*.jsonl")))]
+    else:
+        inputs = [stage.stage_input(data, pipeline.STAGES[pipeline.STAGES.index(name) - 1])]
+    with stage.publish(data, name, parameters or DEFAULTS[name], inputs) as run:
+        stage.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "table" / "part.parquet", SCHEMA)
+    return run.published
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """Every stage published from the one before it, with default parameters: (data, raw)."""
+    raw, data = make_raw(tmp_path), tmp_path / "data"
+    for name in pipeline.STAGES:
+        make_stage(data, name, 3, raw=raw)
+    return data, raw
+
+
+def states_of(data, raw, asked=None):
+    return {state.name: state for state in pipeline.inspect(data, raw, asked or {})}
+
+
+def test_pipeline_fresh_chain_is_complete_and_intermediates_can_go(chain):
+    data, raw = chain
+    states = states_of(data, raw)
+    assert {name: state.state for name, state in states.items()} == dict.fromkeys(pipeline.STAGES, "complete")
+    assert states["merged"].rows == {"table": 3}
+    assert states["merged"].bytes == stage.folder_bytes(data / "merged") > 0
+    deletable = [state.name for state in pipeline.deletable(list(states.values()))]
+    assert deletable == ["merged", "repartitioned", "cleaned"]
+    assert pipeline.stages_to_run(list(states.values())) == []
+
+
+def test_pipeline_identical_rerun_keeps_later_stages_complete(chain):
+    data, raw = chain
+    before = stage.read_manifest(data / "merged")
+    make_stage(data, "merged", 3, raw=raw)
+    assert stage.read_manifest(data / "merged")["finished_at"] >= before["finished_at"]
+    assert {state.state for state in states_of(data, raw).values()} == {"complete"}
+
+
+def test_pipeline_rerun_with_a_different_result_marks_every_later_stage_stale(chain):
+    data, raw = chain
+    make_stage(data, "merged", 4, raw=raw)
+    states = states_of(data, raw)
+    assert states["merged"].state == "complete"
+    assert states["repartitioned"].reasons == ["merged/ was re-run since, with a different result"]
+    assert states["cleaned"].reasons == ["merged/ was re-run since, with a different result"]
+    assert states["processed"].state == "stale"
+    assert pipeline.stages_to_run(list(states.values())) == ["repartitioned", "cleaned", "processed"]
+
+
+def test_pipeline_rerun_with_other_parameters_marks_later_stages_stale(chain):
+    data, raw = chain
+    make_stage(data, "repartitioned", 5, parameters={**DEFAULTS["repartitioned"], "buckets": 4})
+    states = states_of(data, raw)
+    assert states["repartitioned"].state == "complete"  # not asked for anything else
+    assert [states[name].state for name in ("cleaned", "processed")] == ["stale", "stale"]
+
+
+def test_pipeline_parameters_asked_differ_from_those_used_is_stale(chain):
+    data, raw = chain
+    states = states_of(data, raw, {"processed": {"max_history": 50}, "repartitioned": {"buckets": 16}})
+    assert states["repartitioned"].state == "complete"  # asked what it was made with
+    assert states["processed"].reasons == ["made with --max-history 1000, asked --max-history 50"]
+    assert pipeline.stages_to_run(list(states.values())) == ["processed"]
+
+
+def test_pipeline_changed_raw_files_are_seen_after_merged_is_cleaned_away(chain):
+    data, raw = chain
+    shutil.rmtree(data / "merged")
+    shutil.rmtree(data / "repartitioned")
+    assert [state.state for state in states_of(data, raw).values()] == [
+        "cleaned away", "cleaned away", "complete", "complete"]
+    (raw / "clicks" / "more.jsonl").write_text("{}\n")
+    states = states_of(data, raw)
+    assert states["cleaned"].reasons == [f"the raw files under {raw}/ changed since it was made"]
+    assert states["processed"].state == "stale"
+    assert pipeline.stages_to_run(list(states.values())) == pipeline.STAGES
+
+
+def test_pipeline_missing_stages_all_run_and_never_made_ones_are_missing(tmp_path):
+    states = list(states_of(tmp_path / "data", make_raw(tmp_path)).values())
+    assert [state.state for state in states] == ["missing"] * 4
+    assert pipeline.stages_to_run(states) == pipeline.STAGES
+    assert pipeline.deletable(states) == []
+
+
+def test_pipeline_from_a_stage_runs_it_and_what_it_needs(chain):
+    data, raw = chain
+    states = list(states_of(data, raw).values())
+    assert pipeline.stages_to_run(states, forced="repartitioned") == ["repartitioned"]
+    shutil.rmtree(data / "merged")
+    states = list(states_of(data, raw).values())
+    assert pipeline.stages_to_run(states, forced="repartitioned") == ["merged", "repartitioned"]
+
+
+def test_pipeline_remove_refuses_what_a_later_stage_would_be_rebuilt_from(chain):
+    data, raw = chain
+    make_stage(data, "repartitioned", 5)  # cleaned/ and processed/ are now stale
+    states = list(states_of(data, raw).values())
+    with pytest.raises(UserError, match="cleaned/ is stale and would be rebuilt from repartitioned/"):
+        pipeline.remove(states, "repartitioned")
+    with pytest.raises(UserError, match="pipeline's output: train.py reads it"):
+        pipeline.remove(states, "processed")
+    assert (data / "repartitioned").exists()
+    assert pipeline.remove(states, "merged") > 0  # repartitioned/ is complete, and made from it
+    assert not (data / "merged").exists()
+
+
+def test_pipeline_parameters_to_run_keep_what_a_cleaned_away_stage_was_made_with(chain):
+    data, raw = chain
+    make_stage(data, "repartitioned", 3, parameters={**DEFAULTS["repartitioned"], "buckets": 4})
+    for name in ("cleaned", "processed"):
+        make_stage(data, name, 3)
+    shutil.rmtree(data / "repartitioned")
+    states = list(states_of(data, raw).values())
+    assert pipeline.parameters_to_run(states, "repartitioned", {})["buckets"] == 4
+    assert pipeline.parameters_to_run(states, "repartitioned", {"buckets": 8})["buckets"] == 8
+    assert pipeline.parameters_to_run(states, "processed", {})["max_history"] == 1000
+
+
+def test_pipeline_a_manifest_without_fingerprints_is_stale(chain):
+    data, raw = chain
+    manifest = stage.read_manifest(data / "cleaned")
+    del manifest["lineage"]
+    (data / "cleaned" / stage.MANIFEST).write_text(json.dumps(manifest))
+    assert "recorded no fingerprints" in states_of(data, raw)["cleaned"].reasons[0]
+
+
+def test_pipeline_leftovers_of_killed_runs_are_reported_and_removed(chain, tmp_path):
+    data, raw = chain
+    dead = data / f".merged.staging-{os.uname().nodename}-{2**22 + 12345}"  # above pid_max: no live process
+    live = data / f".cleaned.staging-{os.uname().nodename}-{os.getppid()}"
+    for folder in (dead, live):
+        (folder / "actions").mkdir(parents=True)
+    leftovers = pipeline.all_leftovers(data, tmp_path / "preprocessors")
+    assert leftovers == [(dead, True), (live, False)]
+    states = list(states_of(data, raw).values())
+    report = pipeline.format_status(states, data, leftovers, None)
+    assert f"temporary folder {dead} (0.0 MiB): left by a killed run" in report
+    assert f"temporary folder {live} (0.0 MiB): a run in progress" in report
+    assert pipeline.remove_leftovers(data, tmp_path / "preprocessors") == [dead]
+    assert not dead.exists() and live.exists()
+    assert [state.state for state in pipeline.inspect(data, raw, {})] == ["complete"] * 4  # never mistaken for output
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["status", "--buckets", "0"], "argument --buckets: must be at least 1, got 0"),
+    (["run", "--sample-frac", "2"], "argument --sample-frac: must be at most 1, got 2"),
+    (["clean", "processed"], "argument STAGE: invalid choice: 'processed'"),
+])
+def test_pipeline_bad_flags_are_one_clear_line(tmp_path, argv, message):
+    result = run_script("pipeline.py", *argv, "--data", tmp_path, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
+    """On data made by the stage scripts: status, a re-run of one stage, a parameter change, reclaiming
+    space, train.py on what is left, and what a changed merged/ makes of it all."""
+    data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
+    shutil.copytree(processed_data[0], data)
+    shutil.copytree(processed_data[1], preprocessors)
+    where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", preprocessors, "--workers", "2"]
+
+    status = run_script("pipeline.py", "status", *where).stdout
+    assert [line.split()[1] for line in status.splitlines() if line.endswith(".py") and "/" in line] == \
+        ["complete"] * 4
+    assert "was fitted with processed/: train.py can run" in status
+    assert "python pipeline.py clean merged" in status
+    assert "ran nothing" in run_script("pipeline.py", "run", *where).stdout
+
+    # Re-running one stage with the same input and parameters changes nothing after it.
+    rerun = run_script("pipeline.py", "run", "--from", "repartitioned", *where).stdout
+    assert "=== repartitioned/ (asked with --from)" in rerun and "=== cleaned/" not in rerun
+    assert stage.read_manifest(data / "repartitioned")["parameters"]["buckets"] == 3  # kept, not the default
+
+    # Asking for another history length remakes processed/ alone.
+    changed = run_script("pipeline.py", "run", "--max-history", "20", *where).stdout
+    assert [line.split()[1] for line in changed.splitlines() if line.startswith("=== ") and "/ (" in line] == \
+        ["processed/"]
+    assert stage.read_manifest(data / "processed")["parameters"]["max_history"] == 20
+
+    # Reclaiming space: processed/ stays complete, and train.py runs on it.
+    for name in ("merged", "repartitioned"):
+        run_script("pipeline.py", "clean", name, *where)
+    states = {state.name: state.state for state in pipeline.inspect(data, cleaned_data / "raw", {})}
+    assert states == {"merged": "cleaned away", "repartitioned": "cleaned away", "cleaned": "complete",
+                      "processed": "complete"}
+    run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+               "--epochs", "1", "--max-steps", "3", "--batch-size", "64", "--dim", "8", "--workers", "0")
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 3
+
+    # merged/ made again with another split: what was made from the old one is stale, and cleaned/ is kept.
+    run_script("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, "--test-days", "2",
+               "--workers", "2")
+    states = {state.name: state for state in pipeline.inspect(data, cleaned_data / "raw", {})}
+    assert states["cleaned"].reasons == ["merged/ was re-run since, with a different result"]
+    assert states["processed"].state == "stale"
+    refused = run_script("pipeline.py", "clean", "cleaned", *where, check=False)
+    assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/" in refused.stderr
+    assert (data / "cleaned" / stage.MANIFEST).exists()
