@@ -17,10 +17,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	$(PY) generate_data.py --out data/raw
-	$(PY) merge_and_clean.py
-	$(PY) repartition.py
-	$(PY) parse_ua_strings.py
-	$(PY) preprocess.py
+	# The four ETL stages in order (merge_and_clean, repartition, parse_ua_strings, preprocess),
+	# each skipped when its output is complete and up to date.
+	$(PY) pipeline.py run
 	# Short enough for a laptop CPU (a few minutes); drop the flags on a GPU machine.
 	$(PY) train.py --epochs 1 --max-steps 200 --max-history 50 --batch-size 256 --dim 32
 

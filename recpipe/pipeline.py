@@ -188,7 +188,7 @@ def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
         return ["made by an older version of the pipeline that recorded no fingerprints: run it again"]
     reasons = []
     if "raw" in made_of and raw is not None and raw != made_of["raw"]["fingerprint_sha256"]:
-        reasons.append(f"the raw files under {raw_dir}/ changed since it was made")
+        reasons.append(f"the raw files under {raw_dir}/ changed (names, sizes or modification times) since")
     for earlier in earlier_states:
         # The first earlier stage that differs is the cause; every stage after it says the same.
         if earlier.state == "stale":
@@ -217,7 +217,7 @@ def needed_by(states, name):
         if later.state == "complete":
             return None
         if states[index].state == "stale":
-            return f"{name}/ is stale, and so is {later.name}/: keep it until the stages after it are complete again"
+            return f"{name}/ is stale, and so is {later.name}/ after it"
         return f"{later.name}/ is {later.state} and would be rebuilt from {name}/"
     return None
 
@@ -282,8 +282,8 @@ def remove(states, name):
         raise UserError(f"{state.path}/ does not exist: nothing to delete")
     reason = needed_by(states, name)
     if reason:
-        raise UserError(f"{state.path}/ is still needed: {reason}; run the later stages first "
-                        "(`python pipeline.py run`), then clean it")
+        raise UserError(f"{state.path}/ is still needed: {reason}; run `python pipeline.py run` first, "
+                        "then clean it")
     shutil.rmtree(state.path)
     return state.bytes
 
@@ -305,8 +305,8 @@ def format_status(states, data_dir, leftovers, preprocessors_line):
             lines.append(" " * 16 + "rows: " + ", ".join(f"{table} {rows:,}" for table, rows in state.rows.items()))
         for reason in state.reasons:
             lines.append(" " * 16 + f"why: {reason}")
-        if state.state in ("missing", "stale", "incomplete") and state.name in stages_to_run(states):
-            lines.append(" " * 16 + f"to make it: python pipeline.py run (same flags), which runs {state.script}")
+        if state.name in stages_to_run(states):
+            lines.append(" " * 16 + f"next: `python pipeline.py run` (same flags) runs {state.script}")
     if preprocessors_line:
         lines.append(preprocessors_line)
     free = deletable(states)

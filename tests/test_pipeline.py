@@ -104,7 +104,8 @@ def test_pipeline_changed_raw_files_are_seen_after_merged_is_cleaned_away(chain)
         "cleaned away", "cleaned away", "complete", "complete"]
     (raw / "clicks" / "more.jsonl").write_text("{}\n")
     states = states_of(data, raw)
-    assert states["cleaned"].reasons == [f"the raw files under {raw}/ changed since it was made"]
+    assert states["cleaned"].reasons == [
+        f"the raw files under {raw}/ changed (names, sizes or modification times) since"]
     assert states["processed"].state == "stale"
     assert pipeline.stages_to_run(list(states.values())) == pipeline.STAGES
 
@@ -229,5 +230,5 @@ def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     assert states["cleaned"].reasons == ["merged/ was re-run since, with a different result"]
     assert states["processed"].state == "stale"
     refused = run_script("pipeline.py", "clean", "cleaned", *where, check=False)
-    assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/" in refused.stderr
+    assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/ after it" in refused.stderr
     assert (data / "cleaned" / stage.MANIFEST).exists()
