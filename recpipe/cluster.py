@@ -7,14 +7,16 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import dask
 import psutil
 from dask.utils import parse_bytes
-from distributed import Client, LocalCluster, as_completed, progress
+from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_completed, progress
+from distributed.comm.core import CommClosedError
 
-from recpipe.cli import UserError
+from recpipe.cli import ClusterError, OutputError, UserError, output_failure
 
 
 def add_arguments(parser):
@@ -55,7 +57,31 @@ def local_cluster_size(workers=None, memory_limit=None):
 
 @contextlib.contextmanager
 def connect(args):
-    """Yield a Client for the script's whole run and close what we started afterwards."""
+    """Yield a Client for the script's whole run and close what we started afterwards.
+
+    A failure inside the block that is the cluster's or the disk's, not the code's,
+    leaves as one clear line (see `explain_failure`), and the closing of a broken
+    cluster is kept quiet: its log lines would bury that line under tracebacks.
+    """
+    with contextlib.ExitStack() as stack:
+        client = _start(args, stack)
+        try:
+            yield client
+        except (UserError, OutputError, ClusterError):
+            raise
+        except Exception as error:  # not KeyboardInterrupt or SystemExit (SIGTERM): they unwind as they are
+            explained = explain_failure(error, client, args)
+            if explained is None:
+                raise
+            logging.disable(logging.CRITICAL)
+            try:
+                stack.close()
+            finally:
+                logging.disable(logging.NOTSET)
+            raise explained from error
+
+
+def _start(args, stack):
     if args.scheduler:
         try:
             client = Client(args.scheduler, timeout="10s")
@@ -65,20 +91,19 @@ def connect(args):
                 "start one with `dask scheduler` or leave --scheduler and $DASK_SCHEDULER_ADDRESS unset "
                 "to use a LocalCluster"
             ) from None
-        with client:
-            _ship_package(client)
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
-            print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
-            print(f"Dask dashboard: {client.dashboard_link}", flush=True)
-            yield client
-        return
+        stack.enter_context(client)
+        _ship_package(client)
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
+        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        return client
 
     workers, memory_limit = local_cluster_size(args.workers, args.memory_limit)
     # Dask's statistical profiler samples every worker thread's stack each 10 ms; on our
     # Python-heavy cleaning tasks that cost 28% of merge_and_clean's time (43 s -> 31 s).
     # The dashboard's Profile page stays empty; everything else on it works.
     with dask.config.set({"distributed.worker.profile.enabled": False}):
-        cluster = LocalCluster(
+        cluster = stack.enter_context(LocalCluster(
             n_workers=workers,
             threads_per_worker=args.threads_per_worker,
             memory_limit=memory_limit,
@@ -86,12 +111,81 @@ def connect(args):
             silence_logs=logging.ERROR,
             # Dask warns at length when 8787 is taken; asking for a free port (:0) keeps the log clean.
             dashboard_address=":8787" if _port_free(8787) else ":0",
-        )
-    with cluster, Client(cluster) as client:
-        print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
-              f"{memory_limit / 2**30:.1f} GiB each")
-        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
-        yield client
+        ))
+    client = stack.enter_context(Client(cluster))
+    # The scheduler runs in this process: its log of a task failed by dying workers would
+    # repeat, once per task, what the KilledWorker that reaches the client says.
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addFilter(_not_reported_by_client)
+    stack.callback(scheduler_log.removeFilter, _not_reported_by_client)
+    client.register_plugin(QuietTaskFailures())
+    print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
+          f"{memory_limit / 2**30:.1f} GiB each")
+    print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+    return client
+
+
+class QuietTaskFailures(WorkerPlugin):
+    """Drop a LocalCluster worker's "Compute Failed" log of a task's exception.
+
+    The exception reaches the client, which reports it: one line for a full disk or a
+    user error, the traceback for a bug. The worker's log of it, on the same terminal,
+    would print the traceback once more per failed task (120 tracebacks when the disk
+    fills during merge_and_clean.py). An external cluster's workers keep their logs.
+    """
+
+    name = "recpipe-quiet-task-failures"
+
+    def setup(self, worker):
+        logging.getLogger("distributed.worker").addFilter(_not_reported_by_client)
+
+
+def _not_reported_by_client(record):
+    """False for the log records of task failures that reach the client as exceptions."""
+    message = str(record.msg)
+    return not (message.startswith("Compute Failed") or "marked as failed because" in message)
+
+
+def explain_failure(error, client, args):
+    """An OutputError or ClusterError saying in one line what happened to a stage, or None if
+    `error` is neither a full disk / read-only folder nor a failure of the cluster itself.
+
+    - distributed.KilledWorker: every worker that ran a task died while running it
+      (`distributed.scheduler.allowed-failures` + 1 times; Dask reschedules a dead worker's
+      tasks until then). The usual cause is memory: a worker past its limit is killed by
+      its nanny, or by the kernel's OOM killer.
+    - the scheduler connection lost: Dask cancels every future with reason
+      "scheduler-connection-lost"; a comm closed mid-call is a CommClosedError.
+
+    The stage's `publish` block is inside this one, so when this runs nothing was published.
+    """
+    data = getattr(args, "data", None)
+    previous = (f"nothing was published, the previous output in {Path(data).resolve()}/ was left as it was"
+                if data is not None else "nothing was published")
+    if isinstance(error, KilledWorker):
+        last = getattr(error.last_worker, "address", error.last_worker)
+        runs = error.allowed_failures + 1
+        return ClusterError(
+            f"Dask workers died while running task {_task_name(error.task)!r}: it ran {runs} "
+            f"time{'s' if runs > 1 else ''} and each time its worker died (the last was {last}); workers are "
+            f"killed most often for running out of memory, so check --memory-limit (or the external "
+            f"workers' memory) and the worker logs; {previous}")
+    lost = (isinstance(error, CancelledError) and getattr(error, "reason", None) == "scheduler-connection-lost") \
+        or isinstance(error, CommClosedError) or client.status not in ("running", "newly-created")
+    if lost:
+        return ClusterError(
+            f"lost the connection to the Dask scheduler at {client.scheduler.address} while the stage ran "
+            f"(the scheduler stopped or died, or the network failed): check that it runs and its log; {previous}")
+    if isinstance(error, CancelledError):
+        return ClusterError(
+            f"the Dask scheduler cancelled task {_task_name(getattr(error, 'key', '?'))!r} "
+            f"(reason: {getattr(error, 'reason', 'unknown')}); check the scheduler's log; {previous}")
+    message = output_failure(error, folder=data)
+    return OutputError(message) if message is not None else None
+
+
+def _task_name(key):
+    return "-".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 def wait_with_progress(futures, label):
@@ -113,7 +207,13 @@ def wait_with_progress(futures, label):
         for done, _ in enumerate(as_completed(futures), start=1):
             if done % step == 0 or done == len(futures):
                 print(f"{label}: {done}/{len(futures)} tasks done ({time.monotonic() - started:.1f}s)", flush=True)
-    # gather re-raises a task's exception here, in the client, with its traceback
+    # Every task has ended before a failure is raised here: the stage then removes its
+    # staging folder, and a task still running (one whose finished result was lost with a
+    # dead worker is run again) would write into it again. Future.exception() waits for
+    # that rerun; it returns, not raises, for a failed or cancelled task.
+    for future in futures:
+        future.exception()
+    # result() re-raises a task's exception here, in the client, with its traceback
     return [future.result() for future in futures]
 
 
