@@ -52,10 +52,11 @@ def is_missing(values):
     return (values.isna() | values.eq("")).to_numpy(dtype=bool)
 
 
-def parse_ids(values):
+def parse_ids(values, strip=False):
     """(int64 array, valid mask): valid ids are integers 1 … 2**63-1, given as numbers or digit strings.
 
     Booleans and floats (3.0 included) are not ids: a float id has usually lost digits already.
+    `strip` strips the strings first, for values that strip_text has not seen (shown items' ids).
     """
     kind = values.map(type).to_numpy()
     candidates = np.full(len(values), None, dtype=object)
@@ -63,7 +64,7 @@ def parse_ids(values):
     candidates[numbers] = values[numbers].to_numpy()
     text = kind == str
     if text.any():
-        strings = values[text]
+        strings = values[text].str.strip() if strip else values[text]
         digits = strings.str.fullmatch(r"\+?[0-9]{1,19}").to_numpy(dtype=bool)
         candidates[np.flatnonzero(text)[digits]] = [int(digit) for digit in strings[digits]]
     has_value = candidates != None  # noqa: E711 (elementwise on an object array)
@@ -241,7 +242,7 @@ def clean_impressions(frame, source_file):
     position = np.arange(len(entries)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     item_values = pd.Series([entry.get("item_id") if type(entry) is dict else None for entry in entries], dtype=object)
     is_order = [entry.get("is_order") if type(entry) is dict else None for entry in entries]
-    item_ids, item_valid = parse_ids(item_values)
+    item_ids, item_valid = parse_ids(item_values, strip=True)  # " 13 " is an id here as in any other field
     good = item_valid & np.array([type(value) is bool for value in is_order], dtype=bool)
 
     def per_ranking(values):

@@ -137,3 +137,12 @@ def test_parse_timestamps_judges_a_row_whatever_its_neighbours():
                                                     dtype=object))
     assert beside_nanoseconds.tolist() == [alone[0], pd.Timestamp("2024-03-01T10:00:00.123456Z")]
     assert str(beside_nanoseconds.dtype) == "datetime64[us, UTC]"
+
+
+def test_clean_impressions_strips_a_shown_items_id_like_any_other_id():
+    frame = rows(("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
+                 {"dt": "2024-03-01", "ranking_id": "r1", "customer_id": " 5 ",
+                  "impressions": [{"item_id": " 13 ", "is_order": False}, {"item_id": "1 3", "is_order": False}]})
+    shown, _, items_set_aside = clean_impressions(frame, "f.jsonl")
+    assert shown[["customer_id", "item_id"]].to_dict("records") == [{"customer_id": 5, "item_id": 13}]
+    assert items_set_aside.reason.tolist() == ["bad_item"]
