@@ -63,6 +63,11 @@ def list_source_files(raw_dir, source):
     if not files:
         raise UserError(f"raw source {source_dir}/ is empty: it needs at least one .jsonl, .csv or .parquet file (optionally .gz)")
     for path in files:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:  # Python keeps undecodable bytes of a name as surrogates; Parquet cannot
+            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UserError(f"{shown}: the file name is not valid UTF-8; rename the file") from None
         fmt = file_format(path)
         if fmt is None:
             raise UserError(

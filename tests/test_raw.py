@@ -154,3 +154,12 @@ def test_raw_parquet_binary_columns_are_text_and_invalid_utf8_is_malformed(tmp_p
     frame = read_rows(path, "clicks").frame
     assert frame.dt.tolist() == ["2024-03-01", "2024-03-01\ufffd", None]
     assert frame.malformed.tolist() == [False, True, False]
+
+
+def test_raw_file_name_that_is_not_utf8_is_a_user_error(tmp_path):
+    import os
+    (tmp_path / "clicks").mkdir()
+    with open(os.path.join(os.fsencode(tmp_path), b"clicks", b"c\xff.jsonl"), "wb") as file:
+        file.write(b"{}\n")
+    with pytest.raises(UserError, match="c\ufffd.jsonl: the file name is not valid UTF-8"):
+        list_source_files(tmp_path, "clicks")
