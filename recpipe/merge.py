@@ -69,7 +69,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
                              pure=False)
                for bucket_dir in sorted((scratch / "actions").glob("*"))]
     exact_duplicates = _sum_counters(wait_with_progress(futures, "counting exact duplicate actions"))
-    shutil.rmtree(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)  # absent when every row was set aside
     accounting = {}
     for source in SOURCES:
         reports = by_source[source]
