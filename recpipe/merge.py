@@ -69,7 +69,8 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
                              pure=False)
                for bucket_dir in sorted((scratch / "actions").glob("*"))]
     exact_duplicates = _sum_counters(wait_with_progress(futures, "counting exact duplicate actions"))
-    shutil.rmtree(scratch, ignore_errors=True)  # absent when every row was set aside
+    if scratch.exists():  # absent when every row was set aside
+        shutil.rmtree(scratch)
     accounting = {}
     for source in SOURCES:
         reports = by_source[source]
