@@ -1,7 +1,10 @@
-"""Tiny raw datasets the tests write themselves, with one row of every bad kind planted."""
+"""Tiny raw datasets the tests write themselves, with one row of every bad kind planted;
+an external Dask cluster (`external_cluster`)."""
 
+import contextlib
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +126,100 @@ def processed_data(cleaned_data, tmp_path_factory):
     run_script("preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
                "--max-history", "60", "--workers", "2")
     return root / "data", root / "preprocessors"
+
+
+class ExternalCluster:
+    """A `dask scheduler` and two `dask worker` processes on loopback, as a user would start them.
+
+    - `address`: the scheduler's address (tcp://127.0.0.1:PORT), for --scheduler;
+    - `env`: os.environ with DASK_SCHEDULER_ADDRESS set to it and no PYTHONPATH, to run
+      scripts against the cluster (`run_script(..., env=cluster.env)`);
+    - `home`: their working folder, with `scheduler.log`, `worker-1.log`, `worker-2.log`;
+    - `scheduler_file`, `scheduler` (Popen), `workers` (the two `dask worker` Popens: each
+      is a nanny, which runs its Dask worker in a child process and restarts it if it dies);
+    - `worker_pids()`: the pids of the worker processes proper, the ones that run tasks;
+    - `wait_for_workers(n=2)`: block until n workers are connected (after a restart).
+    """
+
+    def __init__(self, address, home, scheduler, workers, env):
+        self.address, self.home, self.scheduler, self.workers = address, home, scheduler, workers
+        self.scheduler_file = home / "scheduler.json"
+        self.env = {**env, "DASK_SCHEDULER_ADDRESS": address}
+
+    def worker_pids(self):
+        import psutil
+        pids = []
+        for nanny in self.workers:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(nanny.pid).children():
+                    with contextlib.suppress(psutil.Error):
+                        if any("spawn_main" in part for part in child.cmdline()):  # not multiprocessing's resource_tracker
+                            pids.append(child.pid)
+        return pids
+
+    def wait_for_workers(self, n=2, timeout=120):
+        from distributed import Client
+        with Client(self.address, timeout="30s") as client:
+            client.wait_for_workers(n, timeout=timeout)
+            return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+@contextlib.contextmanager
+def start_external_cluster(home):
+    """An ExternalCluster whose processes run in `home` (their logs land there), stopped on exit."""
+    import time
+    dask = Path(sys.executable).parent / "dask"
+    scheduler_file = home / "scheduler.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DASK_SCHEDULER_ADDRESS")}
+    logs = []
+
+    def start(*argv, log):
+        logs.append(open(home / log, "wb"))
+        return subprocess.Popen([dask, *argv], cwd=home, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
+
+    scheduler = start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                      "--scheduler-file", scheduler_file, log="scheduler.log")
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        address = None
+        while address is None:
+            assert scheduler.poll() is None, f"dask scheduler exited: {(home / 'scheduler.log').read_text()}"
+            assert time.monotonic() < deadline, "dask scheduler did not write its scheduler file in 120 s"
+            with contextlib.suppress(OSError, ValueError, KeyError):  # not there yet, or half written
+                address = json.loads(scheduler_file.read_text())["address"]
+            time.sleep(0.1)
+        for name in ("worker-1", "worker-2"):
+            workers.append(start("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--host", "127.0.0.1",
+                                 "--dashboard-address", ":0", "--memory-limit", "2GiB", "--name", name,
+                                 log=f"{name}.log"))
+        cluster = ExternalCluster(address, home, scheduler, workers, env)
+        assert cluster.wait_for_workers(2) == 2
+        yield cluster
+    finally:
+        orphans = ExternalCluster("", home, scheduler, workers, env).worker_pids()
+        for process in [*workers, scheduler]:
+            process.terminate()
+        for process in [*workers, scheduler]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid in orphans:  # a worker whose nanny was killed would outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        for log in logs:
+            log.close()
+
+
+@pytest.fixture(scope="session")
+def external_cluster(tmp_path_factory):
+    """An ExternalCluster for the whole session: `dask scheduler` plus two `dask worker --nthreads 1
+    --memory-limit 2GiB` on 127.0.0.1, started outside the repository without PYTHONPATH (scripts
+    ship recpipe to the workers themselves), stopped after the session. A test that kills a
+    worker leaves it to its nanny to restart, and should `wait_for_workers()` before it ends;
+    a test that stops the scheduler starts its own with `start_external_cluster(folder)`.
+    """
+    with start_external_cluster(tmp_path_factory.mktemp("external-cluster")) as cluster:
+        yield cluster

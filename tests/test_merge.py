@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -101,29 +100,11 @@ def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, tmp_path, b
     assert sorted(p.name for p in data.iterdir()) == ["merged"]
 
 
-def test_merge_runs_on_an_external_scheduler_and_workers(raw_dir, tmp_path):
-    """A `dask scheduler` and a `dask worker` on loopback, the worker started outside the repository."""
-    dask = Path(sys.executable).parent / "dask"
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    processes = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                   "--dashboard-address", ":0", "--scheduler-file", scheduler_file],
-                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        processes.append(subprocess.Popen([dask, "worker", "--scheduler-file", scheduler_file, "--nworkers", "2",
-                                           "--nthreads", "1", "--dashboard-address", ":0"],
-                                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        address = json.loads(scheduler_file.read_text())["address"]
-        external = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "external",
-                              env={**env, "DASK_SCHEDULER_ADDRESS": address})
-        assert f"joined scheduler {address}" in external.stdout
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait(timeout=30)
+def test_merge_runs_on_an_external_scheduler_and_workers(raw_dir, tmp_path, external_cluster):
+    """A `dask scheduler` and two `dask worker`s on loopback, the workers started outside the repository."""
+    external = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "external",
+                          env=external_cluster.env)
+    assert f"joined scheduler {external_cluster.address} (2 workers)" in external.stdout
     run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "local", *CLUSTER)
     external_rows, local_rows = merged_rows(tmp_path / "external"), merged_rows(tmp_path / "local")
     assert external_rows.keys() == local_rows.keys()
