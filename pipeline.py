@@ -102,8 +102,9 @@ def run(args):
         print(f"\n=== {name}/ ({why}): python {state.script}", flush=True)
         status = run_stage(stage_command(args, states, name))
         if status != 0:
-            raise SystemExit(f"error: {state.script} failed (exit status {status}); the stages after it were not "
-                             f"run. Fix what it says, then `python pipeline.py run` again")
+            print(f"error: {state.script} failed (exit status {status}); the stages after it were not run. "
+                  "Fix what it says, then `python pipeline.py run` again", file=sys.stderr)
+            raise SystemExit(status)
         ran.add(name)
         forced = None if name == forced else forced
     skipped = [name for name in pipeline.STAGES if name not in ran]

@@ -187,6 +187,13 @@ def test_pipeline_bad_flags_are_one_clear_line(tmp_path, argv, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(tmp_path):
+    result = run_script("pipeline.py", "run", "--data", tmp_path / "data", "--raw", tmp_path / "nowhere", check=False)
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "merge_and_clean.py failed (exit status 2)" in result.stderr
+    assert "=== repartitioned/" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     """On data made by the stage scripts: status, a re-run of one stage, a parameter change, reclaiming
     space, train.py on what is left, and what a changed merged/ makes of it all."""
