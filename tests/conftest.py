@@ -158,7 +158,13 @@ class ExternalCluster:
         return pids
 
     def wait_for_workers(self, n=2, timeout=120):
+        import time
+
         from distributed import Client
+        deadline = time.monotonic() + timeout
+        while len(self.worker_pids()) < n:  # a nanny restarting its worker
+            assert time.monotonic() < deadline, f"fewer than {n} Dask worker processes after {timeout} s"
+            time.sleep(0.1)
         with Client(self.address, timeout="30s") as client:
             client.wait_for_workers(n, timeout=timeout)
             return len(client.scheduler_info(n_workers=-1)["workers"])

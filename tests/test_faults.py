@@ -209,6 +209,7 @@ def test_faults_worker_killed_midway_is_rescheduled_and_publishes_all_rows(gener
     data = tmp_path / "data"
     shutil.copytree(reference / "merged", data / "merged")
     previous_manifest = (data / "merged" / "_stage.json").read_text()
+    assert external_cluster.wait_for_workers(2) == 2
     process, log = start_stage(raw, data, external_cluster.env)
     try:
         wait_for_staged_output(process, data)
@@ -222,13 +223,16 @@ def test_faults_worker_killed_midway_is_rescheduled_and_publishes_all_rows(gener
     manifest = json.loads((data / "merged" / "_stage.json").read_text())
     assert (data / "merged" / "_stage.json").read_text() != previous_manifest  # published anew
     assert manifest["accounting"] == json.loads((reference / "merged" / "_stage.json").read_text())["accounting"]
-    # Rerun tasks rewrote the files their killed attempt had begun: no extra, partial or duplicate file.
+    # Rerun tasks rewrote the files their killed attempt had begun: no extra, partial or duplicate
+    # file, and every file byte for byte the reference's (the stage writes deterministically).
     published = {name: digest for name, digest in file_hashes(data / "merged").items() if name != "_stage.json"}
     expected = {name: digest for name, digest in file_hashes(reference / "merged").items() if name != "_stage.json"}
-    assert published.keys() == expected.keys()
+    assert published == expected
     assert_same_rows(stage_rows(data / "merged"), stage_rows(reference / "merged"))
     assert sorted(path.name for path in data.iterdir()) == ["merged"]
     assert external_cluster.wait_for_workers(2) == 2  # the nanny restarted it: the cluster is whole for later tests
+    nanny_logs = "".join((external_cluster.home / f"worker-{n}.log").read_text() for n in (1, 2))
+    assert f"Worker process {victim} was killed by signal 9" in nanny_logs
 
 
 def test_faults_workers_dying_past_allowed_failures_is_one_line_and_keeps_the_previous_output(generated, tmp_path):
