@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from recpipe import cluster, encoders, pipeline, stage
-from recpipe.cli import entrypoint
+from recpipe.cli import OutputError, entrypoint
 from recpipe.preprocess import preprocess
 
 
@@ -46,8 +46,15 @@ def main():
     target = Path(args.preprocessors)
     staging = target.with_name(f".{target.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(Path(args.data) / "processed" / "_preprocessors", staging)
-    stage.replace_dir(staging, target)
+    try:
+        shutil.copytree(Path(args.data) / "processed" / "_preprocessors", staging)
+        stage.replace_dir(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(
+            f"{args.data}/processed/ was published, but {target}/ could not be replaced ({error}); train.py "
+            f"refuses the old one. Copy {args.data}/processed/_preprocessors/ to {target}/, or make room and run "
+            "`python pipeline.py run --from processed`") from None
     stage.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
           f"sampled train rows, saved in {target}/")

@@ -134,3 +134,14 @@ def test_preprocess_killed_midway_leaves_the_previous_output(cleaned_data, tmp_p
     process.wait(timeout=60)
     assert processed_content(data) == previous
     assert json.loads((tmp_path / "pre" / "fit.json").read_text())["parameters"]["max_history"] == 1000
+
+
+def test_preprocess_unwritable_preprocessors_folder_is_one_clear_line(cleaned_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned"))
+    (tmp_path / "a-file").write_text("")
+    result = run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a-file" / "pre", *CLUSTER,
+                        check=False)
+    assert result.returncode == 74 and "Traceback" not in result.stderr
+    assert "processed/ was published, but" in result.stderr and "could not be replaced" in result.stderr
+    assert (data / "processed" / "_preprocessors" / "encoders.json").exists()
