@@ -180,8 +180,8 @@ def _read_csv(data, fields, path):
         raise UserError(f"{path}: not readable as CSV with a header row ({error})") from None
     # pyarrow numbers rows from 1 at the header, leaving out empty lines; ours count data rows from 1.
     bad_rows = sorted(row.number - 1 for row in invalid)
-    good_rows = sorted(set(range(1, table.num_rows + len(invalid) + len(blank) + 1)) - set(bad_rows)
-                       - {row.number - 1 for row in blank})
+    good_rows = np.arange(1, table.num_rows + len(invalid) + len(blank) + 1)
+    good_rows = good_rows[~np.isin(good_rows, np.array([row.number - 1 for row in invalid + blank], dtype=np.int64))]
     malformed = np.zeros(table.num_rows, dtype=bool)
     if marker is not None:  # a row with invalid UTF-8 anywhere is malformed, like a JSON line with it
         for column in table.columns:
