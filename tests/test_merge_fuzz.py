@@ -14,6 +14,8 @@ Each test knows what it wrote:
 """
 
 import collections
+import datetime as dt
+import decimal
 import gzip
 import json
 import random
@@ -22,7 +24,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import run_script
 from recpipe import schemas
@@ -34,17 +35,15 @@ VALID, ODD, END = 10**12, 2 * 10**12, 3 * 10**12  # customer ids of rows that mu
 DAYS = ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]
 UA = "Mozilla/5.0 (X11; Linux x86_64; rv:124.0) Gecko/20100101 Firefox/124.0"
 KEPT = "kept"
-ACTION_TYPE = {"clicks": 1, "add_to_carts": 2, "previous_orders": 3}
 OPTIONAL = {"user_agent", "simple_id"}
 IDS = {"customer_id", "item_id", "config_id", "simple_id"}
 TIMES = {"dt", "order_date", "click_time", "occur_at"}
 
 
 def allowed_reasons(source):
-    fields = FIELDS[source]
-    return ({"malformed"} | {"bad_impressions", "bad_item"} & ({"bad_impressions", "bad_item"} if source == "impressions" else set())
-            | {f"missing:{name}" for name in fields}
-            | {f"bad_id:{name}" for name in fields if name in IDS} | {f"bad_time:{name}" for name in fields if name in TIMES})
+    """The SPEC's reasons for a row of `source` (section 4)."""
+    reasons = {"malformed"} | set().union(*(field_reasons(name) - {KEPT} for name in FIELDS[source]))
+    return reasons | {"bad_item"} if source == "impressions" else reasons
 
 
 def field_reasons(name):
@@ -63,7 +62,7 @@ def nested(depth, kind):
     return "[" * depth + "1" + "]" * depth if kind == "list" else '{"a":' * depth + "1" + "}" * depth
 
 
-# Values (as JSON text) that no field should hold; each is judged on its own.
+# Values (as JSON text) of a wrong type or shape for most fields; a few are fine for some (123 as an id).
 WRONG_VALUES = [
     "null", '""', '"   "', '"\\t\\n"', "[]", "[1,2]", '["12"]', "{}", '{"a":1}', '{"customer_id":1}', "1.5", "3.0",
     "-0.0", "1e3", "true", "false", "0", "-1", "-9223372036854775808", "9223372036854775808",
@@ -148,7 +147,7 @@ class Rows:
         if source == "impressions" and self.rng.random() < 0.5:
             entries = json.loads(record["impressions"])
             record["impressions"] = "[" + ",".join([json.dumps(e) for e in entries] + [self.rng.choice(ODD_GOOD_ENTRIES)]) + "]"
-        return record, customer_id
+        return record
 
 
 def json_line(record):
@@ -276,7 +275,7 @@ def json_file(rows, source, n_valid, n_odd, n_bad):
             lines.append(json_line(rows.record(source, rows.customer("valid"))))
             expected.append((len(lines), {KEPT}, 0))
         elif kind == "odd":
-            lines.append(json_line(rows.odd(source)[0]))
+            lines.append(json_line(rows.odd(source)))
             expected.append((len(lines), {KEPT}, 0))
         else:
             line, allowed, bad_items = mutate_json(rows, source)
@@ -312,7 +311,7 @@ def csv_file(rows, source, n_valid, n_odd, n_bad):
         if kind == "bad":
             line, allowed = mutate_csv(rows, source, header)
         else:
-            record = rows.record(source, rows.customer("valid")) if kind == "valid" else rows.odd(source)[0]
+            record = rows.record(source, rows.customer("valid")) if kind == "valid" else rows.odd(source)
             line, allowed = b",".join(csv_cell(csv_text(record[c]) if c in record else b"") for c in header), {KEPT}
         lines.append(line)
         number += 1
@@ -325,24 +324,23 @@ def csv_file(rows, source, n_valid, n_odd, n_bad):
 
 
 def parquet_file(rows, source, path, n_valid):
-    """A Parquet file of valid rows with wrong column types: (rows written, customer ids that must be kept)."""
+    """A Parquet file of valid rows in unusual column types, and one row of nulls; returns the rows written."""
     rng = rows.rng
     records = [json.loads("{" + ",".join(f'"{k}":{v}' for k, v in rows.record(source, rows.customer("valid")).items())
                           + "}") for _ in range(n_valid)]
     table = pa.Table.from_pylist(records)
-    kept = [record["customer_id"] for record in records]
     # Text as binary and ids as digit strings are read as the values they hold ...
     columns = {name: table.column(name) for name in table.column_names}
     for name in columns:
         if pa.types.is_string(columns[name].type) and rng.random() < 0.5:
             columns[name] = columns[name].cast(pa.binary())
     columns["customer_id"] = columns["customer_id"].cast(pa.string())
-    # ... one more row with a wrong type in every field is set aside.
+    # ... one more row of nulls is set aside.
     bad = {name: pa.array([None], column.type) for name, column in columns.items()}
     table = pa.concat_tables([pa.table(columns), pa.table(bad)])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
-    return n_valid + 1, kept
+    return n_valid + 1
 
 
 def build_raw(raw, seed):
@@ -361,7 +359,7 @@ def build_raw(raw, seed):
             write_file(path, data, rng)
             written[source] += n
         if source != "impressions":
-            written[source] += parquet_file(rows, source, raw / source / "typed.parquet", 5)[0]
+            written[source] += parquet_file(rows, source, raw / source / "typed.parquet", 5)
         # Files without a single row: empty, only blank lines, only a header, an empty gzip.
         write_file(raw / source / "empty.jsonl", b"", rng)
         write_file(raw / source / "blank.jsonl.gz", b"\n  \n\t\r\n", rng)
@@ -551,8 +549,6 @@ def test_merge_fuzz_csv_without_a_required_column_sets_every_row_aside_for_it(tm
 
 def wrong_columns(n):
     """Arrow columns of every type a Parquet writer might give a field, none of them right for it."""
-    import datetime as dt
-    import decimal
     return [
         pa.array([1.5] * n), pa.array([3.0] * n), pa.array([True] * n), pa.array([-1] * n), pa.array([0] * n),
         pa.array([1709280000] * n), pa.array([2**64 - 1] * n, pa.uint64()), pa.array([[1, 2]] * n),
