@@ -84,7 +84,8 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
         table = future.key.split("-")[1]
         rows_out[table] += rows
         group_sizes[table] += sizes
-    shutil.rmtree(scratch)
+    if scratch.exists():  # absent when merged/ kept no rows (every raw row was set aside)
+        shutil.rmtree(scratch)
     return {table: {"rows_in": rows_in[table], "kept": rows_out[table]} for table in TABLES}, group_sizes
 
 

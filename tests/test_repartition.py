@@ -94,3 +94,16 @@ def test_repartition_refuses_when_merged_is_missing(tmp_path):
     assert result.returncode == 2
     assert "merged/ is missing: run merge_and_clean.py first" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(tmp_path):
+    from recpipe import stage
+    data = tmp_path / "data"
+    with stage.publish(data, "merged", {}, []) as run:
+        for table in ("actions", "impressions"):
+            stage.write_table(getattr(schemas, table.upper()).empty_table().to_pandas(),
+                              run.path / table / "part-0.parquet", getattr(schemas, table.upper()))
+    run_script("repartition.py", "--data", data, *CLUSTER)
+    manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
+    assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0}, "impressions": {"rows_in": 0, "kept": 0}}
+    assert not (data / "repartitioned" / "_scratch").exists()
