@@ -253,7 +253,10 @@ def _write_wide(examples, actions, action_types, key_rows, path, max_history):
         for start in range(0, max(len(key_rows), 1), WIDE_CHUNK):
             rows = key_rows[start:start + WIDE_CHUNK]
             chunk = examples.slice(start, len(rows))
-            lists = [pa.FixedSizeListArray.from_arrays(padded(data, rows, max_history, dtype).ravel(), max_history)
+            # The examples of one customer and day share a history: pad each once, then copy whole rows.
+            keys, key_of_row = np.unique(rows, return_inverse=True)
+            lists = [pa.FixedSizeListArray.from_arrays(padded(data, keys, max_history, dtype)[key_of_row].ravel(),
+                                                       max_history)
                      for data, dtype in ((actions, np.int64), (action_types, np.int8))]
             writer.write_table(pa.Table.from_arrays([*chunk.columns, *lists], schema=schema),
                                row_group_size=WIDE_ROW_GROUP)
