@@ -47,10 +47,12 @@ How the rules are expressed in Spark:
 """
 
 import argparse
+import codecs
 import csv
 import gzip
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -146,17 +148,29 @@ def list_files(raw, source):
 
 
 def csv_header(path):
-    """The column names of a CSV file's first non-blank line."""
+    """The column names of a CSV file's first non-blank line (lines end in \\n, \\r\\n or \\r); None if it has none."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    data = b""
     with opener(path, "rb") as stream:
-        for line in stream:
-            if line.strip():
-                text = line.decode("utf-8-sig").rstrip("\r\n")
-                header = next(csv.reader(io.StringIO(text)), [])
-                if len(set(header)) != len(header):
-                    raise UserError(f"{path}: the header row names a column more than once")
-                return header
-    return None  # empty file: no rows
+        while True:
+            chunk = stream.read(1 << 16)
+            data += chunk
+            text = data.lstrip(b" \t\n\r\x0b\x0c")
+            end = re.search(rb"\r|\n", text)
+            if end or not chunk:
+                break
+    if not text.strip():
+        return None
+    line = text[:end.start()] if end else text
+    if line.startswith(codecs.BOM_UTF8):
+        line = line[len(codecs.BOM_UTF8):]
+    try:
+        header = next(csv.reader([line.decode("utf-8")]), [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path}: the header row cannot be read ({error})") from None
+    if len(set(header)) != len(header):
+        raise UserError(f"{path}: the header row names a column more than once")
+    return header
 
 
 # ---------------------------------------------------------------- Spark
@@ -235,7 +249,8 @@ def read_source(spark, raw, source):
                 schema = T.StructType([T.StructField(name, T.StringType()) for name in header]
                                       + [T.StructField(CORRUPT, T.StringType())])
                 df = spark.read.csv(group, schema=schema, header=True, mode="PERMISSIVE",
-                                    columnNameOfCorruptRecord=CORRUPT, escape='"', enforceSchema=True)
+                                    columnNameOfCorruptRecord=CORRUPT, escape='"', enforceSchema=True,
+                                    multiLine=True)  # a quoted value may hold a line end
                 columns = [F.col(name) if name in header else F.lit(None).cast("string").alias(name)
                            for name in fields]
                 parts.append(finish(df, F.col(CORRUPT).isNotNull(), columns))
