@@ -50,36 +50,29 @@ ACTION_SOURCES = {  # action_type, item field, time field (an order's time is mi
     "previous_orders": (3, "config_id", "order_date"),
 }
 
-# Validation macros over one field's JSON value. Python's str.strip() whitespace; an id is an integer
-# 1 .. 2^63-1 given as a JSON integer or as a string of digits (floats and booleans are not ids); dates
-# are strict YYYY-MM-DD; timestamps ISO 8601 (an offset converted to UTC, none meaning UTC), years 1-9999.
-MACROS = r"""
-CREATE OR REPLACE MACRO ws() AS chr(32) || chr(9) || chr(10) || chr(11) || chr(12) || chr(13);
-CREATE OR REPLACE MACRO jtext(j) AS trim(j ->> '$', ws());
-CREATE OR REPLACE MACRO present(j) AS
-    j IS NOT NULL AND json_type(j) <> 'NULL' AND NOT (json_type(j) = 'VARCHAR' AND jtext(j) = '');
-CREATE OR REPLACE MACRO raw_id(j) AS CASE
-    WHEN json_type(j) IN ('UBIGINT', 'BIGINT') THEN try_cast(j::VARCHAR AS BIGINT)
-    WHEN json_type(j) = 'VARCHAR' AND regexp_full_match(jtext(j), '\+?[0-9]{1,19}') THEN try_cast(jtext(j) AS BIGINT)
-END;
-CREATE OR REPLACE MACRO valid_id(j) AS CASE WHEN raw_id(j) >= 1 THEN raw_id(j) END;
-CREATE OR REPLACE MACRO valid_date(j) AS CASE
-    WHEN json_type(j) = 'VARCHAR' AND regexp_full_match(jtext(j), '[0-9]{4}-[0-9]{2}-[0-9]{2}')
-         AND NOT starts_with(jtext(j), '0000')
-    THEN try_cast(jtext(j) AS DATE)
-END;
-CREATE OR REPLACE MACRO parsed_ts(j) AS CASE
-    WHEN json_type(j) = 'VARCHAR'
-         AND regexp_full_match(jtext(j),
-             '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?')
-         AND NOT starts_with(jtext(j), '0000')
-    THEN try_cast(jtext(j) AS TIMESTAMPTZ)
-END;
-CREATE OR REPLACE MACRO valid_ts(j) AS CASE
-    WHEN parsed_ts(j) BETWEEN TIMESTAMPTZ '0001-01-01 00:00:00+00' AND TIMESTAMPTZ '9999-12-31 23:59:59.999999+00'
-    THEN parsed_ts(j)
-END;
-CREATE OR REPLACE MACRO as_text(j) AS CASE WHEN json_type(j) = 'VARCHAR' THEN jtext(j) ELSE json(j)::VARCHAR END;
+# What Python's str.strip() removes (the pipeline strips every text value before judging it).
+WHITESPACE = " || ".join(f"chr({code})" for code in range(sys.maxunicode + 1) if chr(code).isspace())
+
+# Validation macros over one field's stripped text (JSON values are read as their text: 12 and "12"
+# both become '12', 3.5 becomes '3.5', true 'true'). An id is an integer 1 .. 2^63-1 written in digits
+# (so floats and booleans are not ids); a date is strict YYYY-MM-DD; a timestamp is ISO 8601, an offset
+# converted to UTC, none meaning UTC; years 1-9999. Each returns NULL where the value is not valid.
+MACROS = rf"""
+CREATE OR REPLACE MACRO strip(s) AS  -- trim() with a character list is slow: only where an end may need it
+    CASE WHEN regexp_matches(s, '^[!-~](.*[!-~])?$') THEN s ELSE trim(s, {WHITESPACE}) END;
+CREATE OR REPLACE MACRO parse_id(s) AS
+    CASE WHEN regexp_full_match(s, '\+?[0-9]{{1,19}}') AND try_cast(s AS BIGINT) >= 1 THEN try_cast(s AS BIGINT) END;
+CREATE OR REPLACE MACRO parse_date(s) AS
+    CASE WHEN regexp_full_match(s, '[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}') AND NOT starts_with(s, '0000')
+         THEN try_cast(s AS DATE) END;
+CREATE OR REPLACE MACRO parse_timestamp(s) AS
+    CASE WHEN regexp_full_match(s, '[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}([T ][0-9]{{2}}:[0-9]{{2}}(:[0-9]{{2}}([.,][0-9]+)?)?)?'
+                                   '(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)?')
+              AND NOT starts_with(s, '0000')
+         THEN try_cast(s AS TIMESTAMPTZ) END;
+CREATE OR REPLACE MACRO in_calendar(t) AS
+    CASE WHEN t BETWEEN TIMESTAMPTZ '0001-01-01 00:00:00+00' AND TIMESTAMPTZ '9999-12-31 23:59:59.999999+00'
+         THEN t END;
 """
 
 
@@ -115,53 +108,71 @@ def sql_list(paths):
 
 
 def raw_rows(con, source, files):
-    """SQL of one source's raw rows: file_index, row_index (raw order) and f_<field> JSON for every field."""
+    """SQL of one source's raw rows: file_index and row_index (raw order), s_<field> (stripped text,
+    NULL where absent) for every field but `impressions`, which stays JSON (f_impressions)."""
     fields = FIELDS[source]
     every = sql_list(files)
-    parts = []
     by_format = {}
     for path in files:
         by_format.setdefault(file_format(path), []).append(path)
+    parts = []
     for fmt, paths in sorted(by_format.items()):
         listed = sql_list(paths)
         if fmt == "jsonl":
-            columns = "{" + ", ".join(f"'{f}': 'JSON'" for f in fields) + "}"
-            scan = (f"read_json({listed}, format = 'newline_delimited', columns = {columns}, ignore_errors = true) "
-                    "WITH ORDINALITY")
-            values = [f'"{f}" AS f_{f}' for f in fields]
-            row = "ordinality"
+            # A line that is not a JSON object comes out with every field NULL, so it fails the checks.
+            types = ", ".join(f"'{f}': '{'JSON' if f == 'impressions' else 'VARCHAR'}'" for f in fields)
+            scan = (f"read_json({listed}, format = 'newline_delimited', columns = {{{types}}}, "
+                    "ignore_errors = true) WITH ORDINALITY")
+            row, have = "ordinality", set(fields)
         else:
-            if fmt == "csv":
+            if fmt == "csv":  # a row with too many or too few values is skipped; an empty value is NULL
                 scan = (f"read_csv({listed}, header = true, all_varchar = true, union_by_name = true, "
-                        f"ignore_errors = true, null_padding = false, delim = ',', quote = '\"', escape = '\"') "
+                        "ignore_errors = true, null_padding = false, delim = ',', quote = '\"', escape = '\"') "
                         "WITH ORDINALITY")
                 row = "ordinality"
             else:
                 scan = f"read_parquet({listed}, union_by_name = true, file_row_number = true)"
                 row = "file_row_number"
             have = {name for name, *_ in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
-            values = [(f'to_json("{f}")' if f in have else "NULL::JSON") + f" AS f_{f}" for f in fields]
+        values = []
+        for f in fields:
+            if f not in have:
+                values.append(f"NULL::{'JSON' if f == 'impressions' else 'VARCHAR'} AS {prefix(f)}{f}")
+            elif f == "impressions":
+                values.append(f'"{f}"::JSON AS f_{f}' if fmt == "jsonl" else f'to_json("{f}") AS f_{f}')
+            else:
+                values.append(f'strip("{f}"::VARCHAR) AS s_{f}')
         parts.append(f"SELECT list_position({every}, filename) AS file_index, {row} AS row_index, "
                      f"{', '.join(values)} FROM {scan}")
     return "\nUNION ALL\n".join(parts)
 
 
-def kept_condition(source):
-    """The SQL condition for a raw row of `source` to be kept (README: which rows are set aside)."""
-    terms = []
+def prefix(field):
+    return "f_" if field == "impressions" else "s_"
+
+
+def cleaned_rows(con, source, files):
+    """SQL of one source's kept rows (README, merge_and_clean.py: which rows are set aside), with
+    file_index, row_index, each field parsed once as p_<field>, and f_impressions."""
+    parsed, kept = [], []
     for f in FIELDS[source]:
-        col = f"f_{f}"
-        if f not in OPTIONAL:
-            terms.append(f"present({col})")
-        if f in IDS:
-            terms.append(f"(NOT present({col}) OR valid_id({col}) IS NOT NULL)")
-        if f in DATES:
-            terms.append(f"(NOT present({col}) OR valid_date({col}) IS NOT NULL)")
-        if f in TIMESTAMPS:
-            terms.append(f"(NOT present({col}) OR valid_ts({col}) IS NOT NULL)")
-    if source == "impressions":
-        terms.append("json_type(f_impressions) = 'ARRAY'")
-    return "\n      AND ".join(terms)
+        if f == "impressions":
+            kept.append("json_type(f_impressions) = 'ARRAY'")
+            continue
+        parse = ("parse_id" if f in IDS else "parse_date" if f in DATES else "in_calendar(parse_timestamp"
+                 if f in TIMESTAMPS else None)
+        if parse is None:  # text
+            parsed.append(f"s_{f} AS p_{f}")
+            if f not in OPTIONAL:
+                kept.append(f"coalesce(s_{f}, '') <> ''")
+            continue
+        parsed.append(f"{parse}(s_{f}){')' if f in TIMESTAMPS else ''} AS p_{f}")
+        # a required field must parse; an optional one may be missing, but must parse when present
+        kept.append(f"p_{f} IS NOT NULL" if f not in OPTIONAL else f"(coalesce(s_{f}, '') = '' OR p_{f} IS NOT NULL)")
+    extra = ", f_impressions" if source == "impressions" else ""
+    return (f"SELECT * FROM (SELECT file_index, row_index, {', '.join(parsed)}{extra}, "
+            f"{', '.join(f's_{f}' for f in FIELDS[source] if f != 'impressions')} "
+            f"FROM ({raw_rows(con, source, files)}))\n        WHERE {' AND '.join(kept)}")
 
 
 def main():
@@ -198,20 +209,19 @@ def main():
         con.execute(f"""
         CREATE TEMP TABLE shown AS
         WITH rankings AS (
-          SELECT file_index, row_index, valid_date(f_dt) AS dt, as_text(f_ranking_id) AS ranking_id,
-                 valid_id(f_customer_id) AS customer_id, f_impressions::JSON[] AS entries
-          FROM ({raw_rows(con, "impressions", files["impressions"])})
-          WHERE {kept_condition("impressions")}
+          SELECT file_index, row_index, p_dt AS dt, p_ranking_id AS ranking_id, p_customer_id AS customer_id,
+                 f_impressions::JSON[] AS entries
+          FROM ({cleaned_rows(con, "impressions", files["impressions"])})
         ),
         entries AS (
-          SELECT file_index, row_index, dt, ranking_id, customer_id,
-                 unnest(entries) AS entry, unnest(range(len(entries))) AS position
-          FROM rankings
+          SELECT file_index, row_index, dt, ranking_id, customer_id, position,
+                 parse_id(strip(entry ->> '$.item_id')) AS item_id, json_type(entry -> '$.is_order') AS order_type,
+                 entry ->> '$.is_order' AS is_order
+          FROM (SELECT *, unnest(entries) AS entry, unnest(range(len(entries))) AS position FROM rankings)
         )
-        SELECT dt, ranking_id, customer_id, valid_id(entry -> '$.item_id') AS item_id, position,
-               (entry ->> '$.is_order') = 'true' AS is_order
+        SELECT dt, ranking_id, customer_id, item_id, position, is_order = 'true' AS is_order
         FROM entries
-        WHERE valid_id(entry -> '$.item_id') IS NOT NULL AND json_type(entry -> '$.is_order') = 'BOOLEAN'
+        WHERE item_id IS NOT NULL AND order_type = 'BOOLEAN'
         QUALIFY row_number() OVER (PARTITION BY dt, ranking_id, customer_id, item_id, position
                                    ORDER BY file_index, row_index) = 1
         """)
@@ -228,41 +238,50 @@ def main():
         # The canonical action stream.
         selects = []
         for source, (action_type, item, when) in ACTION_SOURCES.items():
-            occurred = f"valid_date(f_{when})::TIMESTAMPTZ" if when in DATES else f"valid_ts(f_{when})"
+            occurred = f"p_{when}::TIMESTAMPTZ"  # an order's date: midnight UTC
             selects.append(f"""
-          SELECT valid_id(f_customer_id) AS customer_id, valid_id(f_{item}) AS item_id,
+          SELECT p_customer_id AS customer_id, p_{item} AS item_id,
                  {action_type}::TINYINT AS action_type, {occurred} AS occurred_at
-          FROM ({raw_rows(con, source, files[source])})
-          WHERE {kept_condition(source)}""")
+          FROM ({cleaned_rows(con, source, files[source])})""")
         con.execute("CREATE TEMP TABLE actions AS " + "\nUNION ALL\n".join(selects))
+        cleaned = time.perf_counter()
 
         # Histories: every action in [D - lookback, D), most recent first, the first max_history.
         h = int(args.max_history)
         con.execute(f"""
+        CREATE TEMP TABLE histories AS
+        WITH keys AS (SELECT DISTINCT customer_id, dt FROM examples),
+        windowed AS (
+          SELECT k.customer_id, k.dt, a.item_id, a.action_type,
+                 row_number() OVER (PARTITION BY k.customer_id, k.dt
+                                    ORDER BY a.occurred_at DESC, a.action_type DESC, a.item_id DESC) AS recency
+          FROM keys k
+          JOIN actions a
+            ON a.customer_id = k.customer_id
+           AND a.occurred_at < k.dt::TIMESTAMPTZ
+           AND a.occurred_at >= (k.dt - {int(args.lookback_days)})::TIMESTAMPTZ
+          QUALIFY recency <= {h}
+        )
+        SELECT customer_id, dt, list(item_id ORDER BY recency) AS actions,
+               list(action_type ORDER BY recency) AS action_types
+        FROM windowed GROUP BY customer_id, dt
+        """)
+        histories = time.perf_counter()
+        # A row holds two padded lists (about 9 bytes per history slot). PARTITION_BY buffers 524,288 rows
+        # per thread by default before flushing (4.5 GiB of such rows) and a Parquet row group 122,880 rows:
+        # size both by bytes instead, about 16 MiB per thread's buffer and 128 MiB per row group.
+        row_bytes = 9 * h + 64
+        con.execute(f"SET partitioned_write_flush_threshold = {max(1024, (16 << 20) // row_bytes)}")
+        row_group = max(1024, (128 << 20) // row_bytes)
+        con.execute(f"""
         COPY (
-          WITH keys AS (SELECT DISTINCT customer_id, dt FROM examples),
-          windowed AS (
-            SELECT k.customer_id, k.dt, a.item_id, a.action_type,
-                   row_number() OVER (PARTITION BY k.customer_id, k.dt
-                                      ORDER BY a.occurred_at DESC, a.action_type DESC, a.item_id DESC) AS recency
-            FROM keys k
-            JOIN actions a
-              ON a.customer_id = k.customer_id
-             AND a.occurred_at < k.dt::TIMESTAMPTZ
-             AND a.occurred_at >= (k.dt - {int(args.lookback_days)})::TIMESTAMPTZ
-            QUALIFY recency <= {h}
-          ),
-          histories AS (
-            SELECT customer_id, dt, list(item_id ORDER BY recency) AS actions,
-                   list(action_type ORDER BY recency) AS action_types
-            FROM windowed GROUP BY customer_id, dt
-          )
           SELECT e.dt, e.customer_id, e.ranking_id, e.item_id, e.position::BIGINT AS position, e.is_order, e.split,
                  list_resize(coalesce(hi.actions, []::BIGINT[]), {h}, 0::BIGINT) AS actions,
                  list_resize(coalesce(hi.action_types, []::TINYINT[]), {h}, 0::TINYINT) AS action_types
           FROM examples e LEFT JOIN histories hi ON hi.customer_id = e.customer_id AND hi.dt = e.dt
-        ) TO '{staging}' (FORMAT parquet, PARTITION_BY (dt))
+        ) TO '{staging}' (FORMAT parquet, PARTITION_BY (dt), ROW_GROUP_SIZE {row_group})
         """)
+        written = time.perf_counter()
         rows = con.execute("SELECT count(*) FROM examples").fetchone()[0]
         by_split = dict(con.execute("SELECT split, count(*) FROM examples GROUP BY split").fetchall())
         n_actions = con.execute("SELECT count(*) FROM actions").fetchone()[0]
@@ -277,7 +296,9 @@ def main():
         shutil.rmtree(spill, ignore_errors=True)
     seconds = time.perf_counter() - started
     print(f"duckdb_pipeline: wrote {rows:,} rows (train {by_split.get('train', 0):,}, val {by_split.get('val', 0):,}, "
-          f"test {by_split.get('test', 0):,}; {n_actions:,} actions) to {out}/ in {seconds:.1f} s")
+          f"test {by_split.get('test', 0):,}; {n_actions:,} actions) to {out}/ in {seconds:.1f} s "
+          f"(reading and cleaning {cleaned - started:.1f} s, "
+          f"histories {histories - cleaned:.1f} s, writing {written - histories:.1f} s)")
 
 
 if __name__ == "__main__":
