@@ -16,13 +16,21 @@ and the README's decisions for merge_and_clean.py, splits the impression days (s
 SQL does the work; Python only lists the files and assembles the queries. Stands alone: nothing
 from recpipe is imported. OUT is built beside itself and renamed into place (replacing it).
 
-How the raw rows are read (one reader per format, every field kept as a JSON value, so that one set
-of validation macros judges every format alike):
-  - JSON Lines: read_json(newline_delimited, every field typed JSON, ignore_errors): a line that is
-    not a JSON object comes out with every field NULL, so it fails the required-field check;
+How the raw rows are read (one reader per format, every field as its text, stripped, so that one
+set of parsing macros judges every format alike; the impressions list stays JSON):
+  - JSON Lines: read_json(newline_delimited, fields typed VARCHAR, ignore_errors): a JSON value
+    comes out as its text (12 and "12" both as '12', 3.5 as '3.5', true as 'true'), and a line that
+    is not a JSON object with every field NULL, so it fails the required-field check;
   - CSV: read_csv(header, all_varchar, union_by_name, ignore_errors): a row with too many or too few
     values is skipped; an empty value is NULL, i.e. missing;
-  - Parquet: read_parquet(union_by_name), each field through to_json().
+  - Parquet: read_parquet(union_by_name), fields cast to VARCHAR, the impressions list to_json().
+Raw order (for "the first of exact duplicate shown items is kept") is the file's place in the sorted
+list of files, then the reader's WITH ORDINALITY (or Parquet's file_row_number).
+
+Where DuckDB's JSON reader is more lenient than the pipeline's (orjson), which no generated data
+exercises: a UTF-8 byte-order mark loses a file's first line here (the pipeline skips the mark); a
+key repeated in one object takes its first value here (the last there); NaN and trailing commas are
+accepted here (malformed there).
 """
 
 import argparse
