@@ -429,14 +429,18 @@ def build(spark, args):
         values = F.coalesce(F.col(column), F.array().cast(f"array<{zero}>"))
         return F.concat(values, F.array_repeat(F.lit(0).cast(zero), F.lit(args.max_history) - F.size(values)))
 
+    # The writer needs each task's rows grouped by dt: sorted here, before padding, rather than by the
+    # writer after it (rows ten times wider).
     return (
         examples.join(histories, ["customer_id", "dt_us"], "left")
+        .withColumn("dt", F.date_format(F.timestamp_micros("dt_us"), "yyyy-MM-dd"))
+        .sortWithinPartitions("dt")
         .select(
             F.col("customer_id"), F.col("ranking_id"), F.col("item_id"), F.col("position"), F.col("is_order"),
             F.col("split"),
             padded("items", "bigint").alias("actions"),
             padded("types", "tinyint").alias("action_types"),
-            F.date_format(F.timestamp_micros("dt_us"), "yyyy-MM-dd").alias("dt"),
+            F.col("dt"),
         )
     )
 
