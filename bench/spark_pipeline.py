@@ -59,7 +59,6 @@ import argparse
 import codecs
 import csv
 import gzip
-import io
 import os
 import re
 import shutil
