@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from recpipe import cluster, pipeline, stage
-from recpipe.cli import UserError, entrypoint
+from recpipe.cli import entrypoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -55,7 +55,7 @@ def inspect(args):
 def print_status(args):
     states = inspect(args)
     print(f"pipeline in {args.data}/ (raw files: {args.raw}/)")
-    print(pipeline.format_status(states, args.data, pipeline.all_leftovers(args.data, args.preprocessors),
+    print(pipeline.format_status(states, pipeline.all_leftovers(args.data, args.preprocessors),
                                  pipeline.preprocessors_state(states, args.preprocessors)), flush=True)
 
 

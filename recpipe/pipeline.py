@@ -292,7 +292,7 @@ def mib(size):
     return f"{size / 2**20:,.1f} MiB"
 
 
-def format_status(states, data_dir, leftovers, preprocessors_line):
+def format_status(states, leftovers, preprocessors_line):
     """The status report: one line per stage, then what may be deleted and what was left behind."""
     lines = [f"{'stage':<16}{'state':<14}{'size':>13}  {'finished (UTC)':<18}{'made by'}"]
     for state in states:

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -168,7 +167,7 @@ def test_pipeline_leftovers_of_killed_runs_are_reported_and_removed(chain, tmp_p
     leftovers = pipeline.all_leftovers(data, tmp_path / "preprocessors")
     assert leftovers == [(dead, True), (live, False)]
     states = list(states_of(data, raw).values())
-    report = pipeline.format_status(states, data, leftovers, None)
+    report = pipeline.format_status(states, leftovers, None)
     assert f"temporary folder {dead} (0.0 MiB): left by a killed run" in report
     assert f"temporary folder {live} (0.0 MiB): a run in progress" in report
     assert pipeline.remove_leftovers(data, tmp_path / "preprocessors") == [dead]
