@@ -14,6 +14,8 @@ import itertools
 import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recpipe.raw import FIELDS
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
@@ -39,12 +41,50 @@ QUARANTINE_COLUMNS = ["source_file", "row", "reason", "raw"]
 
 def strip_text(values):
     """Text values stripped (the SPEC strips text fields); other values untouched."""
-    text = values.map(type).to_numpy() == str
-    if not text.any():
+    if is_all_text(values):
+        to_strip = may_need_stripping(values)
+    else:
+        to_strip = values.map(type).to_numpy() == str
+    if not to_strip.any():
         return values
     stripped = values.copy()
-    stripped[text] = values[text].str.strip()
+    stripped[to_strip] = values[to_strip].str.strip()
     return stripped
+
+
+def is_all_text(values):
+    """Whether every value is a str or missing (pandas checks in C, without a Python call per value)."""
+    return pd.api.types.infer_dtype(values, skipna=True) == "string"
+
+
+# Only a value that begins or ends with something other than an ASCII letter or digit can change when
+# stripped; a timestamp or a date never does. Python strips those few, so its notion of whitespace holds.
+_MAY_NEED_STRIPPING = r"^[^0-9A-Za-z]|[^0-9A-Za-z]$"
+
+
+def may_need_stripping(text):
+    """Mask of the str values (all others missing) that may hold leading or trailing whitespace."""
+    found = _search_in_arrow(text, _MAY_NEED_STRIPPING)
+    return text.notna().to_numpy() if found is None else found
+
+
+def fullmatch(text, pattern):
+    """Mask of the values that are str and match `pattern` whole."""
+    if is_all_text(text):
+        found = _search_in_arrow(text, f"^(?:{pattern})$")
+        if found is not None:
+            return found
+    return text.str.fullmatch(pattern).fillna(False).to_numpy(dtype=bool)
+
+
+def _search_in_arrow(text, pattern):
+    """Mask of the values (str or missing) where RE2 finds `pattern`, one pass in C; None if Arrow cannot
+    hold the text (a lone surrogate, which UTF-8 cannot encode)."""
+    try:
+        array = pa.array(text, type=pa.string(), from_pandas=True)
+    except (pa.ArrowException, UnicodeError):
+        return None
+    return pc.fill_null(pc.match_substring_regex(array, pattern), False).to_numpy(zero_copy_only=False)
 
 
 def is_missing(values):
@@ -65,7 +105,7 @@ def parse_ids(values, strip=False):
     text = kind == str
     if text.any():
         strings = values[text].str.strip() if strip else values[text]
-        digits = strings.str.fullmatch(r"\+?[0-9]{1,19}").to_numpy(dtype=bool)
+        digits = fullmatch(strings, r"\+?[0-9]{1,19}")
         candidates[np.flatnonzero(text)[digits]] = [int(digit) for digit in strings[digits]]
     has_value = candidates != None  # noqa: E711 (elementwise on an object array)
     valid = np.zeros(len(values), dtype=bool)
@@ -78,6 +118,8 @@ def parse_ids(values, strip=False):
 
 
 def _text(values):
+    if is_all_text(values):
+        return values
     return values.where(values.map(type).to_numpy() == str)
 
 
@@ -89,7 +131,7 @@ def _in_calendar(parsed):
 def parse_dates(values):
     """Strict YYYY-MM-DD (pandas alone would accept 2024-3-1) -> midnight UTC; NaT where invalid."""
     text = _text(values)
-    text = text.where(text.str.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}").fillna(False).astype(bool))
+    text = text.where(fullmatch(text, r"[0-9]{4}-[0-9]{2}-[0-9]{2}"))
     return _in_calendar(pd.to_datetime(text, format="%Y-%m-%d", utc=True, errors="coerce").astype("datetime64[us, UTC]"))
 
 

@@ -28,6 +28,26 @@ def test_parse_ids_accepts_positive_integers_and_digit_strings_only():
     assert ids[valid].tolist() == [7, 8, 9, 2**63 - 1]
 
 
+def test_strip_text_of_only_text_strips_as_python_does():
+    values = pd.Series(["a", " b", "c\u00a0", "\u3000d\t", "\u00e9", None, "2024-03-01T10:00:00Z", "x\n", ""],
+                       dtype=object)
+    assert strip_text(values).tolist() == [value.strip() if value is not None else None for value in values]
+
+
+def test_strip_text_strips_text_that_utf8_cannot_encode():
+    assert strip_text(pd.Series([" \ud800 ", "a "], dtype=object)).tolist() == ["\ud800", "a"]
+
+
+def test_parse_ids_of_only_text_matches_whole_values():
+    ids, valid = parse_ids(pd.Series(["12", "12\n", "+3", "1 2", "\u0661\u0662", None, "x12"], dtype=object))
+    assert valid.tolist() == [True, False, True, False, False, False, False]
+    assert ids[valid].tolist() == [12, 3]
+
+
+def test_parse_dates_of_only_text_rejects_a_trailing_newline():
+    assert parse_dates(pd.Series(["2024-03-01", "2024-03-01\n", None], dtype=object)).isna().tolist() == [False, True, True]
+
+
 def test_parse_dates_is_strict_yyyy_mm_dd():
     parsed = parse_dates(strip_text(pd.Series(["2024-03-01", "2024-3-1", "2024-02-30", " 2024-03-02 ", 20240301],
                                               dtype=object)))
