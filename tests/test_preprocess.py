@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, run_script
@@ -80,6 +81,10 @@ def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
     wide = read(data / "processed" / "val")
     assert len(wide) == len(compact)
     assert wide.actions.map(len).eq(20).all()
+    schema = pq.read_schema(next((data / "processed" / "val").rglob("*.parquet")))
+    for name, value_type in (("actions", pa.int64()), ("action_types", pa.int8())):
+        assert schema.field(name).type == pa.list_(pa.field("element", value_type, nullable=False), 20)
+        assert not schema.field(name).nullable
     key = ["customer_id", "ranking_id", "cat_position"]
     both = wide.merge(compact, on=key, suffixes=("_wide", ""))
     for padded_actions, actions in zip(both.actions_wide, both.actions):
