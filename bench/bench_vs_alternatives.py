@@ -1,7 +1,7 @@
 """Our pipeline against the same job in PySpark and in DuckDB, on the same raw files, at one or more scales.
 
     .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/bench_vs_alternatives.py                          # 5M actions, ~15 minutes
+    .venv/bin/python bench/bench_vs_alternatives.py                          # 5M actions, ~11 minutes
     .venv/bin/python bench/bench_vs_alternatives.py --actions 2.5M 5M 10M    # the scale run, with a plot
 
 The job: raw files in (generate_data.py's, 2% bad rows planted), one training row per shown
