@@ -4,8 +4,10 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -118,26 +120,30 @@ def _start(args, stack):
     scheduler_log = logging.getLogger("distributed.scheduler")
     scheduler_log.addFilter(_not_reported_by_client)
     stack.callback(scheduler_log.removeFilter, _not_reported_by_client)
-    client.register_plugin(QuietTaskFailures())
+    client.register_plugin(QuietLocalWorkers())
     print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
           f"{memory_limit / 2**30:.1f} GiB each")
     print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
 
 
-class QuietTaskFailures(WorkerPlugin):
-    """Drop a LocalCluster worker's "Compute Failed" log of a task's exception.
+class QuietLocalWorkers(WorkerPlugin):
+    """Keep a LocalCluster's workers from repeating on the script's terminal what the script says once.
 
-    The exception reaches the client, which reports it: one line for a full disk or a
-    user error, the traceback for a bug. The worker's log of it, on the same terminal,
-    would print the traceback once more per failed task (120 tracebacks when the disk
-    fills during merge_and_clean.py). An external cluster's workers keep their logs.
+    - A task's exception reaches the client, which reports it: one line for a full disk or
+      a user error, the traceback for a bug. The worker's "Compute Failed" log would print
+      it once more per failed task (120 tracebacks when the disk fills during
+      merge_and_clean.py). An external cluster's workers keep their logs.
+    - Ctrl-C sends SIGINT to the workers too, and each would print a KeyboardInterrupt
+      traceback from its event loop. They ignore it: the script, interrupted, closes them.
     """
 
-    name = "recpipe-quiet-task-failures"
+    name = "recpipe-quiet-local-workers"
 
     def setup(self, worker):
         logging.getLogger("distributed.worker").addFilter(_not_reported_by_client)
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _not_reported_by_client(record):
