@@ -19,18 +19,18 @@ from recpipe.merge import merge_and_clean
 from recpipe.raw import SOURCES, list_source_files
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", default="data/raw", help="folder with one sub-folder per raw source")
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
     pipeline.add_parameters(parser, "merged")
     cluster.add_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 @entrypoint
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     raw_files = {source: list_source_files(args.raw, source) for source in SOURCES}
     parameters = pipeline.asked_parameters(args, "merged")
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]

@@ -17,16 +17,16 @@ from recpipe import cluster, stage, user_agents
 from recpipe.cli import entrypoint
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
     cluster.add_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 @entrypoint
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     manifest = stage.require_stage(args.data, "repartitioned")
     user_agents.require_native_resolver()
     # Row groups as repartition.py sized them, so that readers of cleaned/ get the same bound.

@@ -18,18 +18,18 @@ from recpipe.cli import OutputError, entrypoint
 from recpipe.preprocess import preprocess
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
     parser.add_argument("--preprocessors", default="preprocessors", help="where the fitted encoders and scaler go")
     pipeline.add_parameters(parser, "processed")
     cluster.add_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 @entrypoint
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     stage.require_stage(args.data, "cleaned")
     parameters = pipeline.asked_parameters(args, "processed")
     inputs = [stage.stage_input(args.data, "cleaned")]

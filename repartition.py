@@ -17,17 +17,17 @@ from recpipe.cli import entrypoint
 from recpipe.repartition import BUCKET_HASH, repartition
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding the stage folders")
     pipeline.add_parameters(parser, "repartitioned")
     cluster.add_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 @entrypoint
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     stage.require_stage(args.data, "merged")
     parameters = {**pipeline.asked_parameters(args, "repartitioned"), "bucket_hash": BUCKET_HASH}
     inputs = [stage.stage_input(args.data, "merged")]

@@ -3,12 +3,16 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from recpipe import pipeline, stage
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
@@ -191,6 +195,34 @@ def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(tmp_path):
     assert result.returncode == 2
     assert "nowhere" in result.stderr and "merge_and_clean.py failed (exit status 2)" in result.stderr
     assert "=== repartitioned/" not in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_pipeline_interrupted_midway_removes_the_stage_staging_folder_and_stops(cleaned_data, tmp_path,
+                                                                               signal_number):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (to pipeline.py alone) while a stage
+    runs inside pipeline.py: that stage's staging folder goes, its previous output stays, no later stage runs."""
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    manifest = (data / "repartitioned" / stage.MANIFEST).read_text()
+    process = subprocess.Popen(
+        [sys.executable, "pipeline.py", "run", "--from", "repartitioned", "--data", data, "--raw",
+         cleaned_data / "raw", "--preprocessors", tmp_path / "preprocessors", "--workers", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(data.glob(".repartitioned.staging-*/*/*/*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    if signal_number == signal.SIGINT:
+        os.killpg(process.pid, signal_number)
+    else:
+        os.kill(process.pid, signal_number)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signal_number, stderr
+    assert "Traceback" not in stderr and "=== cleaned/" not in stdout
+    assert pipeline.all_leftovers(data, tmp_path / "preprocessors") == []
+    assert (data / "repartitioned" / stage.MANIFEST).read_text() == manifest
 
 
 def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
