@@ -24,8 +24,6 @@ from pathlib import Path
 from recpipe import cluster, pipeline, stage
 from recpipe.cli import entrypoint
 
-ROOT = Path(__file__).resolve().parent
-
 
 def parse_args():
     common = argparse.ArgumentParser(add_help=False)
@@ -119,7 +117,8 @@ def run(args):
                 run_stages(argparse.Namespace(**{**vars(args), "scheduler": address}), forced, ran)
         except BaseException:
             # A task still running when its stage was stopped can write on into the staging folder
-            # the stage has just removed; with our LocalCluster closed now, nothing can.
+            # the stage has just removed; with our LocalCluster closed now, nothing can. (An external
+            # cluster's workers still may; the next run removes what they leave.)
             pipeline.remove_leftovers(args.data, args.preprocessors)
             raise
     skipped = [name for name in pipeline.STAGES if name not in ran]
