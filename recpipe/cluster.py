@@ -1,10 +1,14 @@
 """The Dask client every script computes on: an existing scheduler, or a LocalCluster sized to this machine."""
 
+import argparse
+import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -14,11 +18,30 @@ from pathlib import Path
 
 import dask
 import psutil
-from dask.utils import parse_bytes
+from dask.utils import format_bytes, parse_bytes
 from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_completed, progress
+from distributed.comm import connect as open_comm
+from distributed.comm.addressing import parse_address, parse_host_port, unparse_address
 from distributed.comm.core import CommClosedError
+from distributed.security import Security
 
 from recpipe.cli import ClusterError, OutputError, UserError, output_failure
+
+
+# A Dask worker with pandas and PyArrow loaded holds about 180 MiB before any data, and Dask
+# pauses a worker at 80% of its limit: below 256 MiB one could hardly run a task.
+MIN_WORKER_MEMORY = 256 * 2**20
+MIN_WORKER_MEMORY_TEXT = "256 MiB"
+
+# Seconds for a --scheduler to accept a connection (else it is unreachable), and then more for it
+# to answer as a Dask scheduler: whatever else listens there (a dashboard, a web server) keeps
+# the connection open without a word, and Dask's client would wait on it forever.
+CONNECT_TIMEOUT = 10
+HANDSHAKE_TIMEOUT = 10
+
+# The LocalCluster's dashboard shows the scheduler's address and the workers' folders and
+# logs; it stays on this machine unless --dashboard-address opens it.
+DEFAULT_DASHBOARD = ("127.0.0.1", 8787)
 
 
 def add_arguments(parser):
@@ -30,31 +53,95 @@ def add_arguments(parser):
         help="join an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 "
         "(default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster on this machine)",
     )
-    group.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core)")
-    group.add_argument("--threads-per-worker", type=int, default=1, help="LocalCluster threads per worker (default: 1)")
+    group.add_argument("--workers", type=_at_least_one, default=None,
+                       help=f"LocalCluster worker processes (default: one per core, fewer if that left a worker "
+                       f"under {MIN_WORKER_MEMORY_TEXT})")
+    group.add_argument("--threads-per-worker", type=_at_least_one, default=1,
+                       help="LocalCluster threads per worker (default: 1)")
     group.add_argument(
         "--memory-limit",
+        type=_memory_limit_flag,
         default=None,
-        help="LocalCluster memory per worker, e.g. 8GiB (default: 75%% of this machine's memory, shared out)",
+        help=f"LocalCluster memory per worker, e.g. 8GiB, at least {MIN_WORKER_MEMORY_TEXT} "
+        "(default: 75%% of this machine's memory, shared out)",
     )
+    group.add_argument(
+        "--dashboard-address",
+        type=_dashboard_flag,
+        default=None,
+        metavar="[HOST]:PORT",
+        help="where the LocalCluster's dashboard listens (default: 127.0.0.1:8787, this machine only, "
+        "or a free port if 8787 is taken); :8787 opens it on every interface, for other machines to see. "
+        "An existing --scheduler serves its own dashboard: see `dask scheduler --dashboard-address`",
+    )
+
+
+def _at_least_one(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _worker_memory(text):
+    """`text` in bytes, or ValueError: why it cannot be a worker's memory limit, worded to follow the flag's name."""
+    try:
+        size = parse_bytes(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; write it like 8GiB or 4000MB") from None
+    if size < MIN_WORKER_MEMORY:
+        raise ValueError(
+            f"{text!r} is less than the {MIN_WORKER_MEMORY_TEXT} a Dask worker needs (with pandas and PyArrow "
+            f"loaded it holds about 180 MiB before any data); give each worker at least that, e.g. 4GiB")
+    return size
+
+
+def _memory_limit_flag(text):
+    try:
+        _worker_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text  # as given: pipeline.py passes it on to the stage scripts
+
+
+def _dashboard_flag(text):
+    # A colon is required: Dask reads a bare "8787" as every interface, which no one should get by accident.
+    host, colon, port = text.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or int(port) > 65535 or ":" in host or "/" in host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not [HOST]:PORT; write it like 127.0.0.1:8787 (this machine only) "
+            f"or :8787 (every interface)")
+    return f"{host}:{int(port)}"
 
 
 def local_cluster_size(workers=None, memory_limit=None):
     """Workers default to one per core; together they may use three quarters of the machine's memory.
 
     The quarter left over is for the client, the scheduler and the page cache the
-    Parquet reads live on.
+    Parquet reads live on. By default there are no more workers than that memory gives
+    MIN_WORKER_MEMORY each (a machine with many cores and little memory).
     """
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: needs at least 1 worker")
-    if memory_limit is None:
-        return workers, int(psutil.virtual_memory().total * 0.75 / workers)
-    try:
-        return workers, parse_bytes(memory_limit)
-    except ValueError:
-        raise UserError(f"--memory-limit {memory_limit!r}: not a size; write it like 8GiB or 4000MB") from None
+    if memory_limit is not None:
+        try:
+            return workers or os.cpu_count() or 1, _worker_memory(memory_limit)
+        except ValueError as error:
+            raise UserError(f"--memory-limit {error}") from None
+    total = psutil.virtual_memory().total
+    most = max(1, int(total * 0.75 // MIN_WORKER_MEMORY))
+    if workers is None:
+        workers = min(os.cpu_count() or 1, most)
+    elif workers > most:
+        raise UserError(
+            f"--workers {workers}: three quarters of this machine's {format_bytes(total)} of memory shared by "
+            f"{workers} workers is {format_bytes(total * 0.75 / workers)} each, less than the "
+            f"{MIN_WORKER_MEMORY_TEXT} a Dask worker needs; use at most {most} --workers, "
+            f"or set --memory-limit")
+    return workers, int(total * 0.75 / workers)
 
 
 @contextlib.contextmanager
@@ -85,15 +172,7 @@ def connect(args):
 
 def _start(args, stack):
     if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout="10s")
-        except OSError as error:
-            raise UserError(
-                f"could not reach the Dask scheduler at --scheduler {args.scheduler} ({error}); "
-                "start one with `dask scheduler` or leave --scheduler and $DASK_SCHEDULER_ADDRESS unset "
-                "to use a LocalCluster"
-            ) from None
-        stack.enter_context(client)
+        client = stack.enter_context(_join(args.scheduler))
         _ship_package(client)
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
@@ -101,6 +180,7 @@ def _start(args, stack):
         return client
 
     workers, memory_limit = local_cluster_size(args.workers, args.memory_limit)
+    dashboard_host, dashboard_port = _dashboard_address(args.dashboard_address)
     # Dask's statistical profiler samples every worker thread's stack each 10 ms; on our
     # Python-heavy cleaning tasks that cost 28% of merge_and_clean's time (43 s -> 31 s).
     # The dashboard's Profile page stays empty; everything else on it works.
@@ -110,9 +190,11 @@ def _start(args, stack):
             threads_per_worker=args.threads_per_worker,
             memory_limit=memory_limit,
             processes=True,
+            # Dask's own default too; said here so that the scheduler, workers and nannies
+            # stay unreachable from other machines whatever a later Dask defaults to.
+            host="127.0.0.1",
             silence_logs=logging.ERROR,
-            # Dask warns at length when 8787 is taken; asking for a free port (:0) keeps the log clean.
-            dashboard_address=":8787" if _port_free(8787) else ":0",
+            dashboard_address=f"{dashboard_host}:{dashboard_port}",
         ))
     client = stack.enter_context(Client(cluster))
     # The scheduler runs in this process: its log of a task failed by dying workers would
@@ -123,8 +205,95 @@ def _start(args, stack):
     client.register_plugin(QuietLocalWorkers())
     print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
           f"{memory_limit / 2**30:.1f} GiB each")
-    print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+    if args.dashboard_address:  # it may be open to other machines: say so where the link is
+        print(f"Dask dashboard: {client.dashboard_link} (--dashboard-address {args.dashboard_address}: "
+              f"listening on {dashboard_host or 'every interface'})", flush=True)
+    else:
+        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
     return client
+
+
+def _dashboard_address(flag):
+    """(host, port) for the LocalCluster's dashboard: --dashboard-address's, else 127.0.0.1:8787; port 0
+    (any free one) where that port is taken, since Dask warns at length before doing the same.
+
+    An empty host is every interface (Dask's reading of ":8787").
+    """
+    if flag is None:
+        host, port = DEFAULT_DASHBOARD
+    else:
+        host, _, port = flag.rpartition(":")
+        port = int(port)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the dashboard's server does
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return host, 0
+            raise UserError(
+                f"--dashboard-address {flag}: cannot listen there ({error}); give an address of this "
+                f"machine, like 127.0.0.1:8787 (this machine only) or :8787 (every interface)") from None
+    return host, port
+
+
+def _join(address):
+    """A Client of the scheduler at `address`, or a UserError naming what is wrong with the address, the
+    flag or environment variable it came from, and the fix; malformed addresses fail before any connection."""
+    # Told by the value, not by how it reached us: pipeline.py passes the variable's on as --scheduler.
+    given = (f"DASK_SCHEDULER_ADDRESS={address}" if address == os.environ.get("DASK_SCHEDULER_ADDRESS")
+             else f"--scheduler {address}")
+    fix = ("give the address `dask scheduler` prints, like tcp://HOST:8786, or leave --scheduler and "
+           "$DASK_SCHEDULER_ADDRESS unset to use a LocalCluster")
+    scheme, location = parse_address(address)
+    if scheme == "inproc":
+        raise UserError(f"{given}: an inproc:// address reaches only a scheduler inside the same process, "
+                        f"and this script runs none; {fix}")
+    if scheme in ("tcp", "tls"):  # what `dask scheduler` listens on; other schemes' checks are distributed's
+        try:
+            host, port = parse_host_port(location)
+        except ValueError:
+            host, port = None, None
+        if not host or not isinstance(port, int) or not 0 < port < 65536:
+            raise UserError(f"{given} is not a Dask scheduler address: it needs a host and a port (1-65535); {fix}")
+    address = unparse_address(scheme, location)
+    try:
+        _handshake(address)
+        client = Client(address, timeout=f"{CONNECT_TIMEOUT}s")
+    except TimeoutError:  # before OSError, of which it is one: see HANDSHAKE_TIMEOUT
+        raise UserError(
+            f"no Dask scheduler answered at {given}: something there accepted the connection but did not answer "
+            f"as one within {CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT} s (a dashboard's port? a scheduler's is "
+            f"usually 8786); {fix}") from None
+    except OSError as error:
+        raise UserError(
+            f"could not reach the Dask scheduler at {given} ({error}); "
+            "start one with `dask scheduler` or leave --scheduler and $DASK_SCHEDULER_ADDRESS unset "
+            "to use a LocalCluster"
+        ) from None
+    except Exception as error:  # distributed's word on an address it cannot use: TLS unconfigured, UCX missing
+        raise UserError(f"could not connect to the Dask scheduler at {given} "
+                        f"({type(error).__name__}: {error}); {fix}") from None
+    return client
+
+
+def _handshake(address):
+    """Connect to `address` and exchange Dask's handshake, within CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT.
+
+    OSError if nothing accepts the connection in CONNECT_TIMEOUT (distributed's own message);
+    TimeoutError if what accepted it does not answer as Dask does.
+    """
+    async def shake():
+        comm = await open_comm(address, timeout=CONNECT_TIMEOUT, **Security().get_connection_args("client"))
+        await comm.close()
+
+    async def bounded():
+        try:
+            await asyncio.wait_for(shake(), CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise TimeoutError() from None
+
+    asyncio.run(bounded())
 
 
 class QuietLocalWorkers(WorkerPlugin):
@@ -234,10 +403,3 @@ def _ship_package(client):
         archive = shutil.make_archive(str(Path(tmp) / package.name), "zip", root_dir=package.parent,
                                       base_dir=package.name)
         client.upload_file(archive)
-
-
-def _port_free(port):
-    import socket
-
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0

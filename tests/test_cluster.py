@@ -1,10 +1,18 @@
-"""The cluster helper: LocalCluster sizing, a dashboard that really serves, clear errors."""
+"""The cluster helper: LocalCluster sizing, a dashboard that really serves and stays on this machine unless
+asked, clear errors for every cluster flag."""
 
 import argparse
+import contextlib
+import ipaddress
+import os
+import socket
+import types
+import urllib.parse
 import urllib.request
 
 import psutil
 import pytest
+from conftest import run_script
 
 from recpipe import cluster
 from recpipe.cli import UserError
@@ -16,6 +24,26 @@ def parse(*argv):
     return parser.parse_args(argv)
 
 
+def listening_sockets():
+    """(pid, ip, port) of every TCP socket listening in this process and its children (workers, nannies)."""
+    me = psutil.Process()
+    found = []
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found += [(process.pid, c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections (the kernel completes them) and never says a word, as a web server does."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
 def test_cluster_local_size_shares_three_quarters_of_memory():
     workers, memory_limit = cluster.local_cluster_size(workers=2)
     assert workers == 2
@@ -23,11 +51,41 @@ def test_cluster_local_size_shares_three_quarters_of_memory():
     assert cluster.local_cluster_size(workers=1, memory_limit="2GiB") == (1, 2 * 2**30)
 
 
+def test_cluster_local_size_gives_each_default_worker_at_least_the_minimum(monkeypatch):
+    """64 cores and 8 GiB: one worker per core would get 96 MiB each."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=8 * 2**30))
+    assert cluster.local_cluster_size() == (24, 256 * 2**20)
+    with pytest.raises(UserError, match="--workers 64: .* 96.00 MiB each, less than the 256 MiB .* at most 24"):
+        cluster.local_cluster_size(workers=64)
+
+
 @pytest.mark.parametrize("workers, memory_limit, message", [
-    (0, None, "--workers 0"), (1, "lots", "--memory-limit 'lots'")])
+    (0, None, "--workers 0"), (1, "lots", "--memory-limit 'lots' is not a size"),
+    (1, "1kB", "--memory-limit '1kB' is less than the 256 MiB a Dask worker needs")],
+    ids=["workers-0", "memory-lots", "memory-1kB"])
 def test_cluster_local_size_rejects_bad_flags(workers, memory_limit, message):
     with pytest.raises(UserError, match=message):
         cluster.local_cluster_size(workers=workers, memory_limit=memory_limit)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    (["--workers", "-1"], "argument --workers: must be at least 1, got -1"),
+    (["--workers", "two"], "argument --workers: 'two' is not a whole number"),
+    (["--threads-per-worker", "0"], "argument --threads-per-worker: must be at least 1, got 0"),
+    (["--memory-limit", "0.5"], "argument --memory-limit: '0.5' is less than the 256 MiB"),
+    (["--dashboard-address", "8787"], "argument --dashboard-address: '8787' is not [HOST]:PORT; write it like "
+                                      "127.0.0.1:8787 (this machine only) or :8787 (every interface)"),
+    (["--dashboard-address", "tcp://127.0.0.1:8787"], "argument --dashboard-address: 'tcp://127.0.0.1:8787' is not"),
+    (["--dashboard-address", ":65536"], "argument --dashboard-address: ':65536' is not [HOST]:PORT"),
+], ids=["workers-0", "workers--1", "workers-two", "threads-0", "memory-0.5", "dashboard-8787", "dashboard-url",
+        "dashboard-port-65536"])
+def test_cluster_flags_reject_bad_values_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        parse(*argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_cluster_scheduler_flag_defaults_to_environment(monkeypatch):
@@ -35,13 +93,94 @@ def test_cluster_scheduler_flag_defaults_to_environment(monkeypatch):
     assert parse().scheduler == "tcp://10.0.0.1:8786"
 
 
-def test_cluster_dashboard_link_serves_and_progress_returns_results(capsys):
-    with cluster.connect(parse("--workers", "1", "--memory-limit", "1GiB")) as client:
+@pytest.mark.parametrize("address, message", [
+    ("tcp://127.0.0.1:9", "could not reach the Dask scheduler at --scheduler tcp://127.0.0.1:9 (Timed out trying "
+                          "to connect to tcp://127.0.0.1:9 after 1 s); start one with `dask scheduler`"),
+    ("tcp://127.0.0.1:{silent}", "no Dask scheduler answered at --scheduler tcp://127.0.0.1:{silent}: something "
+                                 "there accepted the connection but did not answer as one within 2 s"),
+    ("tcp://127.0.0.1:99999", "--scheduler tcp://127.0.0.1:99999 is not a Dask scheduler address: it needs a host "
+                              "and a port (1-65535); give the address `dask scheduler` prints"),
+    ("tls://127.0.0.1:9", "could not connect to the Dask scheduler at --scheduler tls://127.0.0.1:9 (TypeError: "
+                          "TLS expects a `ssl_context`"),
+], ids=["unreachable", "silent-server", "port-out-of-range", "tls-unconfigured"])
+def test_cluster_scheduler_that_cannot_be_joined_is_a_user_error(monkeypatch, silent_server, address, message):
+    """Timeouts shortened from 10 s + 10 s to 1 s + 1 s; a silent server hung Dask's client forever."""
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(cluster, "HANDSHAKE_TIMEOUT", 1)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    address, message = address.format(silent=silent_server), message.format(silent=silent_server)
+    with pytest.raises(UserError) as error, cluster.connect(parse("--scheduler", address)):
+        pass
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("flags, environment, message", [
+    (["--scheduler", "foo"], {}, "error: --scheduler foo is not a Dask scheduler address: it needs a host and a "
+                                 "port (1-65535); give the address `dask scheduler` prints, like tcp://HOST:8786, or "
+                                 "leave --scheduler and $DASK_SCHEDULER_ADDRESS unset to use a LocalCluster"),
+    ([], {"DASK_SCHEDULER_ADDRESS": "localhost"}, "error: DASK_SCHEDULER_ADDRESS=localhost is not a Dask scheduler "
+                                                  "address: it needs a host and a port"),
+    (["--scheduler", "inproc://x"], {}, "error: --scheduler inproc://x: an inproc:// address reaches only a "
+                                        "scheduler inside the same process"),
+    (["--threads-per-worker", "-2"], {}, "error: argument --threads-per-worker: must be at least 1, got -2"),
+    (["--memory-limit=-5GiB"], {}, "error: argument --memory-limit: '-5GiB' is less than the 256 MiB a Dask worker "
+                                   "needs"),
+    (["--memory-limit", "1kB"], {}, "error: argument --memory-limit: '1kB' is less than the 256 MiB a Dask worker "
+                                    "needs (with pandas and PyArrow loaded it holds about 180 MiB before any data); "
+                                    "give each worker at least that, e.g. 4GiB"),
+    (["--memory-limit", "lots"], {}, "error: argument --memory-limit: 'lots' is not a size; write it like 8GiB"),
+], ids=["scheduler-foo", "env-localhost", "scheduler-inproc", "threads--2", "memory--5GiB", "memory-1kB",
+        "memory-lots"])
+def test_cluster_bad_flags_stop_a_script_with_one_line_and_write_nothing(raw_dir, tmp_path, flags, environment,
+                                                                         message):
+    (tmp_path / "data").mkdir()  # there or not, the stage may make it; nothing may land in it
+    before = sorted(tmp_path.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"} | environment
+    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", *flags, env=env,
+                        check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.splitlines()[-1]  # argparse prints its usage first
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cluster_local_cluster_listens_on_loopback_only():
+    """The scheduler, its dashboard, the workers and their nannies: none reachable from another machine."""
+    with cluster.connect(parse("--workers", "2")) as client:
+        sockets = listening_sockets()
+        ports = {urllib.parse.urlparse(client.dashboard_link).port, int(client.scheduler.address.rpartition(":")[2])}
+    assert {port for _, _, port in sockets} >= ports
+    assert len({pid for pid, _, _ in sockets}) >= 3  # this process and two workers' (their nannies' are this one's)
+    assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
+
+
+def test_cluster_dashboard_falls_back_to_a_free_port_when_its_own_is_taken(monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(cluster, "DEFAULT_DASHBOARD", taken.getsockname())
+        assert cluster._dashboard_address(None) == ("127.0.0.1", 0)
+
+
+def test_cluster_dashboard_address_not_of_this_machine_fails_before_a_cluster_starts():
+    with pytest.raises(UserError, match=r"--dashboard-address 192\.0\.2\.1:8787: cannot listen there \(.*\); "
+                                        r"give an address of this machine"):
+        cluster._dashboard_address("192.0.2.1:8787")  # TEST-NET-1: no machine's
+
+
+def test_cluster_dashboard_address_flag_opens_it_and_the_link_serves(capsys):
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    args = parse("--workers", "1", "--memory-limit", "1GiB", "--dashboard-address", f":{port}")
+    with cluster.connect(args) as client:
+        dashboard = [ip for _, ip, listening in listening_sockets() if listening == port]
         link = client.dashboard_link
         with urllib.request.urlopen(link, timeout=30) as response:
             assert response.status == 200
         futures = [client.submit(pow, n, 2) for n in range(5)]
         assert cluster.wait_with_progress(futures, "squaring") == [0, 1, 4, 9, 16]
+    assert dashboard and all(ipaddress.ip_address(ip).is_unspecified for ip in dashboard)
     out = capsys.readouterr().out
-    assert f"Dask dashboard: {link}" in out
+    assert f"Dask dashboard: {link} (--dashboard-address :{port}: listening on every interface)" in out
     assert "squaring: 5/5 tasks done" in out
