@@ -82,7 +82,9 @@ def entrypoint(main):
 
 
 def _fail(message, status):
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One line whatever the message holds: libraries' texts (a corrupt Parquet file's, a
+    # worker's) can run over several.
+    print("error: " + re.sub(r"\s*\n\s*", " ", str(message).strip()), file=sys.stderr, flush=True)
     sys.exit(status)
 
 

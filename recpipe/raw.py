@@ -10,7 +10,9 @@ import codecs
 import csv
 import gzip
 import io
+import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,18 +50,33 @@ def file_format(path):
 
 
 def list_source_files(raw_dir, source):
-    """Every data file of one source, sorted; stops with a clear message if the source is unusable.
+    """Every data file directly in one source folder, sorted; stops with a clear message if the source is unusable.
 
     Names starting with '.' or '_' are skipped (editor swap files, _SUCCESS markers,
-    the generator's _generated.json), as Spark and Dask do.
+    the generator's _generated.json, a `_backup/` folder), as Spark and Dask do. Anything
+    else that is not a regular file stops the stage, naming it: a sub-folder (its files
+    would be read twice when it holds copies), a symbolic link (it may point anywhere, and
+    its target's lines would land in the quarantine), a named pipe or a device.
     """
     source_dir = Path(raw_dir) / source
     if not source_dir.is_dir():
         raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw {raw_dir}")
-    files = sorted(
-        path for path in source_dir.rglob("*")
-        if path.is_file() and not any(part.startswith((".", "_")) for part in path.relative_to(source_dir).parts)
-    )
+    files = []
+    for path in sorted(source_dir.iterdir()):
+        if path.name.startswith((".", "_")):
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise UserError(f"{path}: a symbolic link (to {os.readlink(path)}); raw files must be regular files in "
+                            f"{source_dir}/: copy the file there, or point --raw at the folder that holds it")
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}/: a folder inside {source_dir}/; only the files directly in a source folder "
+                            "are read: move its files up, or move it out (or prefix its name with _ to keep it "
+                            "there unread)")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path}: not a regular file (a named pipe, socket or device); raw files must be "
+                            "regular files: remove it from the source folder")
+        files.append(path)
     if not files:
         raise UserError(f"raw source {source_dir}/ is empty: it needs at least one .jsonl, .csv or .parquet file (optionally .gz)")
     for path in files:

@@ -1,11 +1,13 @@
 """Reading raw files of every accepted format into rows."""
 
 import gzip
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import listing, one_line, run_main
 from recpipe.cli import UserError
 from recpipe.raw import file_format, list_source_files, read_rows
 
@@ -163,3 +165,45 @@ def test_raw_file_name_that_is_not_utf8_is_a_user_error(tmp_path):
         file.write(b"{}\n")
     with pytest.raises(UserError, match="c\ufffd.jsonl: the file name is not valid UTF-8"):
         list_source_files(tmp_path, "clicks")
+
+
+def test_raw_only_files_directly_in_a_source_folder_are_read(tmp_path):
+    (tmp_path / "clicks" / "_backup").mkdir(parents=True)
+    (tmp_path / "clicks" / "day.jsonl").write_text("{}\n")
+    (tmp_path / "clicks" / "_backup" / "day.jsonl").write_text("{}\n")  # kept there unread: its name starts with _
+    assert list_source_files(tmp_path, "clicks") == [tmp_path / "clicks" / "day.jsonl"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.mkdir(), "{path}/: a folder inside {source}/; only the files directly in a source folder are "
+                                "read: move its files up, or move it out (or prefix its name with _ to keep it there "
+                                "unread)"),
+    (lambda path: path.symlink_to("/etc/hostname"),
+     "{path}: a symbolic link (to /etc/hostname); raw files must be regular files in {source}/: copy the file there, "
+     "or point --raw at the folder that holds it"),
+    (lambda path: os.mkfifo(path), "{path}: not a regular file (a named pipe, socket or device); raw files must be "
+                                   "regular files: remove it from the source folder"),
+])
+def test_raw_merge_refuses_what_is_not_a_file_in_a_source_folder(raw_dir, tmp_path, capsys, make, message):
+    """A folder of copies (`clicks/backup.jsonl/`) used to add its rows again, a symbolic link was followed
+    anywhere and a named pipe skipped silently: each now stops merge_and_clean.py, naming it."""
+    path = raw_dir / "clicks" / "backup.jsonl"
+    make(path)
+    before = listing(tmp_path)
+    assert run_main("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data") == 2
+    assert one_line(capsys.readouterr().err) == "error: " + message.format(path=path, source=raw_dir / "clicks")
+    assert listing(tmp_path) == before
+
+
+def test_raw_corrupt_parquet_stops_merge_in_one_line(raw_dir, tmp_path, capsys):
+    """Parquet's own text for a damaged footer ends in a line break ("Couldn't deserialize thrift: ...\\n")."""
+    path = raw_dir / "previous_orders" / "orders.parquet"
+    content = bytearray(path.read_bytes())
+    footer = int.from_bytes(content[-8:-4], "little")
+    content[-8 - footer:-8] = bytes(footer)
+    path.write_bytes(bytes(content))
+    assert run_main("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", "--workers", "1") == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {path}: not a readable Parquet file (Couldn't deserialize thrift")
+    assert line.endswith("); replace or remove the file")
+    assert not (tmp_path / "data" / "merged").exists()
