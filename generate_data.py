@@ -3,15 +3,15 @@
     python generate_data.py --out data/raw --customers 2000 --items 5000 --days 18 \
         --actions-per-customer 60 --seed 0
 
-writes, under --out (replaced if it exists; the new one is built beside it and renamed
-into place):
+writes, under --out (built beside it and renamed into place; an existing --out is replaced only
+when it is empty or a folder this script wrote, whose _generated.json lists its files):
 
     impressions/      one file per impression day from 2024-03-01: .jsonl on even days,
                       .jsonl.gz on odd days, .parquet on the last-but-two day
     clicks/           one .jsonl.gz per action day (the impression days and the 28 before)
     add_to_carts/     one .csv per action day (.csv.gz every third day)
     previous_orders/  one .parquet per week, plus backfill.jsonl
-    _generated.json   the parameters and the exact accounting the cleaning stage must report
+    _generated.json   the parameters, the exact accounting the cleaning stage must report, the files
 
 About 2% of the rows of every source are bad (SPEC section 4), and the impressions
 carry a learnable signal; see recpipe/synthetic.py. The same arguments give the same
@@ -21,9 +21,11 @@ bytes on every run.
 import argparse
 import time
 
+from recpipe.cli import entrypoint
 from recpipe.synthetic import generate
 
 
+@entrypoint
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

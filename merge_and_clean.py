@@ -35,7 +35,7 @@ def main(argv=None):
     parameters = pipeline.asked_parameters(args, "merged")
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
-    with cluster.connect(args) as client, stage.publish(args.data, "merged", parameters, inputs) as run:
+    with stage.publish(args.data, "merged", parameters, inputs) as run, cluster.connect(args) as client:
         accounting, impression_days, extra_fields = merge_and_clean(
             client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
         for source, fields in extra_fields.items():

@@ -11,7 +11,6 @@ Each distinct user agent of a bucket is parsed once, with ua-parser's native res
 """
 
 import argparse
-from pathlib import Path
 
 from recpipe import cluster, stage, user_agents
 from recpipe.cli import entrypoint
@@ -27,24 +26,25 @@ def parse_args(argv=None):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
-    manifest = stage.require_stage(args.data, "repartitioned")
     user_agents.require_native_resolver()
-    # Row groups as repartition.py sized them, so that readers of cleaned/ get the same bound.
-    row_group_mb = manifest.get("parameters", {}).get("row_group_mb", 64)
-    parameters = {"row_group_mb": row_group_mb, **user_agents.parser_version()}
-    inputs = [stage.stage_input(args.data, "repartitioned")]
-    expected_rows = {table: described["rows"] for table, described in manifest.get("tables", {}).items()}
 
-    with cluster.connect(args) as client, stage.publish(args.data, "cleaned", parameters, inputs) as run:
-        run.accounting, summary, group_sizes = user_agents.parse_ua_strings(
-            client, Path(args.data) / "repartitioned", run.path, row_group_mb, expected_rows)
-        run.extra["user_agents"] = summary
-        if group_sizes:
-            run.extra["row_group_mib_in_memory"] = {"impressions": stage.size_stats(group_sizes)}
-        rate = f"{summary['parsed_per_second']:,}/s per core" if summary["parsed_per_second"] else "-"
-        print(f"user agents: {summary['distinct']:,} distinct strings parsed (once per bucket, "
-              f"{summary['buckets']} buckets; {rate}); {summary['bots']:,} rows flagged as bots, "
-              f"{summary['missing']:,} rows without a user agent")
+    with stage.reading(args.data, "repartitioned") as repartitioned:
+        manifest = repartitioned.manifest
+        # Row groups as repartition.py sized them, so that readers of cleaned/ get the same bound.
+        row_group_mb = manifest["parameters"].get("row_group_mb", 64)
+        parameters = {"row_group_mb": row_group_mb, **user_agents.parser_version()}
+        expected_rows = {table: described["rows"] for table, described in manifest["tables"].items()}
+        with stage.publish(args.data, "cleaned", parameters, [repartitioned.entry()]) as run, \
+                cluster.connect(args) as client:
+            run.accounting, summary, group_sizes = user_agents.parse_ua_strings(
+                client, repartitioned.path, run.path, row_group_mb, expected_rows)
+            run.extra["user_agents"] = summary
+            if group_sizes:
+                run.extra["row_group_mib_in_memory"] = {"impressions": stage.size_stats(group_sizes)}
+            rate = f"{summary['parsed_per_second']:,}/s per core" if summary["parsed_per_second"] else "-"
+            print(f"user agents: {summary['distinct']:,} distinct strings parsed (once per bucket, "
+                  f"{summary['buckets']} buckets; {rate}); {summary['bots']:,} rows flagged as bots, "
+                  f"{summary['missing']:,} rows without a user agent")
 
     stage.print_summary(run.published)
 

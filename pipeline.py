@@ -1,6 +1,7 @@
 """The pipeline as a whole: what state each stage is in, re-running what is out of date, reclaiming space.
 
     python pipeline.py status                      # each stage: complete / stale / missing, rows, size, when
+    python pipeline.py status --verify             # ... and every file's content against its manifest
     python pipeline.py run                         # run the stages in order, skipping complete ones
     python pipeline.py run --from repartitioned    # re-run one stage (after a fix), then whatever that makes stale
     python pipeline.py clean merged                # delete an intermediate folder no later stage still needs
@@ -22,10 +23,10 @@ import traceback
 from pathlib import Path
 
 from recpipe import cluster, pipeline, stage
-from recpipe.cli import entrypoint
+from recpipe.cli import UserError, entrypoint
 
 
-def parse_args():
+def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default="data", help="folder holding the stage folders")
     common.add_argument("--raw", default="data/raw", help="the raw files merge_and_clean.py reads")
@@ -36,19 +37,22 @@ def parse_args():
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean}")
-    commands.add_parser("status", parents=[common], help="the state of every stage, and what may be deleted")
+    status = commands.add_parser("status", parents=[common], help="the state of every stage, and what may be deleted")
+    status.add_argument("--verify", action="store_true",
+                        help="also hash every file of every stage and compare with its manifest's output_sha256 "
+                             "(reads all of them; without it, names, sizes and row counts are checked)")
     run = commands.add_parser("run", parents=[common], help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=pipeline.STAGES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*pipeline.STAGES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(pipeline.STAGES[:-1])}, or leftovers (temporary folders of killed runs)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def inspect(args):
     asked = {name: pipeline.asked_parameters(args, name) for name in pipeline.STAGES}
-    return pipeline.inspect(args.data, args.raw, asked)
+    return pipeline.inspect(args.data, args.raw, asked, verify=getattr(args, "verify", False))
 
 
 def print_status(args):
@@ -56,6 +60,7 @@ def print_status(args):
     print(f"pipeline in {args.data}/ (raw files: {args.raw}/)")
     print(pipeline.format_status(states, pipeline.all_leftovers(args.data, args.preprocessors),
                                  pipeline.preprocessors_state(states, args.preprocessors)), flush=True)
+    return states
 
 
 def stage_arguments(args, states, name):
@@ -111,7 +116,12 @@ def shared_cluster(args):
 def run(args):
     forced = args.start
     ran = set()
-    if pipeline.stages_to_run(inspect(args), forced):
+    to_run = pipeline.stages_to_run(inspect(args), forced)
+    if "merged" in to_run:  # say at once, before a cluster starts, when merge_and_clean.py cannot read them
+        problem = pipeline.raw_fingerprint(args.raw)[1]
+        if problem:
+            raise UserError(f"{problem} (merge_and_clean.py needs them: merged/ is to be made)")
+    if to_run:
         try:
             with shared_cluster(args) as address:
                 run_stages(argparse.Namespace(**{**vars(args), "scheduler": address}), forced, ran)
@@ -153,10 +163,13 @@ def run_stages(args, forced, ran):
 
 
 @entrypoint
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.command == "status":
-        print_status(args)
+        damaged = [state for state in print_status(args) if state.state == "damaged"]
+        if damaged:  # the report is above; the exit status and one line tell a script or a person at once
+            others = f" (and {len(damaged) - 1} more damaged stage folders, above)" if len(damaged) > 1 else ""
+            raise UserError(damaged[0].reasons[0] + others)
     elif args.command == "run":
         run(args)
     elif args.target == "leftovers":

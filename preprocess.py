@@ -13,8 +13,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from recpipe import cluster, encoders, pipeline, stage
-from recpipe.cli import OutputError, entrypoint
+from recpipe import cluster, encoders, folders, pipeline, stage
+from recpipe.cli import OutputError, UserError, entrypoint
 from recpipe.preprocess import preprocess
 
 
@@ -30,34 +30,46 @@ def parse_args(argv=None):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
-    stage.require_stage(args.data, "cleaned")
     parameters = pipeline.asked_parameters(args, "processed")
-    inputs = [stage.stage_input(args.data, "cleaned")]
-
-    with cluster.connect(args) as client, stage.publish(args.data, "processed", parameters, inputs) as run:
-        # Fitted into the stage first: processed/ keeps the copy it was made with.
-        fitted_dir = run.path / "_preprocessors"
-        run.accounting, fit_record, rows_per_split = preprocess(
-            client, Path(args.data) / "cleaned", run.path, fitted_dir, parameters)
-        run.extra["rows_per_split"] = rows_per_split
-        run.extra["sample_rows"] = fit_record["sample_rows"]
-        run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
-
     target = Path(args.preprocessors)
-    staging = target.with_name(f".{target.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        shutil.copytree(Path(args.data) / "processed" / "_preprocessors", staging)
-        stage.replace_dir(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise OutputError(
-            f"{args.data}/processed/ was published, but {target}/ could not be replaced ({error}); train.py "
-            f"refuses the old one. Copy {args.data}/processed/_preprocessors/ to {target}/, or make room and run "
-            "`python pipeline.py run --from processed`") from None
+    for name in pipeline.STAGES:
+        if target.resolve().is_relative_to((Path(args.data) / name).resolve()):
+            raise UserError(f"--preprocessors {target} lies inside {Path(args.data) / name}/, a stage folder that "
+                            "its stage replaces as a whole: choose a folder outside the stage folders")
+
+    with stage.reading(args.data, "cleaned") as cleaned, \
+            folders.claiming(target, encoders.not_a_preprocessors_folder, "replace",
+                             "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"):
+        with stage.publish(args.data, "processed", parameters, [cleaned.entry()]) as run, \
+                cluster.connect(args) as client:
+            # Fitted into the stage first: processed/ keeps the copy it was made with.
+            fitted_dir = run.path / "_preprocessors"
+            run.accounting, fit_record, rows_per_split = preprocess(client, cleaned.path, run.path, fitted_dir,
+                                                                    parameters)
+            run.extra["rows_per_split"] = rows_per_split
+            run.extra["sample_rows"] = fit_record["sample_rows"]
+            run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
+        replace_preprocessors(Path(args.data) / "processed" / "_preprocessors", target, args.data)
+
     stage.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
           f"sampled train rows, saved in {target}/")
+
+
+def replace_preprocessors(fitted_dir, target, data_dir):
+    """Copy what processed/ was made with to --preprocessors, through a staging folder beside it."""
+    staging = None
+    try:
+        staging = folders.make_staging(target)
+        shutil.copytree(fitted_dir, staging, dirs_exist_ok=True)
+        folders.replace(staging, target)
+    except OSError as error:
+        if staging is not None:
+            folders.discard(staging)
+        raise OutputError(
+            f"{data_dir}/processed/ was published, but {target}/ could not be replaced ({error}); train.py "
+            f"refuses the old one. Copy {data_dir}/processed/_preprocessors/ to {target}/, or make room and run "
+            "`python pipeline.py run --from processed`") from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ A customer's bucket is splitmix64(customer_id) % --buckets: the same on every ru
 """
 
 import argparse
-from pathlib import Path
 
 from recpipe import cluster, pipeline, stage
 from recpipe.cli import entrypoint
@@ -28,13 +27,12 @@ def parse_args(argv=None):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
-    stage.require_stage(args.data, "merged")
     parameters = {**pipeline.asked_parameters(args, "repartitioned"), "bucket_hash": BUCKET_HASH}
-    inputs = [stage.stage_input(args.data, "merged")]
 
-    with cluster.connect(args) as client, stage.publish(args.data, "repartitioned", parameters, inputs) as run:
-        run.accounting, group_sizes = repartition(client, Path(args.data) / "merged", run.path, args.buckets,
-                                                  args.row_group_mb)
+    with stage.reading(args.data, "merged") as merged, \
+            stage.publish(args.data, "repartitioned", parameters, [merged.entry()]) as run, \
+            cluster.connect(args) as client:
+        run.accounting, group_sizes = repartition(client, merged.path, run.path, args.buckets, args.row_group_mb)
         run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
                                                 for table, sizes in group_sizes.items() if sizes}
 

@@ -4,7 +4,8 @@ One module per concern; the top-level scripts only wire them together:
 
     cli       error handling and signals shared by every script
     cluster   the Dask client: an existing scheduler or a LocalCluster
-    stage     atomic publishing, _stage.json manifests, summaries, table writing
+    stage     atomic publishing, _stage.json manifests, checked reading, summaries, table writing
+    folders   what the project may replace or delete, staging markers, locks on folders in use
     schemas   the explicit PyArrow schema of every table a stage writes
     raw       reading raw sources (JSON Lines, CSV, Parquet, gzip) into rows
     cleaning  the SPEC's validation rules and the canonical action stream

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recpipe import folders
 from recpipe.cli import UserError
 
 MISSING, UNKNOWN = 0, 1
@@ -109,6 +110,15 @@ def save(directory, encoders, scaler, fit_record):
         with open(directory / name, "w") as f:
             json.dump(content, f, indent=1)
             f.write("\n")
+
+
+def not_a_preprocessors_folder(directory):
+    """None when a folder holds nothing but what preprocess.py writes there (so it may replace it);
+    otherwise what else it holds."""
+    unexpected = folders.unexpected_entries(directory, {ENCODERS_FILE, SCALER_FILE, FIT_FILE, folders.MARKER})
+    if unexpected:
+        return f"it holds {folders.listing(unexpected)}, which preprocess.py does not write"
+    return None
 
 
 def fingerprint(directory):

@@ -7,6 +7,10 @@ A stage's folder under --data is in one of these states:
 - stale:         published, but an earlier stage was re-run since with a different
                  result, the raw files changed, an earlier stage is itself stale, or its
                  parameters differ from those asked (the reasons say which);
+- damaged:       published, but its files differ from what its manifest lists (deleted,
+                 truncated or added by hand), or its manifest is not one a stage wrote;
+- unchecked:     published, but the raw files it was made from could not be listed, so
+                 whether it is still up to date cannot be told;
 - cleaned away:  deleted after a later stage that was made from it completed;
 - missing:       never made (or deleted while a later stage still needed it);
 - incomplete:    a folder without a manifest (not made by a stage of this pipeline).
@@ -21,7 +25,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from recpipe import encoders, stage
+from recpipe import encoders, folders, stage
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES, list_source_files
 
@@ -131,7 +135,7 @@ def parameter_flags(parameters):
 @dataclasses.dataclass
 class StageState:
     name: str
-    state: str                # complete, stale, cleaned away, missing, incomplete
+    state: str                # complete, stale, damaged, unchecked, cleaned away, missing, incomplete
     reasons: list
     path: Path
     manifest: dict = None
@@ -149,36 +153,54 @@ class StageState:
 
 
 def raw_fingerprint(raw_dir):
-    """The raw files' fingerprint as merge_and_clean.py records it, or None where they cannot be listed."""
+    """(the raw files' fingerprint as merge_and_clean.py records it, None) or (None, why they cannot be listed)."""
     try:
         files = [path for source in SOURCES for path in list_source_files(raw_dir, source)]
-    except UserError:
-        return None
-    return stage.raw_input(raw_dir, files)["fingerprint_sha256"]
+    except UserError as error:
+        return None, str(error)
+    return stage.raw_input(raw_dir, files)["fingerprint_sha256"], None
 
 
-def inspect(data_dir, raw_dir, asked):
-    """The state of every stage under data_dir, in order. `asked`: {stage: {parameter: value}}."""
+def inspect(data_dir, raw_dir, asked, verify=False):
+    """The state of every stage under data_dir, in order. `asked`: {stage: {parameter: value}}.
+
+    Every published stage is checked against its manifest (file list, sizes, rows; with
+    `verify`, every file's content against its fingerprint too).
+    """
     data_dir = Path(data_dir)
-    manifests = {}
+    manifests, broken = {}, {}
     for name in STAGES:
         if (data_dir / name / stage.MANIFEST).is_file():
-            manifests[name] = stage.read_manifest(data_dir / name)
-    raw = raw_fingerprint(raw_dir)
+            try:
+                manifests[name] = stage.read_manifest(data_dir / name)
+            except UserError as error:
+                broken[name] = str(error)
+    raw, raw_problem = raw_fingerprint(raw_dir)
     states = []
     for index, name in enumerate(STAGES):
         path = data_dir / name
+        if name in broken:
+            states.append(StageState(name, "damaged", [broken[name]], path, bytes=stage.folder_bytes(path)))
+            continue
         if name not in manifests:
             later_made_from_it = any(name in manifests[later].get("lineage", {}) for later in STAGES[index + 1:]
                                      if later in manifests)
             state = ("incomplete" if path.exists() else "cleaned away" if later_made_from_it else "missing")
-            reasons = ["a folder without _stage.json: not the output of a finished stage"] if path.exists() else []
+            reasons = ([f"a folder without {stage.MANIFEST}: not the output of a finished stage, so this project will "
+                        f"not replace it; move it away or delete it yourself"] if path.exists() else [])
             states.append(StageState(name, state, reasons, path, bytes=stage.folder_bytes(path) if path.exists() else 0))
             continue
         manifest = manifests[name]
+        problem = stage.damage(path, manifest, full=verify)
+        if problem:
+            states.append(StageState(name, "damaged", [stage.damage_message(path, name, problem)], path, manifest,
+                                     stage.folder_bytes(path)))
+            continue
         reasons = _stale_reasons(manifest, states, manifests, raw, raw_dir, asked.get(name, {}))
-        states.append(StageState(name, "stale" if reasons else "complete", reasons, path, manifest,
-                                 stage.folder_bytes(path)))
+        state = "stale" if reasons else "complete"
+        if not reasons and raw_problem and "raw" in manifest.get("lineage", {}):
+            state, reasons = "unchecked", [f"could not check the raw files it was made from: {raw_problem}"]
+        states.append(StageState(name, state, reasons, path, manifest, stage.folder_bytes(path)))
     return states
 
 
@@ -216,6 +238,9 @@ def needed_by(states, name):
             continue  # a stage after it was made from it, and is what matters
         if later.state == "complete":
             return None
+        if later.state == "unchecked":
+            return (f"{later.name}/ could not be checked against the raw files, so it is not known whether it "
+                    f"would be rebuilt from {name}/")
         if states[index].state == "stale":
             return f"{name}/ is stale, and so is {later.name}/ after it"
         return f"{later.name}/ is {later.state} and would be rebuilt from {name}/"
@@ -223,8 +248,10 @@ def needed_by(states, name):
 
 
 def deletable(states):
-    """The intermediate stage folders that can be deleted now without losing anything still needed."""
-    return [state for state in states if state.path.exists() and needed_by(states, state.name) is None]
+    """The intermediate stage folders that can be deleted now without losing anything still needed
+    (and that `clean` may delete: folders a stage published, holding nothing else)."""
+    return [state for state in states if state.manifest is not None and needed_by(states, state.name) is None
+            and (state.state != "damaged" or stage.not_a_stage_folder(state.path, state.name) is None)]
 
 
 def stages_to_run(states, forced=None):
@@ -240,22 +267,17 @@ def stages_to_run(states, forced=None):
 
 
 def all_leftovers(data_dir, preprocessors_dir):
-    """Temporary folders of stage runs: [(path, abandoned)]; abandoned ones were left by killed runs."""
-    found = [leftover for name in STAGES for leftover in stage.leftovers(data_dir, name)]
-    preprocessors_staging = Path(preprocessors_dir).with_name(f".{Path(preprocessors_dir).name}.staging")
-    if preprocessors_staging.exists():
-        found.append((preprocessors_staging, True))  # preprocess.py removes it at start and end
-    return found
+    """Temporary folders of stage runs and of preprocess.py's preprocessors folder (folders.Leftover)."""
+    preprocessors_dir = Path(preprocessors_dir)
+    return [*(leftover for name in STAGES for leftover in folders.leftovers(data_dir, name)),
+            *folders.leftovers(preprocessors_dir.parent, preprocessors_dir.name)]
 
 
 def remove_leftovers(data_dir, preprocessors_dir):
-    """Delete the temporary folders killed runs left behind; return what was deleted."""
-    removed = []
-    for path, abandoned in all_leftovers(data_dir, preprocessors_dir):
-        if abandoned:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    """Delete the temporary folders killed runs left behind (those proven ours); return what was deleted."""
+    preprocessors_dir = Path(preprocessors_dir)
+    return [*(path for name in STAGES for path in folders.remove_abandoned(data_dir, name)),
+            *folders.remove_abandoned(preprocessors_dir.parent, preprocessors_dir.name)]
 
 
 def preprocessors_state(states, preprocessors_dir):
@@ -274,17 +296,20 @@ def preprocessors_state(states, preprocessors_dir):
 
 
 def remove(states, name):
-    """Delete an intermediate stage folder, refusing (UserError, with the reason) when it is still needed."""
+    """Delete an intermediate stage folder, refusing (UserError, with the reason) when it is still needed,
+    in use by another command, or not a folder a stage published (recpipe.folders)."""
     if name not in STAGES:
         raise UserError(f"clean {name}: not a stage; choose one of {', '.join(STAGES)} (or `leftovers`)")
     state = states[STAGES.index(name)]
     if not state.path.exists():
         raise UserError(f"{state.path}/ does not exist: nothing to delete")
-    reason = needed_by(states, name)
-    if reason:
-        raise UserError(f"{state.path}/ is still needed: {reason}; run `python pipeline.py run` first, "
-                        "then clean it")
-    shutil.rmtree(state.path)
+    with folders.claiming(state.path, lambda folder: stage.not_a_stage_folder(folder, name), "delete",
+                          "delete it yourself if nothing in it is needed"):
+        reason = needed_by(states, name)
+        if reason:
+            raise UserError(f"{state.path}/ is still needed: {reason}; run `python pipeline.py run` first, "
+                            "then clean it")
+        shutil.rmtree(state.path)
     return state.bytes
 
 
@@ -315,8 +340,6 @@ def format_status(states, leftovers, preprocessors_line):
         lines.extend(f"  python pipeline.py clean {state.name:<14}# {mib(state.bytes)}" for state in free)
     else:
         lines.append("nothing can be deleted now without losing what a later stage still needs")
-    for path, abandoned in leftovers:
-        owner = ("left by a killed run: `python pipeline.py clean leftovers` (or the stage's next run) removes it"
-                 if abandoned else "a run in progress, or another host's: not touched")
-        lines.append(f"temporary folder {path} ({mib(stage.folder_bytes(path))}): {owner}")
+    for leftover in leftovers:
+        lines.append(f"temporary folder {leftover.path} ({mib(stage.folder_bytes(leftover.path))}): {leftover.note}")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recpipe import schemas
+from recpipe import folders, schemas
 from recpipe.cluster import wait_with_progress
 from recpipe.stage import write_sized
 
@@ -100,7 +100,7 @@ def cut_by_bucket(path, table, scratch, buckets):
     for number, count in enumerate(counts):
         if count:
             piece_dir = Path(scratch) / table / bucket_name(number)
-            piece_dir.mkdir(parents=True, exist_ok=True)
+            folders.make_parents(piece_dir / "piece")
             pq.write_table(data.slice(start, count), piece_dir / f"{Path(path).stem}.parquet")
             start += count
     return data.num_rows

@@ -1,9 +1,11 @@
-"""Stage mechanics: every stage publishes its output folder through this module.
+"""Stage mechanics: every stage publishes its output folder through this module, and every
+reader of a stage opens it through this module.
 
 A stage writes into a staging folder beside its target (`data/.merged.staging-<host>-<pid>`)
 and renames it into place only after everything succeeded, with a `_stage.json`
-manifest recording its inputs, parameters, code version, row accounting, tables,
-timings, and two fingerprints that `recpipe.pipeline` judges staleness by:
+manifest recording its inputs, parameters, code version, row accounting, tables, every
+file it wrote (bytes, and rows of a Parquet file), timings, and two fingerprints that
+`recpipe.pipeline` judges staleness by:
 
 - `output_sha256`: a hash of every file the stage wrote. Stages are deterministic, so
   re-running one on the same input with the same parameters gives the same fingerprint.
@@ -12,8 +14,13 @@ timings, and two fingerprints that `recpipe.pipeline` judges staleness by:
   still be judged (and a stage remade as it was) after intermediate stages were deleted.
 
 A failed, interrupted or terminated stage removes its staging folder; a SIGKILLed one
-leaves it behind, and the next run of that stage removes it. Readers therefore only
-ever see a complete previous output, or none.
+leaves it behind, and the next run of that stage removes it. A stage replaces only a
+folder it can prove a stage published (recpipe.folders), and holds it locked meanwhile.
+
+A reader (the next stage, the loader, `pipeline.py status`) checks the folder against its
+manifest before trusting it: the files listed, their sizes and row counts (cheap), or,
+asked for, their contents against `output_sha256`. A folder that differs is refused,
+naming the files and the stage to run again.
 """
 
 import concurrent.futures
@@ -22,18 +29,18 @@ import datetime as dt
 import hashlib
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from recpipe.cli import UserError
+from recpipe import folders
+from recpipe.cli import OutputError, UserError, output_failure
 
 MANIFEST = "_stage.json"
 
@@ -48,28 +55,153 @@ SCRIPTS = {
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def read_manifest(stage_dir):
-    path = Path(stage_dir) / MANIFEST
-    with open(path) as f:
-        return json.load(f)
+# --- reading a stage --------------------------------------------------------------------------------
+
+def read_manifest(stage_dir, name=None):
+    """The manifest of a stage folder, checked to be one a stage wrote (`name`: which stage; default
+    the folder's name); a truncated, hand-edited or foreign one is a UserError saying what is wrong."""
+    stage_dir = Path(stage_dir)
+    name = name or stage_dir.name
+    path = stage_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: JSON, and text that is not UTF-8
+        problem = f"not readable as JSON: {error}"
+    else:
+        problem = _manifest_problem(manifest, name)
+    if problem:
+        raise UserError(f"{path}: not a manifest that {SCRIPTS.get(name, 'a stage')} wrote ({problem}); this "
+                        f"project does not delete a folder it cannot prove it wrote, so delete {stage_dir}/ "
+                        f"yourself and run {SCRIPTS.get(name, 'the stage')} again")
+    return manifest
 
 
-def require_stage(data_dir, name):
-    """Return the manifest of an input stage, or stop with which script makes it."""
-    stage_dir = Path(data_dir) / name
+_FIELDS = {"stage": str, "parameters": dict, "tables": dict, "finished_at": str, "accounting": dict,
+           "inputs": list}
+_OPTIONAL = {"output_sha256": str, "lineage": dict, "files": dict}  # absent in manifests of older versions
+
+
+def _manifest_problem(manifest, name):
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key, kind in _FIELDS.items():
+        if key not in manifest:
+            return f"no {key!r}"
+        if not isinstance(manifest[key], kind):
+            return f"{key!r} is {json.dumps(manifest[key])[:40]}, not a {kind.__name__}"
+    for key, kind in _OPTIONAL.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            return f"{key!r} is {json.dumps(manifest[key])[:40]}, not a {kind.__name__}"
+    if manifest["stage"] != name:
+        return f"it says it is the manifest of {manifest['stage']!r}, not of {name!r}"
+    try:
+        dt.datetime.fromisoformat(manifest["finished_at"])
+    except ValueError:
+        return f"'finished_at' is {manifest['finished_at']!r}, not a date and time"
+    for file, described in manifest.get("files", {}).items():
+        if not (isinstance(described, dict) and isinstance(described.get("bytes"), int)):
+            return f"'files' lists {file!r} without its size"
+    return None
+
+
+def manifest_digest(stage_dir):
+    """sha256 of a stage folder's manifest: it changes whenever the folder is published again."""
+    return _sha256_file(Path(stage_dir) / MANIFEST)
+
+
+def damage(stage_dir, manifest, full=False):
+    """How a stage folder differs from what its manifest says was published, in a few words; None
+    when it does not. Cheap: the file list, sizes, and Parquet row counts (footers only). `full`:
+    also every file's content against `output_sha256` (as fast as the disk reads).
+
+    Manifests of older versions list no files: only their fingerprint can tell, so it is used.
+    """
+    stage_dir = Path(stage_dir)
+    listed = manifest.get("files")
+    problems = []
+    if listed is not None:
+        on_disk = dict(stage_files(stage_dir))
+        missing = [name for name in listed if name not in on_disk]
+        changed = [name for name, described in listed.items()
+                   if name in on_disk and _file_differs(on_disk[name], described)]
+        unlisted = [name for name in on_disk if name not in listed]
+        for names, words in ((missing, "missing"), (changed, "changed (size or rows)"),
+                             (unlisted, "not written by the stage")):
+            if names:
+                problems.append(f"{len(names)} file{'s' if len(names) > 1 else ''} {words}: {folders.listing(names)}")
+    if (full or listed is None) and not problems and manifest.get("output_sha256"):
+        if output_fingerprint(stage_dir) != manifest["output_sha256"]:
+            problems.append("the files' contents differ from the fingerprint recorded when it was published "
+                            "(output_sha256)")
+    return "; ".join(problems) or None
+
+
+def _file_differs(path, described):
+    if path.stat().st_size != described["bytes"]:
+        return True
+    if "rows" not in described:
+        return False
+    try:
+        return pq.ParquetFile(path).metadata.num_rows != described["rows"]
+    except (OSError, pa.ArrowException):
+        return True
+
+
+def damage_message(stage_dir, name, problem):
+    script = SCRIPTS.get(name, "the stage that wrote it")
+    fix = (f"move out or delete what the stage did not write, then run `python pipeline.py run --from {name}` "
+           f"(or {script})" if "not written by the stage" in problem
+           else f"run `python pipeline.py run --from {name}` (or {script}) to make it again")
+    return f"{stage_dir}/ is not as {script} published it: {problem}; {fix}"
+
+
+@dataclass
+class StageInput:
+    """A stage folder checked against its manifest, as a later stage or the loader reads it."""
+
+    name: str
+    path: Path
+    manifest: dict
+    manifest_sha256: str
+
+    def entry(self):
+        """What a stage's manifest records of this input: path, fingerprints, parameters, lineage."""
+        return {"stage": self.name, "path": str(self.path.resolve()), "manifest_sha256": self.manifest_sha256,
+                "output_sha256": self.manifest.get("output_sha256"), "parameters": self.manifest["parameters"],
+                "lineage": self.manifest.get("lineage", {})}
+
+
+def open_stage(data_dir, name, stage_dir=None, full=False):
+    """An input stage, or a UserError saying which script makes it, or what differs from its manifest."""
+    stage_dir = Path(stage_dir) if stage_dir is not None else Path(data_dir) / name
     if not (stage_dir / MANIFEST).is_file():
         state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
         raise UserError(f"{stage_dir}/ {state}: run {SCRIPTS[name]} first")
-    return read_manifest(stage_dir)
+    digest = manifest_digest(stage_dir)
+    manifest = read_manifest(stage_dir, name)
+    problem = damage(stage_dir, manifest, full)
+    if problem:
+        raise UserError(damage_message(stage_dir, name, problem))
+    return StageInput(name, stage_dir, manifest, digest)
+
+
+@contextlib.contextmanager
+def reading(data_dir, name, stage_dir=None):
+    """Hold an input stage for reading (no command replaces or deletes it meanwhile) and yield it
+    checked against its manifest (StageInput)."""
+    stage_dir = Path(stage_dir) if stage_dir is not None else Path(data_dir) / name
+    with folders.reading(stage_dir):
+        yield open_stage(data_dir, name, stage_dir)
+
+
+def require_stage(data_dir, name):
+    """The manifest of an input stage, checked; or stop with which script makes it."""
+    return open_stage(data_dir, name).manifest
 
 
 def stage_input(data_dir, name):
     """The manifest entry for a stage this stage reads: its path, its output's fingerprint and its lineage."""
-    manifest = require_stage(data_dir, name)
-    manifest_path = Path(data_dir) / name / MANIFEST
-    return {"stage": name, "path": str(Path(data_dir, name).resolve()), "manifest_sha256": _sha256_file(manifest_path),
-            "output_sha256": manifest.get("output_sha256"), "parameters": manifest.get("parameters", {}),
-            "lineage": manifest.get("lineage", {})}
+    return open_stage(data_dir, name).entry()
 
 
 def raw_input(raw_dir, files):
@@ -96,6 +228,8 @@ def lineage(inputs):
     return made_of
 
 
+# --- publishing a stage -----------------------------------------------------------------------------
+
 class StageRun:
     """A stage being written: `path` is its staging folder; `accounting` ends up in the manifest."""
 
@@ -112,6 +246,7 @@ class StageRun:
 
     def manifest(self):
         check_accounting(self.accounting)
+        files, tables = describe(self.path)
         return {
             "stage": self.name,
             "script": SCRIPTS.get(self.name),
@@ -119,101 +254,79 @@ class StageRun:
             "inputs": self.inputs,
             "parameters": self.parameters,
             "accounting": self.accounting,
-            "tables": describe_tables(self.path),
+            "tables": tables,
             "output_sha256": output_fingerprint(self.path),
             "lineage": lineage(self.inputs),
             **self.extra,
             "started_at": self.started_at.isoformat(timespec="seconds"),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - self._started, 2),
+            "files": files,
         }
+
+
+def not_a_stage_folder(folder, name):
+    """None when `folder` is a stage folder a stage of this pipeline published: a valid manifest of
+    stage `name`, and nothing in it but the files that manifest lists. Otherwise what was found."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return f"it has no {MANIFEST}"
+    try:
+        manifest = read_manifest(folder, name)
+    except UserError as error:
+        return f"its {MANIFEST} is not one a stage wrote ({str(error).split('(', 1)[-1].split(')')[0]})"
+    listed = manifest.get("files")
+    if listed is None:  # an older version's manifest lists no files; its fingerprint covers them all
+        if manifest.get("output_sha256") and output_fingerprint(folder) == manifest["output_sha256"]:
+            return None
+        return f"its {MANIFEST} lists no files and its contents differ from its fingerprint"
+    unexpected = folders.unexpected_entries(folder, {*listed, MANIFEST, folders.MARKER})
+    if unexpected:
+        return f"it holds what {SCRIPTS.get(name, 'the stage')} did not write: {folders.listing(unexpected)}"
+    return None
 
 
 @contextlib.contextmanager
 def publish(data_dir, name, parameters, inputs):
     """Yield a StageRun writing into a staging folder; on success, swap it in as `data_dir/name`.
 
-    Anything raised inside (including SystemExit from SIGTERM and KeyboardInterrupt)
-    removes the staging folder and leaves the previous output untouched.
+    The target is held exclusively meanwhile, and replaced only when it is missing, empty or
+    a stage folder this pipeline published (recpipe.folders). Anything raised inside
+    (including SystemExit from SIGTERM and KeyboardInterrupt) removes the staging folder and
+    leaves the previous output untouched. A full disk or a read-only folder is an OutputError.
     """
     data_dir = Path(data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_staging(data_dir, name)
-    staging = data_dir / f".{name}.staging-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    run = StageRun(name, data_dir, staging, parameters, inputs)
+    target = data_dir / name
+    made_data_dir = not data_dir.exists()
     try:
-        yield run
-        manifest = run.manifest()
-        run.published = manifest
-        with open(staging / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        replace_dir(staging, data_dir / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def replace_dir(staging, target):
-    """Replace target by staging with two renames; the old folder is deleted last.
-
-    Between the renames (microseconds) a kill leaves no target at all, which the
-    contract allows ("the previous output, or none"); it never leaves a partial one.
-    """
-    retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
-    if target.exists():
-        os.rename(target, retired)
-    os.rename(staging, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def leftovers(data_dir, name):
-    """This stage's staging/retired folders under data_dir, each as (path, whether its run is dead).
-
-    A folder whose owner pid is gone (on this host) was left by a killed run. One of
-    another host, or of a live pid, may belong to a run in progress: it is reported, not touched.
-    """
-    host = socket.gethostname()
-    found = []
-    for leftover in sorted(Path(data_dir).glob(f".{name}.*-*")):
-        kind_and_owner = leftover.name[len(name) + 2:]
-        pid_text = kind_and_owner.rsplit("-", 1)[-1]
-        owned_here = kind_and_owner.startswith("retired-") or kind_and_owner.startswith(f"staging-{host}-")
-        found.append((leftover, owned_here and pid_text.isdigit() and not _pid_alive(int(pid_text))))
-    return found
-
-
-def remove_abandoned_staging(data_dir, name):
-    """Delete staging/retired folders of this stage left by runs that were killed (their pid is gone)."""
-    for leftover, abandoned in leftovers(data_dir, name):
-        if abandoned:
-            print(f"removing {leftover}, left behind by a killed run")
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _pid_alive(pid):
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with folders.claiming(target, lambda folder: not_a_stage_folder(folder, name), "replace",
+                              "move it away or delete it yourself, or point --data at another folder"):
+            for leftover in folders.remove_abandoned(data_dir, name):
+                print(f"removed {leftover}, left behind by a killed run")
+            staging = folders.make_staging(target)
+            run = StageRun(name, data_dir, staging, parameters, inputs)
+            try:
+                yield run
+                manifest = run.manifest()
+                run.published = manifest
+                with open(staging / MANIFEST, "w") as f:
+                    json.dump(manifest, f, indent=2, sort_keys=False)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                folders.replace(staging, target)
+            except BaseException:
+                folders.discard(staging)
+                raise
+    except BaseException as error:
+        if made_data_dir:
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()  # made for this run, which published nothing: only if nothing else is in it
+        message = output_failure(error, folder=data_dir) if isinstance(error, OSError) else None
+        if message is None:
+            raise
+        raise OutputError(message) from error
 
 
 def check_accounting(accounting):
@@ -234,7 +347,7 @@ def write_table(frame, path, schema, row_group_size=None):
     whose types differ from its neighbours' (what breaks Dask reads and shuffles later).
     """
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    folders.make_parents(path)
     pq.write_table(table, path, row_group_size=row_group_size)
     return table.num_rows
 
@@ -250,8 +363,8 @@ def write_sized(table, directory, schema, row_group_mb, basename="part"):
     """
     table = table.cast(schema)
     directory = Path(directory)
+    folders.make_parents(directory / "part")
     if table.num_rows == 0:  # the dataset writer writes no file for no rows; keep the folder readable
-        directory.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, directory / f"{basename}-00000.parquet")
         return []
     bytes_per_row = max(1.0, table.nbytes / table.num_rows)
@@ -260,7 +373,7 @@ def write_sized(table, directory, schema, row_group_mb, basename="part"):
         table, directory, format="parquet", basename_template=f"{basename}-{{i}}.unnumbered",
         min_rows_per_group=rows_per_group, max_rows_per_group=rows_per_group,
         max_rows_per_file=16 * rows_per_group, preserve_order=True,
-        existing_data_behavior="overwrite_or_ignore",
+        existing_data_behavior="overwrite_or_ignore", create_dir=False,  # made above, inside its staging folder
     )
     # pyarrow numbers files 0, 1, … 10 unpadded; padded names sort in write order (part-2 before part-10).
     for written in directory.glob(f"{basename}-*.unnumbered"):
@@ -295,44 +408,54 @@ def size_stats(sizes):
             "max": round(max(sizes), 2), "count": len(sizes)}
 
 
-def describe_tables(stage_dir):
-    """Rows, files, bytes and Parquet row-group sizes (MiB, encoded, before compression) of every table.
+def stage_files(stage_dir):
+    """(relative path, path) of every file a stage wrote into its folder, sorted: all but the manifest
+    and the staging marker."""
+    stage_dir = Path(stage_dir)
+    return [(str(path.relative_to(stage_dir)), path) for path in sorted(stage_dir.rglob("*"))
+            if path.is_file() and path.relative_to(stage_dir).parts not in ((MANIFEST,), (folders.MARKER,))]
+
+
+def describe(stage_dir):
+    """(files, tables) of a stage folder: every file's bytes (and rows, for Parquet), and per table the
+    rows, files, bytes and Parquet row-group sizes (MiB, encoded, before compression).
 
     A table is a sub-folder holding Parquet; its partition folders (`dt=…`, `bucket=…`)
     belong to it.
     """
-    stage_dir = Path(stage_dir)
-    tables, group_sizes = {}, {}
-    for file in sorted(stage_dir.rglob("*.parquet")):
-        table = str(file.parent.relative_to(stage_dir))
-        table = "/".join(part for part in table.split("/") if "=" not in part) or "."
+    files, tables, group_sizes = {}, {}, {}
+    for name, path in stage_files(stage_dir):
+        files[name] = {"bytes": path.stat().st_size}
+        if path.suffix != ".parquet":
+            continue
+        metadata = pq.ParquetFile(path).metadata
+        files[name]["rows"] = metadata.num_rows
+        table = "/".join(part for part in Path(name).parent.parts if "=" not in part) or "."
         entry = tables.setdefault(table, {"rows": 0, "files": 0, "bytes": 0})
-        metadata = pq.ParquetFile(file).metadata
         entry["rows"] += metadata.num_rows
         entry["files"] += 1
-        entry["bytes"] += file.stat().st_size
+        entry["bytes"] += files[name]["bytes"]
         group_sizes.setdefault(table, []).extend(
             metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     for table, sizes in group_sizes.items():
         if sizes:
             tables[table]["parquet_row_group_mib"] = size_stats(sizes)
-    return tables
+    return files, tables
 
 
 def output_fingerprint(stage_dir):
-    """sha256 over every file of a stage folder (but its manifest): names and contents.
+    """sha256 over every file a stage wrote (stage_files): names and contents.
 
     Content, not timestamps: a stage re-run on the same input with the same parameters
     writes the same bytes, so what was made from it stays fresh. Files are hashed on
     a thread each per core (hashlib releases the GIL), about 1 GB/s per core.
     """
-    stage_dir = Path(stage_dir)
-    files = sorted(path for path in stage_dir.rglob("*") if path.is_file() and path.name != MANIFEST)
+    files = stage_files(stage_dir)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        hashes = list(pool.map(_sha256_file, files))
+        hashes = list(pool.map(_sha256_file, [path for _, path in files]))
     digest = hashlib.sha256()
-    for path, file_hash in zip(files, hashes):
-        digest.update(f"{path.relative_to(stage_dir)}\0{file_hash}\n".encode())
+    for (name, _), file_hash in zip(files, hashes):
+        digest.update(f"{name}\0{file_hash}\n".encode())
     return digest.hexdigest()
 
 

@@ -53,8 +53,6 @@ import concurrent.futures
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +61,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recpipe.stage import replace_dir
+from recpipe import folders
 
 FIRST_IMPRESSION_DAY = np.datetime64("2024-03-01", "D")
 DAYS_BEFORE = 28  # action days before the first impression day
 SIGNAL_DAYS = 14
-US_PER_DAY = 86_400_000_000
+US_PER_DAY = 86_400 * 10**6
 
 ZIPF_EXPONENT = 1.1
 ACTIVITY_SIGMA = 1.5
@@ -122,6 +120,22 @@ APP_VERSIONS = ["5.9.2", "5.10.0", "5.11.1", "5.12.0", "5.12.3", "6.0.0-beta"]
 CHANNELS = ["web", "app", "app", "web", "marketplace"]
 
 
+GENERATED = "_generated.json"
+
+
+def not_a_generated_folder(folder):
+    """None when a folder holds nothing but the files generate() wrote there (its _generated.json lists
+    them), so that it may be replaced; otherwise what was found."""
+    try:
+        files = json.loads((Path(folder) / GENERATED).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no {GENERATED} listing the files the generator wrote"
+    unexpected = folders.unexpected_entries(folder, {*files, GENERATED, folders.MARKER})
+    if unexpected:
+        return f"it holds {folders.listing(unexpected)}, which the generator did not write"
+    return None
+
+
 def generate(out_dir, *, customers=2000, items=5000, days=18, actions_per_customer=60, seed=0):
     """Write a raw dataset under `out_dir` (replacing it) and return its `_generated.json` content plus a summary.
 
@@ -160,21 +174,24 @@ def generate(out_dir, *, customers=2000, items=5000, days=18, actions_per_custom
     result = {"parameters": parameters, "expected": expected}
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    try:
-        os.chmod(staging, 0o755)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            # zlib, pyarrow and most of numpy release the GIL, so files are built in parallel.
-            jobs = [pool.submit(source.write_file, staging / name, index)
-                    for name, source in sources.items() for index in range(source.n_files)]
-            for job in jobs:
-                job.result()
-        (staging / "_generated.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with folders.claiming(out_dir, not_a_generated_folder, "replace",
+                          "point --out at a new or empty folder, or at one generate_data.py wrote"):
+        staging = folders.make_staging(out_dir)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                # zlib, pyarrow and most of numpy release the GIL, so files are built in parallel.
+                jobs = [pool.submit(source.write_file, staging / name, index)
+                        for name, source in sources.items() for index in range(source.n_files)]
+                for job in jobs:
+                    job.result()
+            # The files it wrote prove a folder is the generator's, which it may then replace.
+            files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*")
+                           if path.is_file() and path.name != folders.MARKER)
+            (staging / GENERATED).write_text(json.dumps({**result, "files": files}, indent=2, sort_keys=True) + "\n")
+            folders.replace(staging, out_dir)
+        except BaseException:
+            folders.discard(staging)
+            raise
     summary = {
         "actions": int(len(actions["customer_id"])),
         "files": {name: source.n_files for name, source in sources.items()},
@@ -392,7 +409,7 @@ def _ua_values(rng):
         "samsung": draw(_SAMSUNG), "pixel": draw(_PIXEL), "xiaomi": draw(_XIAOMI), "oneplus": draw(_ONEPLUS),
         "huawei": draw(_HUAWEI), "moto": draw(_MOTO), "samsung_tab": draw(_SAMSUNG_TAB),
         "samsung_browser": f"{int(rng.integers(20, 26))}.0",
-        "gsa": f"{int(rng.integers(300, 330))}.0.{int(rng.integers(600000000, 699999999))}",
+        "gsa": f"{int(rng.integers(300, 330))}.0.{int(rng.integers(6 * 10**8, 7 * 10**8 - 1))}",
         "meta": f"{int(rng.integers(300, 460))}.0.0.{int(rng.integers(10, 60))}.{int(rng.integers(10, 120))}",
         "miui": f"14.{int(rng.integers(1, 12))}.{int(rng.integers(1, 40))}-gn",
         "build": draw(["TQ3A.230805.001", "UP1A.231005.007", "AP1A.240305.019", "SKQ1.211019.001", "TKQ1.221114.001"]),
@@ -475,7 +492,7 @@ def _timestamps(time_us):
     day, rest = np.divmod(np.asarray(time_us, dtype=np.int64), US_PER_DAY)
     chars = np.empty((len(day), 26), dtype=np.uint8)
     chars[:, :10] = _date_chars(day).reshape(-1, 10)
-    seconds, micro = np.divmod(rest, 1_000_000)
+    seconds, micro = np.divmod(rest, 10**6)
     hours, seconds = np.divmod(seconds, 3600)
     minutes, seconds = np.divmod(seconds, 60)
     chars[:, 10] = ord("T")
@@ -842,7 +859,7 @@ class _Clicks(_Actions):
         suffix = pa.array(suffixes + ["", "Z"]).take(
             pa.array(np.where(offset_code >= 0, offset_code, len(suffixes) + self.zulu[rows])))
         # Local wall-clock time plus its offset: the same instant as time_us.
-        click_time = pc.binary_join_element_wise(_timestamps(self.time_us[rows] + offset_min * 60_000_000), suffix, "")
+        click_time = pc.binary_join_element_wise(_timestamps(self.time_us[rows] + offset_min * 60 * 10**6), suffix, "")
         session = _quoted(_session_ids(self.customer_id[rows], self.day[rows]))
         fields = {
             "dt": _json_field(_quoted(_dates(self.day[rows])), "dt", reasons, defect, variant,

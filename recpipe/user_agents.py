@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ua_parser
 
-from recpipe import schemas
+from recpipe import folders, schemas
 from recpipe.cli import UserError
 from recpipe.cluster import wait_with_progress
 from recpipe.stage import read_parts, write_sized
@@ -156,7 +156,7 @@ def copy_actions_folder(folder, in_root, out_root):
     rows = 0
     for path in sorted(Path(folder).glob("*.parquet")):
         target = Path(out_root) / path.relative_to(in_root)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        folders.make_parents(target)
         shutil.copyfile(path, target)
         try:
             rows += pq.ParquetFile(target).metadata.num_rows

@@ -67,7 +67,12 @@ def write_jsonl(path, lines, gz=False):
 @pytest.fixture
 def raw_dir(tmp_path):
     """Every source, in every format, with one row of every bad kind; see EXPECTED."""
-    raw = tmp_path / "raw"
+    return write_planted_raw(tmp_path)
+
+
+def write_planted_raw(root):
+    """raw_dir's content under `root`/raw; returns that folder."""
+    raw = root / "raw"
     write_jsonl(raw / "impressions" / "2024-03-02.jsonl", IMPRESSION_LINES[:2])
     write_jsonl(raw / "impressions" / "2024-03-03.jsonl.gz", IMPRESSION_LINES[2:], gz=True)
     write_jsonl(raw / "clicks" / "2024-03-01.jsonl", CLICK_LINES)
@@ -94,6 +99,49 @@ EXPECTED_ACCOUNTING = {
     "previous_orders": {"rows_in": 4, "kept": 2, "set_aside": {"missing:order_date": 1, "bad_time:order_date": 1},
                         "duplicates_dropped": 0, "exact_duplicates_kept": 1},
 }
+
+
+DEAD_PID = 2**22 + 12345  # above pid_max's default, so never a live process
+
+
+def temporary_folder(parent, name, pid=DEAD_PID, kind="staging", marked=True):
+    """A staging (or retired) folder of `name` as a run with `pid` on this host leaves it: with the
+    marker recpipe.folders writes into what it makes, unless `marked` is False (a look-alike)."""
+    from recpipe import folders
+    host = os.uname().nodename
+    folder = parent / f".{name}.{kind}-{host}-{pid}"
+    (folder / "actions").mkdir(parents=True)
+    (folder / "actions" / "part.parquet").write_bytes(b"half written")
+    if marked:
+        (folder / folders.MARKER).write_text(json.dumps({"made_by": "recpipe", "host": host, "pid": pid}))
+    return folder
+
+
+def listing(folder):
+    """{relative path: size (files) or None (folders)} of everything under a folder, itself excluded:
+    what a command touched shows up as a difference."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): (path.lstat().st_size if not path.is_dir() else None)
+            for path in sorted(folder.rglob("*"))}
+
+
+def run_main(script, *args):
+    """Run a top-level script's main(argv) in this process, as pipeline.py does; its exit status.
+    Its output is in pytest's capsys."""
+    import importlib
+    try:
+        importlib.import_module(Path(script).stem).main([str(arg) for arg in args])
+    except SystemExit as exited:
+        return exited.code or 0
+    return 0
+
+
+def one_line(stderr):
+    """The single line a user error prints on stderr (asserting that it is one, without a traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
 
 
 def run_script(script, *args, env=None, check=True, timeout=300):

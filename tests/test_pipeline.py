@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, listing, one_line, run_main, run_script, temporary_folder
 from recpipe import pipeline, stage
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
@@ -47,6 +47,12 @@ def chain(tmp_path):
     for name in pipeline.STAGES:
         make_stage(data, name, 3, raw=raw)
     return data, raw
+
+
+def printed_states(out):
+    """{stage folder: state} from `pipeline.py status` output."""
+    return {line.split()[0]: line.split()[1] for line in out.splitlines()
+            if line.endswith(".py") and line.split()[0].endswith("/")}
 
 
 def states_of(data, raw, asked=None):
@@ -164,18 +170,20 @@ def test_pipeline_a_manifest_without_fingerprints_is_stale(chain):
 
 def test_pipeline_leftovers_of_killed_runs_are_reported_and_removed(chain, tmp_path):
     data, raw = chain
-    dead = data / f".merged.staging-{os.uname().nodename}-{2**22 + 12345}"  # above pid_max: no live process
-    live = data / f".cleaned.staging-{os.uname().nodename}-{os.getppid()}"
-    for folder in (dead, live):
-        (folder / "actions").mkdir(parents=True)
+    dead = temporary_folder(data, "merged")
+    live = temporary_folder(data, "cleaned", pid=os.getppid())
+    foreign = temporary_folder(data, "repartitioned", marked=False)
+    preprocessors = temporary_folder(tmp_path, "preprocessors")
     leftovers = pipeline.all_leftovers(data, tmp_path / "preprocessors")
-    assert leftovers == [(dead, True), (live, False)]
+    assert [(leftover.path, leftover.abandoned) for leftover in leftovers] == [
+        (dead, True), (foreign, False), (live, False), (preprocessors, True)]
     states = list(states_of(data, raw).values())
     report = pipeline.format_status(states, leftovers, None)
     assert f"temporary folder {dead} (0.0 MiB): left by a killed run" in report
     assert f"temporary folder {live} (0.0 MiB): a run in progress" in report
-    assert pipeline.remove_leftovers(data, tmp_path / "preprocessors") == [dead]
-    assert not dead.exists() and live.exists()
+    assert f"temporary folder {foreign} (0.0 MiB): has no .recpipe-staging marker, so not made by this project" in report
+    assert pipeline.remove_leftovers(data, tmp_path / "preprocessors") == [dead, preprocessors]
+    assert not dead.exists() and live.exists() and foreign.exists()
     assert [state.state for state in pipeline.inspect(data, raw, {})] == ["complete"] * 4  # never mistaken for output
 
 
@@ -190,11 +198,80 @@ def test_pipeline_bad_flags_are_one_clear_line(tmp_path, argv, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(tmp_path):
-    result = run_script("pipeline.py", "run", "--data", tmp_path / "data", "--raw", tmp_path / "nowhere", check=False)
+def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(raw_dir, tmp_path):
+    (raw_dir / "clicks" / "broken.jsonl.gz").write_bytes(b"not gzip")  # found only when the stage reads it
+    result = run_script("pipeline.py", "run", "--data", tmp_path / "data", "--raw", raw_dir, "--workers", "2",
+                        check=False)
     assert result.returncode == 2
-    assert "nowhere" in result.stderr and "merge_and_clean.py failed (exit status 2)" in result.stderr
+    assert "broken.jsonl.gz: cannot be read or decompressed" in result.stderr
+    assert "merge_and_clean.py failed (exit status 2)" in result.stderr
     assert "=== repartitioned/" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_pipeline_status_reports_damaged_stages_and_exits_2(chain, capsys):
+    data, raw = chain
+    (data / "cleaned" / "table" / "part.parquet").unlink()
+    (data / "processed" / "_stage.json").write_text("[]")
+    status = run_main("pipeline.py", "status", "--data", data, "--raw", raw)
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert printed_states(out) == {"merged/": "complete", "repartitioned/": "complete", "cleaned/": "damaged",
+                      "processed/": "damaged"}
+    assert one_line(err) == (
+        f"error: {data / 'cleaned'}/ is not as parse_ua_strings.py published it: 1 file missing: table/part.parquet; "
+        "run `python pipeline.py run --from cleaned` (or parse_ua_strings.py) to make it again "
+        "(and 1 more damaged stage folders, above)")
+    assert f"why: {data / 'processed' / '_stage.json'}: not a manifest that preprocess.py wrote (a JSON list" in out
+
+
+def test_pipeline_status_verify_reads_every_file_against_the_fingerprint(chain, capsys):
+    data, raw = chain
+    path = data / "merged" / "table" / "part.parquet"
+    content = bytearray(path.read_bytes())
+    content[4] ^= 0xFF  # same size, same footer: only the content tells
+    path.write_bytes(bytes(content))
+    assert run_main("pipeline.py", "status", "--data", data, "--raw", raw) == 0
+    assert run_main("pipeline.py", "status", "--verify", "--data", data, "--raw", raw) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        f"error: {data / 'merged'}/ is not as merge_and_clean.py published it: the files' contents differ from the "
+        "fingerprint recorded when it was published (output_sha256)")
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    ("nowhere", "raw source {raw}/nowhere/impressions/ is missing"),
+    ("a stray file", "{raw}/clicks/README.txt: unknown format"),
+])
+def test_pipeline_says_when_it_cannot_check_the_raw_files(chain, capsys, breakage, problem):
+    data, raw = chain
+    if breakage == "a stray file":
+        (raw / "clicks" / "README.txt").write_text("where these logs come from")
+        where = raw
+    else:
+        where = raw / "nowhere"
+    problem = problem.format(raw=raw)
+    before = listing(data.parent)
+    assert run_main("pipeline.py", "status", "--data", data, "--raw", where) == 0
+    out = capsys.readouterr().out
+    assert list(printed_states(out).values()) == ["unchecked"] * 4
+    assert f"why: could not check the raw files it was made from: {problem}" in out
+    assert run_main("pipeline.py", "run", "--data", data, "--raw", where) == 2
+    assert one_line(capsys.readouterr().err).startswith(f"error: {problem}")
+    assert listing(data.parent) == before
+
+
+def test_pipeline_clean_refuses_a_folder_a_stage_did_not_write(chain, capsys):
+    data, raw = chain
+    (data / "merged" / "notes.txt").write_text("keep me")
+    (data / "repartitioned" / "_stage.json").unlink()
+    before = listing(data)
+    assert run_main("pipeline.py", "clean", "merged", "--data", data, "--raw", raw) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: refusing to delete {data / 'merged'}/: it holds what merge_and_clean.py did not write: notes.txt, "
+        "so this project cannot tell that it wrote it; delete it yourself if nothing in it is needed")
+    assert run_main("pipeline.py", "clean", "repartitioned", "--data", data, "--raw", raw) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        f"error: refusing to delete {data / 'repartitioned'}/: it has no _stage.json, so this project cannot tell")
+    assert listing(data) == before
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
@@ -286,3 +363,39 @@ def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(extern
         assert stage.read_manifest(data / name)["output_sha256"] == stage.read_manifest(local / name)["output_sha256"]
     assert (tmp_path / "preprocessors" / "encoders.json").read_bytes() == \
         (processed_data[1] / "encoders.json").read_bytes()
+
+
+def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(cleaned_data, tmp_path):
+    """`clean merged`, and merge_and_clean.py which would replace merged/, while `run --from repartitioned`
+    reads merged/: both refused at once naming the run; the run completes and merged/ is whole."""
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", tmp_path / "preprocessors"]
+    merged = listing(data / "merged")
+    process = subprocess.Popen([sys.executable, "pipeline.py", "run", "--from", "repartitioned", *map(str, where),
+                                "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(data.glob(".repartitioned.staging-*")):  # made once merged/ is held for reading
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be met"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGSTOP)  # the run, paused while it holds merged/, cannot end meanwhile
+        try:
+            cleaning = run_script("pipeline.py", "clean", "merged", *where, check=False)
+            merging = run_script("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, check=False)
+        finally:
+            os.killpg(process.pid, signal.SIGCONT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    reader = f"pipeline.py (pid {process.pid}) is reading it"
+    assert cleaning.returncode == 2 and one_line(cleaning.stderr) == (
+        f"error: cannot delete {data / 'merged'}/ now: {reader}; wait until that finishes (or stop it), then run "
+        "this again")
+    assert merging.returncode == 2 and one_line(merging.stderr) == (
+        f"error: cannot replace {data / 'merged'}/ now: {reader}; wait until that finishes (or stop it), then run "
+        "this again")
+    assert process.returncode == 0, stderr
+    assert listing(data / "merged") == merged

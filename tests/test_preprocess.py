@@ -15,8 +15,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_script
-from recpipe.preprocess import LeakError, check_histories, in_sample, padded
+from conftest import ROOT, listing, one_line, run_main, run_script
+from recpipe.histories import padded
+from recpipe.preprocess import LeakError, check_histories, in_sample
 
 CLUSTER = ["--workers", "2"]
 
@@ -61,7 +62,8 @@ def test_preprocess_all_stages_end_to_end(cleaned_data, tmp_path):
 
 
 def test_preprocess_twice_gives_identical_output_and_preprocessors(cleaned_data, tmp_path):
-    data = cleaned_data / "data"
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)  # a copy: cleaned_data is the whole session's
     run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a", *CLUSTER)
     first = processed_content(data)
     run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
@@ -141,12 +143,50 @@ def test_preprocess_killed_midway_leaves_the_previous_output(cleaned_data, tmp_p
     assert json.loads((tmp_path / "pre" / "fit.json").read_text())["parameters"]["max_history"] == 1000
 
 
-def test_preprocess_unwritable_preprocessors_folder_is_one_clear_line(cleaned_data, tmp_path):
+def test_preprocess_unusable_preprocessors_folder_is_refused_before_anything_is_published(cleaned_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned"))
     (tmp_path / "a-file").write_text("")
+    before = listing(tmp_path)
     result = run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a-file" / "pre", *CLUSTER,
                         check=False)
-    assert result.returncode == 74 and "Traceback" not in result.stderr
-    assert "processed/ was published, but" in result.stderr and "could not be replaced" in result.stderr
-    assert (data / "processed" / "_preprocessors" / "encoders.json").exists()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot make {tmp_path / 'a-file' / 'pre'}/: a file stands where a folder above it should be; "
+        "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"]
+    assert listing(tmp_path) == before  # processed/ was not published with preprocessors nobody can read
+
+
+@pytest.mark.parametrize("target", ["data/raw", "data", "data/cleaned"])
+def test_preprocess_refuses_a_preprocessors_folder_it_did_not_write_and_leaves_it(cleaned_data, tmp_path, capsys,
+                                                                                   target):
+    """`--preprocessors data/raw` used to replace the raw logs with three JSON files, and `--preprocessors data`
+    every stage with them: such a folder is refused, before anything is computed or published."""
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned"))
+    shutil.copytree(cleaned_data / "raw", data / "raw")
+    before = listing(tmp_path)
+    status = run_main("preprocess.py", "--data", data, "--preprocessors", tmp_path / target)
+    line = one_line(capsys.readouterr().err)
+    assert status == 2
+    if target == "data/cleaned":
+        assert line == (f"error: --preprocessors {tmp_path / target} lies inside {data / 'cleaned'}/, a stage folder "
+                        "that its stage replaces as a whole: choose a folder outside the stage folders")
+    else:
+        assert line.startswith(f"error: refusing to replace {tmp_path / target}/: it holds ")
+        assert line.endswith("which preprocess.py does not write, so this project cannot tell that it wrote it; "
+                             "point --preprocessors at a new or empty folder, or at one preprocess.py wrote")
+    assert listing(tmp_path) == before
+
+
+def test_preprocess_through_pipeline_refuses_a_preprocessors_folder_it_did_not_write(cleaned_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned", "processed"))
+    shutil.copytree(cleaned_data / "raw", tmp_path / "raw")
+    before = listing(tmp_path)
+    result = run_script("pipeline.py", "run", "--data", data, "--raw", tmp_path / "raw", "--preprocessors",
+                        tmp_path / "raw", *CLUSTER, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[0].startswith(f"error: refusing to replace {tmp_path / 'raw'}/: it holds ")
+    assert "preprocess.py failed (exit status 2)" in result.stderr.splitlines()[1]
+    assert listing(tmp_path) == before

@@ -1,12 +1,13 @@
 """Stage mechanics: atomic publishing, manifests, refusing a missing input, explicit schemas."""
 
 import json
-import os
+import shutil
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 
+from conftest import DEAD_PID, listing, one_line, run_main, temporary_folder
 from recpipe import stage
 from recpipe.cli import UserError
 
@@ -55,12 +56,12 @@ def test_stage_require_stage_names_the_script_to_run(tmp_path):
         stage.require_stage(tmp_path, "merged")
 
 
-def test_stage_removes_staging_left_by_a_killed_run(tmp_path):
-    dead_pid = 2**22 + 12345  # above pid_max's default, so never a live process
-    leftover = tmp_path / f".merged.staging-{os.uname().nodename}-{dead_pid}"
-    (leftover / "actions").mkdir(parents=True)
+def test_stage_removes_staging_left_by_a_killed_run_and_nothing_without_its_marker(tmp_path):
+    leftover = temporary_folder(tmp_path, "merged")
+    look_alike = temporary_folder(tmp_path, "merged", pid=DEAD_PID + 1, marked=False)
     publish_rows(tmp_path, 1)
     assert not leftover.exists()
+    assert look_alike.exists() and (look_alike / "actions" / "part.parquet").read_bytes() == b"half written"
 
 
 def test_stage_write_table_refuses_a_column_of_the_wrong_type(tmp_path):
@@ -86,3 +87,102 @@ def test_stage_read_parts_names_an_unreadable_file(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="part-00000.parquet: not a readable table"):
         stage.read_parts(tmp_path, SCHEMA)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"stage": "merged", "param', "not readable as JSON"),
+    ("[]", "a JSON list, not an object"),
+    (None, "'finished_at' is 'yesterday', not a date and time"),
+    ("no parameters", "no 'parameters'"),
+])
+def test_stage_read_manifest_names_a_broken_manifest_and_the_fix(tmp_path, text, problem):
+    publish_rows(tmp_path, 2)
+    path = tmp_path / "merged" / "_stage.json"
+    manifest = json.loads(path.read_text())
+    if text is None:
+        manifest["finished_at"] = "yesterday"
+    elif text == "no parameters":
+        del manifest["parameters"]
+    path.write_text(text if text not in (None, "no parameters") else json.dumps(manifest))
+    with pytest.raises(UserError) as refused:
+        stage.read_manifest(tmp_path / "merged")
+    assert str(refused.value).startswith(f"{path}: not a manifest that merge_and_clean.py wrote ({problem}")
+    assert str(refused.value).endswith(f"delete {tmp_path / 'merged'}/ yourself and run merge_and_clean.py again")
+
+
+def test_stage_damage_names_missing_changed_and_unlisted_files(tmp_path):
+    with stage.publish(tmp_path, "merged", {}, []) as run:
+        for name in ("a", "b", "c"):
+            stage.write_table(pd.DataFrame({"customer_id": range(3)}), run.path / "actions" / f"{name}.parquet", SCHEMA)
+    folder = tmp_path / "merged"
+    manifest = stage.read_manifest(folder)
+    assert stage.damage(folder, manifest) is None and stage.damage(folder, manifest, full=True) is None
+    assert manifest["files"]["actions/a.parquet"]["rows"] == 3
+    (folder / "actions" / "a.parquet").unlink()
+    stage.write_table(pd.DataFrame({"customer_id": range(4)}), folder / "actions" / "b.parquet", SCHEMA)
+    (folder / "notes.txt").write_text("mine")
+    assert stage.damage(folder, manifest) == ("1 file missing: actions/a.parquet; 1 file changed (size or rows): "
+                                              "actions/b.parquet; 1 file not written by the stage: notes.txt")
+
+
+def test_stage_damage_full_finds_a_change_that_keeps_sizes_and_rows(tmp_path):
+    publish_rows(tmp_path, 3)
+    folder = tmp_path / "merged"
+    path = folder / "actions" / "part.parquet"
+    data = bytearray(path.read_bytes())
+    data[4] ^= 0xFF  # inside the first data page: the footer, its row count and the size stay
+    path.write_bytes(bytes(data))
+    manifest = stage.read_manifest(folder)
+    assert stage.damage(folder, manifest) is None
+    assert "differ from the fingerprint recorded when it was published" in stage.damage(folder, manifest, full=True)
+
+
+def test_stage_publish_refuses_to_replace_a_folder_it_did_not_write_and_leaves_it(tmp_path):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "mine.csv").write_text("a,b\n")
+    before = listing(tmp_path)
+    with pytest.raises(UserError, match=rf"refusing to replace {tmp_path / 'merged'}/: it has no _stage.json"):
+        publish_rows(tmp_path, 1)
+    publish_rows(tmp_path / "ok", 1)
+    (tmp_path / "ok" / "merged" / "actions" / "extra.parquet").write_bytes(b"mine")
+    with pytest.raises(UserError, match="it holds what merge_and_clean.py did not write: actions/extra.parquet"):
+        publish_rows(tmp_path / "ok", 1)
+    assert {name: size for name, size in listing(tmp_path).items() if not name.startswith("ok")} == before
+
+
+def break_manifest(stage_dir, breakage):
+    """Damage a published stage folder as a careless hand or a bad copy would."""
+    path = stage_dir / "_stage.json"
+    manifest = json.loads(path.read_text())
+    if breakage == "truncated":
+        path.write_text(path.read_text()[:100])
+    elif breakage == "a list":
+        path.write_text("[]")
+    elif breakage == "bad finished_at":
+        path.write_text(json.dumps({**manifest, "finished_at": "soon"}))
+    elif breakage == "no parameters":
+        path.write_text(json.dumps({key: value for key, value in manifest.items() if key != "parameters"}))
+    else:  # a file of the stage deleted
+        next(stage_dir.rglob("*.parquet")).unlink()
+
+
+@pytest.mark.parametrize("breakage", ["truncated", "a list", "bad finished_at", "no parameters", "a deleted file"])
+@pytest.mark.parametrize("script, input_stage", [("repartition.py", "merged"), ("parse_ua_strings.py", "repartitioned"),
+                                                 ("preprocess.py", "cleaned")])
+def test_stage_every_stage_refuses_a_broken_or_damaged_input_in_one_line(cleaned_data, tmp_path, capsys, script,
+                                                                         input_stage, breakage):
+    data = tmp_path / "data"
+    shutil.copytree(cleaned_data / "data", data)
+    break_manifest(data / input_stage, breakage)
+    before = listing(tmp_path)
+    status = run_main(script, "--data", data, *(["--preprocessors", tmp_path / "pre"] if script == "preprocess.py" else []))
+    line = one_line(capsys.readouterr().err)
+    assert status == 2
+    previous = stage.SCRIPTS[input_stage]
+    if breakage == "a deleted file":
+        assert line.startswith(f"error: {data / input_stage}/ is not as {previous} published it: 1 file missing: ")
+        assert line.endswith(f"run `python pipeline.py run --from {input_stage}` (or {previous}) to make it again")
+    else:
+        assert line.startswith(f"error: {data / input_stage / '_stage.json'}: not a manifest that {previous} wrote (")
+        assert line.endswith(f"delete {data / input_stage}/ yourself and run {previous} again")
+    assert listing(tmp_path) == before

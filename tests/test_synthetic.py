@@ -148,10 +148,9 @@ def test_synthetic_same_seed_gives_identical_bytes(tmp_path):
         return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
 
     first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    second.mkdir()
-    (second / "stale.txt").write_text("left over from an older run")  # --out is replaced, not merged into
     generate(first, seed=3, **small)
-    generate(second, seed=3, **small)
+    generate(second, seed=4, **small)
+    generate(second, seed=3, **small)  # its own earlier output is replaced, not merged into
     generate(other, seed=4, **small)
     assert contents(first) == contents(second)
     assert len(contents(first)) > 20
@@ -202,7 +201,9 @@ def test_synthetic_order_rate_is_higher_for_recently_engaged_items(raw):
 
 def test_synthetic_accounting_matches_the_files(raw):
     generated = json.loads((raw / "_generated.json").read_text())
-    assert set(generated) == {"parameters", "expected"}
+    assert set(generated) == {"parameters", "expected", "files"}
+    assert generated["files"] == sorted(str(path.relative_to(raw)) for path in raw.rglob("*")
+                                        if path.is_file() and path.name != "_generated.json")
     assert {key: generated["parameters"][key] for key in SIZES} == SIZES
     expected = generated["expected"]
     assert set(expected) == set(SOURCES)
@@ -285,3 +286,22 @@ def test_synthetic_generate_data_cli(tmp_path):
     parameters = json.loads((out / "_generated.json").read_text())["parameters"]
     assert parameters["customers"] == 40 and parameters["days"] == 3 and parameters["seed"] == 2
     assert {path.name for path in out.iterdir()} == {*SOURCES, "_generated.json"}
+
+
+@pytest.mark.parametrize("occupant", ["raw logs", "a stage folder"])
+def test_synthetic_generate_data_replaces_only_what_it_generated(tmp_path, occupant):
+    """`generate_data.py --out data` used to replace the whole data folder (every stage, the real logs)."""
+    out = tmp_path / "out"
+    generate(out, customers=5, items=5, days=2, actions_per_customer=2, seed=1)
+    generate(out, customers=6, items=5, days=2, actions_per_customer=2, seed=1)  # its own folder: replaced
+    assert json.loads((out / "_generated.json").read_text())["parameters"]["customers"] == 6
+    (out / "clicks" / "mine.jsonl" if occupant == "raw logs" else out / "merged").mkdir()
+    before = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")}
+    result = subprocess.run([sys.executable, str(ROOT / "generate_data.py"), "--out", str(out), "--customers", "5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    extra = "clicks/mine.jsonl" if occupant == "raw logs" else "merged"
+    assert result.stderr.strip().splitlines() == [
+        f"error: refusing to replace {out}/: it holds {extra}, which the generator did not write, so this project "
+        "cannot tell that it wrote it; point --out at a new or empty folder, or at one generate_data.py wrote"]
+    assert {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")} == before
