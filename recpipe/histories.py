@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
 
-US_PER_DAY = 86_400_000_000
+US_PER_DAY = 86_400 * 10**6
 COUNT_WINDOWS = (7, 30)
 ACTION_NAMES = {CLICK: "clicks", ADD_TO_CART: "atc", ORDER: "orders"}
 # In the order preprocess writes them (SPEC section 7).
@@ -103,3 +103,15 @@ def compute_histories(actions, keys, lookback_days=365, max_history=1000):
         "history_action_types": lists(action_type, pa.int8()),
         "history_occurred_at": lists(occurred_us, pa.int64()),
     })
+
+
+def padded(lists, rows, length, dtype):
+    """The lists at `rows` as a [len(rows), length] array, right-padded with 0 (numpy, no row loop)."""
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy()
+    starts, lengths = offsets[rows], np.minimum(offsets[rows + 1] - offsets[rows], length)
+    out = np.zeros((len(rows), length), dtype=dtype)
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    column = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[row_of, column] = values[np.repeat(starts, lengths) + column]
+    return out

@@ -12,7 +12,7 @@ are read with PyArrow, the examples are shuffled with a generator seeded from
 (seed, epoch, day), and the day is cut into batches; the last batch of a day may be
 smaller, no example is dropped. The join to histories is one index lookup per day
 (customer_id -> histories row); a batch gathers only its own rows and pads them to
-[B, L] (recpipe.preprocess.padded), so no day is ever padded as a whole.
+[B, L] (recpipe.histories.padded), so no day is ever padded as a whole.
 
 Worker split: batches are numbered across the epoch (day after day) and worker w of W
 yields the batches g with g % W == w. Every worker reads every day but builds only
@@ -21,7 +21,6 @@ DataLoader takes batches from its workers in turn, the order of batches is the s
 for any number of workers.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -32,8 +31,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from recpipe import stage
 from recpipe.cli import UserError
-from recpipe.preprocess import padded
+from recpipe.histories import padded
 
 ITEM, TARGET = "cat_item", "is_order"
 FIX = "run preprocess.py again"
@@ -45,18 +45,20 @@ class ProcessedDataset(IterableDataset):
     categorical: cat_* columns other than cat_item, in this order (default: the files' order,
     which is fit.json's). numeric: num_* columns (default: the files' order). max_history
     (L): default processed/_stage.json's --max-history. empty_histories: all-zero history
-    tensors of the same shapes, and the histories are not read.
+    tensors of the same shapes, and the histories are not read. checked: processed/ as
+    stage.open_stage (or stage.reading) returned it, already checked against its manifest.
     """
 
     def __init__(self, processed_dir, split, batch_size=512, max_history=None, shuffle=True, seed=0,
-                 categorical=None, numeric=None, empty_histories=False):
+                 categorical=None, numeric=None, empty_histories=False, checked=None):
         super().__init__()
         if batch_size < 1 or (max_history is not None and max_history < 1):
             raise ValueError(f"batch_size and max_history must be at least 1, not {batch_size} and {max_history}")
         self.processed_dir, self.split = Path(processed_dir), split
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.empty_histories = empty_histories
-        manifest = _manifest(self.processed_dir)
+        checked = checked or stage.open_stage(None, "processed", stage_dir=self.processed_dir)
+        manifest, self._version = _manifest(checked)
         self.max_history = int(max_history or manifest["parameters"]["max_history"])
         self.days = _days(self.processed_dir, split, manifest)  # [(date, example files, history files)]
         self._day_rows = [sum(_num_rows(path) for path in examples) for _, examples, _ in self.days]
@@ -111,10 +113,10 @@ class ProcessedDataset(IterableDataset):
         day, example_files, history_files = entry
         if self._cached_day is not None and self._cached_day[0] == day:
             return self._cached_day[1]
+        # Checked before and after reading: when processed/ is the same on both sides, every file read
+        # belonged to it (a new version is swapped in whole, by rename, manifest included).
+        self._check_version()
         examples = _read(example_files, ["customer_id", ITEM, *self.categorical, *self.numeric, TARGET])
-        if examples.num_rows != rows:
-            raise UserError(f"{example_files[0].parent}/ changed while training ({examples.num_rows} rows, "
-                            f"{rows} when the loader started): do not run preprocess.py during training")
         data = {"item": _numpy(examples, ITEM, np.int64),
                 "categorical": _stack(examples, self.categorical, np.int64),
                 "numeric": _stack(examples, self.numeric, np.float32),
@@ -124,9 +126,24 @@ class ProcessedDataset(IterableDataset):
             data["history_row"] = _history_rows(histories, examples, history_files[0].parent)
             data["actions"] = _list_array(histories, "actions")
             data["action_types"] = _list_array(histories, "action_types")
+        self._check_version()
+        if examples.num_rows != rows:
+            raise UserError(f"{example_files[0].parent}/ holds {examples.num_rows} rows, {rows} when the loader "
+                            f"started: {FIX}")
         if len(self.days) == 1:
             self._cached_day = (day, data)
         return data
+
+    def _check_version(self):
+        """Stop (UserError) when processed/ is no longer the version this dataset started with."""
+        try:
+            current = stage.manifest_digest(self.processed_dir)
+        except OSError:
+            current = None
+        if current != self._version:
+            raise UserError(f"{self.processed_dir}/ was replaced or removed while this run read it (preprocess.py "
+                            "ran again, or it was copied over): what was read so far is from the earlier version, "
+                            "so this run stopped; start train.py again on the new one")
 
     def _batch(self, data, rows):
         shape = (len(rows), self.max_history)
@@ -148,8 +165,25 @@ def make_loader(dataset, num_workers=0, pin_memory=None):
     """A DataLoader of whole batches (batch_size=None); pinned batches by default where CUDA is."""
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+    return _Loader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                   persistent_workers=num_workers > 0)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' user errors stay one line: PyTorch re-raises a worker's exception
+    with the worker's whole traceback as its message."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as error:
+                lines = [line for line in str(error).splitlines() if line.strip()]
+                raise UserError(lines[-1].split("UserError: ", 1)[-1] if lines else str(error)) from None
+            yield batch
 
 
 def to_device(batch, device):
@@ -159,20 +193,13 @@ def to_device(batch, device):
 
 # --- reading processed/ ---------------------------------------------------------------------------
 
-def _manifest(processed_dir):
-    path = processed_dir / "_stage.json"
-    if not path.is_file():
-        state = "is incomplete (no _stage.json)" if processed_dir.exists() else "is missing"
-        raise UserError(f"{processed_dir}/ {state}: run preprocess.py first")
-    try:
-        manifest = json.loads(path.read_text())
-        layout = manifest["parameters"].get("layout", "compact")
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"{path}: not a manifest preprocess.py wrote ({error!r}): {FIX}") from None
+def _manifest(checked):
+    """processed/'s manifest (from a stage.StageInput: checked against the folder) and its digest."""
+    layout = checked.manifest["parameters"].get("layout", "compact")
     if layout != "compact":
-        raise UserError(f"{processed_dir}/ holds the {layout} layout; the loader reads the compact one: "
+        raise UserError(f"{checked.path}/ holds the {layout} layout; the loader reads the compact one: "
                         "run preprocess.py again without --layout")
-    return manifest
+    return checked.manifest, checked.manifest_sha256
 
 
 def _days(processed_dir, split, manifest):
@@ -237,8 +264,8 @@ def _read(paths, columns):
         try:
             tables.append(pq.read_table(path, columns=columns))
         except FileNotFoundError:
-            raise UserError(f"{path} has gone: processed/ was replaced or removed while this loader read it; "
-                            "start again once preprocess.py has finished") from None
+            raise UserError(f"{path} has gone: processed/ was replaced or removed while this run read it, so "
+                            "this run stopped; start train.py again once preprocess.py has finished") from None
         except (pa.ArrowException, OSError) as error:
             raise _unreadable(path, error) from None
     return pa.concat_tables(tables)

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recpipe import encoders, schemas
+from recpipe import encoders, folders, schemas
 from recpipe.cluster import wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
-from recpipe.histories import COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories
+from recpipe.histories import COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, padded
 from recpipe.repartition import splitmix64
 from recpipe.stage import read_parts
 
@@ -229,20 +229,8 @@ def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
 
 
 def _write(table, path, row_group_size):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folders.make_parents(path)
     pq.write_table(table, path, row_group_size=row_group_size)
-
-
-def padded(lists, rows, length, dtype):
-    """The lists at `rows` as a [len(rows), length] array, right-padded with 0 (numpy, no row loop)."""
-    offsets = lists.offsets.to_numpy()
-    values = lists.values.to_numpy()
-    starts, lengths = offsets[rows], np.minimum(offsets[rows + 1] - offsets[rows], length)
-    out = np.zeros((len(rows), length), dtype=dtype)
-    row_of = np.repeat(np.arange(len(rows)), lengths)
-    column = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[row_of, column] = values[np.repeat(starts, lengths) + column]
-    return out
 
 
 def wide_schema(examples_schema, max_history):
@@ -255,7 +243,7 @@ def wide_schema(examples_schema, max_history):
 
 def _write_wide(examples, actions, action_types, key_rows, path, max_history):
     schema = wide_schema(examples.schema, max_history)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folders.make_parents(path)
     # Encoding the 2 x max_history values of every row is nearly all of this stage's time (py-spy, 10 M
     # actions: 81%). Dictionaries and min/max statistics on mostly-zero padding cost more than they save;
     # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (README, issue 7).

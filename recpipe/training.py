@@ -1,8 +1,16 @@
-"""What train.py's loop uses: metrics, evaluation, atomic checkpoints, the curves plot."""
+"""What train.py's loop uses: its run folder, metrics, evaluation, checkpoint selection, safe checkpoints,
+the curves plot.
+
+A run folder holds train.py's own files and nothing else (RUN_FILES): train.py writes only into a
+new or empty folder, or, with --resume, on into the folder of the checkpoint it continues.
+Checkpoints hold tensors and plain Python values only, and are read with torch.load's
+weights_only loader, so resuming from a file never runs code that came with it.
+"""
 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +18,124 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from recpipe import folders
+from recpipe.cli import UserError
 from recpipe.loader import to_device
 
+CHECKPOINT, CONFIG, METRICS, TRAIN_LOSS, FINAL, CURVES = (
+    "checkpoint.pt", "config.json", "metrics.jsonl", "train_loss.jsonl", "final.json", "curves.png")
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, TRAIN_LOSS, FINAL, CURVES)
+# A file being written is renamed into place (save_checkpoint, write_json); a killed run leaves it behind.
+_PARTIAL = re.compile(r"\.(" + "|".join(map(re.escape, RUN_FILES)) + r")\.partial-\d+")
+
+# Flags that shape the model or what it sees: a checkpoint continues only under the same values.
+MODEL_FLAGS = ("dim", "heads", "layers", "max_history", "empty_histories")
+
+# How the checkpoint kept is chosen, in order of preference: the first one an evaluation
+# can compute decides for the run (val AUC is undefined when val holds one class, and val
+# log loss too when val is empty). True: higher is better.
+SELECTION = {"val_auc": True, "val_logloss": False, "train_loss": False}
+
+
+# --- the run folder ---------------------------------------------------------------------------------
+
+def is_run_file(name):
+    return name in RUN_FILES or bool(_PARTIAL.fullmatch(name))
+
+
+def run_folder(out, resume, default):
+    """The folder a run writes into, checked but not created: a UserError names what is found otherwise.
+
+    Without `resume`: `out` (or `default`) must be missing or empty. With it: the folder of the
+    checkpoint, which must hold only train.py's files; `out`, if given, must be that folder.
+    """
+    if resume:
+        checkpoint = Path(resume)
+        if checkpoint.is_dir():
+            raise UserError(f"--resume {resume} is a folder: give its checkpoint, --resume {checkpoint / CHECKPOINT}")
+        if not checkpoint.is_file():
+            raise UserError(f"--resume {resume}: no such file: give the {CHECKPOINT} of an earlier run's folder "
+                            f"(runs/<timestamp>/{CHECKPOINT})")
+        folder = checkpoint.parent
+        if checkpoint.name != CHECKPOINT:
+            raise UserError(f"--resume {resume}: train.py resumes the {CHECKPOINT} of a run folder and writes on into "
+                            f"that folder: give {folder / CHECKPOINT}, or move the file into a folder of its own as "
+                            f"{CHECKPOINT}")
+        foreign = [entry.name for entry in sorted(folder.iterdir()) if not is_run_file(entry.name)]
+        if foreign:
+            raise UserError(f"--resume {resume} is not in a run folder of train.py: {folder}/ also holds "
+                            f"{folders.listing(foreign)}, and a resumed run writes on into its checkpoint's folder: copy "
+                            f"{CHECKPOINT} into a folder of its own and resume that; nothing was written")
+        if out is not None and Path(out).resolve() != folder.resolve():
+            raise UserError(f"--out {out} with --resume {resume}: a resumed run writes on into its checkpoint's "
+                            f"folder {folder}/ (its metrics and best checkpoint are there): leave out --out, or give "
+                            f"--out {folder}; to start a new run in {out}, leave out --resume")
+        return folder
+    folder = Path(out) if out is not None else Path(default)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file, not a folder: give a new or empty folder as --out")
+    entries = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    if not entries:
+        return folder
+    if all(is_run_file(name) for name in entries):
+        continuing = f"continue it with --resume {folder / CHECKPOINT}, " if CHECKPOINT in entries else ""
+        raise UserError(f"--out {folder} holds an earlier run of train.py ({folders.listing(entries)}): give another --out, "
+                        f"{continuing}or delete {folder}/ first; it was left as it was")
+    raise UserError(f"--out {folder} is not empty and not a run folder of train.py (it holds {folders.listing(entries)}): "
+                    f"give a new or empty folder as --out; nothing was written to {folder}/")
+
+
+def record_run(folder, identity, resumed_at=None):
+    """Write config.json, the run folder's identity: `identity` (flags, device, code version, data).
+
+    A resumed run keeps the first run's identity and adds its own under "resumed", with the
+    epoch and step it continued from.
+    """
+    path = Path(folder) / CONFIG
+    if resumed_at is None:
+        write_json(path, identity)
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):  # a run folder from before config.json existed
+        record = dict(identity)
+    write_json(path, {**record, "resumed": [*record.get("resumed", []), {**identity, **resumed_at}]})
+
+
+# --- strict JSON ------------------------------------------------------------------------------------
+
+def json_safe(value):
+    """`value` with every NaN or infinity replaced by None: JSON has no such numbers, and readers
+    other than Python's reject the NaN and Infinity tokens."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def dumps(value, **kwargs):
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def write_json(path, value):
+    """Write `value` as strict JSON beside `path` and rename it into place: never half a file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(dumps(record) + "\n")
+
+
+# --- metrics, evaluation, selection -----------------------------------------------------------------
 
 def roc_auc(targets, scores):
     """Area under the ROC curve (Mann–Whitney, ties averaged); NaN when only one class is present."""
@@ -53,8 +177,46 @@ def bce(logits, targets):
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def select(best, record):
+    """(the new best, a note) when the evaluation `record` beats `best`, else (None, None).
+
+    The first evaluation of a run always wins and fixes the criterion (SELECTION); the note
+    says why, when it is not val AUC. A later one wins when its value is finite and better.
+    """
+    note = None
+    if best is None:
+        name = next((name for name in SELECTION if _finite(record.get(name))), "train_loss")
+        if name == "val_logloss":
+            note = (f"val AUC is undefined (the {record.get('val_examples') or 0:,} val examples evaluated are all of "
+                    "one class): choosing the checkpoint by val log loss")
+        elif name == "train_loss" and not record.get("val_examples"):
+            note = ("val is empty: choosing the checkpoint by training loss (merge_and_clean.py --val-days N "
+                    "labels N days as val)")
+        elif name == "train_loss":
+            note = "val AUC and log loss are undefined: choosing the checkpoint by training loss"
+    else:
+        name, value = best["selected_by"], record.get(best["selected_by"])
+        if not _finite(value) or (best["value"] is not None and
+                                  not (value > best["value"] if SELECTION[name] else value < best["value"])):
+            return None, None
+    value = record.get(name)
+    chosen = {"selected_by": name, "value": value if _finite(value) else None,
+              **{key: record.get(key) for key in ("epoch", "step", "val_auc", "val_logloss", "train_loss")}}
+    return chosen, note
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
 def save_checkpoint(path, model, optimizer, state):
-    """Write the checkpoint beside its target and rename it into place: a kill never leaves half a file."""
+    """Write the checkpoint beside its target and rename it into place: a kill never leaves half a file.
+
+    Everything in it is a tensor or a plain Python value, so read_checkpoint can load it
+    without running code; `state` must stay so (numbers, strings, lists, dicts, None).
+    """
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
@@ -62,23 +224,137 @@ def save_checkpoint(path, model, optimizer, state):
     os.replace(partial, path)
 
 
-def load_checkpoint(path, model, optimizer):
-    """Restore model, optimizer and torch's RNG; return the loop state saved with them."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["torch_rng"])
-    return checkpoint["state"]
+RESUME_FIX = "resume from a checkpoint.pt train.py wrote, or start a new run without --resume"
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def read_checkpoint(path, what="--resume", fix=RESUME_FIX):
+    """The content of a checkpoint save_checkpoint wrote, or a UserError naming `what` (the flag, or
+    which checkpoint), what is wrong with it, and `fix`.
 
+    weights_only: a file that asks to call anything beyond tensors and plain values when
+    loaded is refused before any of it runs (a .pt file can carry code).
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: no such file: {fix}") from None
+    except (PermissionError, IsADirectoryError) as error:
+        raise UserError(f"{what} {path}: cannot read it ({error.strerror}): {fix}") from None
+    except (OSError, EOFError) as error:
+        # torch reports a file cut short as EINVAL (seeking past its end) or EOFError.
+        raise UserError(f"{what} {path} is empty or cut short ({type(error).__name__}: {str(error) or 'no data'}): "
+                        f"{fix}") from None
+    except Exception as error:
+        # Broad on purpose: a damaged file raises RuntimeError, a refused one the loader's own error
+        # class, and neither may end in a traceback.
+        text = str(error)
+        called = re.search(r"GLOBAL ([\w.]+)", text)
+        if called:
+            raise UserError(f"{what} {path}: refused to load: it asks to run {called.group(1)} when loaded, and a "
+                            f"checkpoint train.py wrote holds only tensors and plain values (nothing was run): "
+                            f"{fix}") from None
+        if text.startswith("Weights only load failed"):
+            stopped = next((line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")),
+                           "something other than tensors and plain values")
+            raise UserError(f"{what} {path} is not a checkpoint train.py wrote (the loader stopped at: "
+                            f"{stopped.rstrip('.')}): {fix}") from None
+        first = " ".join(text.split(". ")[0].split()) or type(error).__name__
+        raise UserError(f"{what} {path} is damaged or cut short ({first}): {fix}") from None
+    if (not isinstance(checkpoint, dict) or not {"model", "optimizer", "state", "torch_rng"} <= set(checkpoint)
+            or not isinstance(checkpoint["state"], dict)):
+        raise UserError(f"{what} {path} is a PyTorch file but not a checkpoint train.py wrote (it has no model, "
+                        f"optimizer, state and torch_rng): {fix}")
+    return checkpoint
+
+
+def resume(path, model, optimizer, asked):
+    """Continue from the checkpoint at `path`: refused (UserError) when it was made with other MODEL_FLAGS
+    than `asked` (this run's flag values, max_history the length used); return its loop state."""
+    checkpoint = read_checkpoint(path)
+    changed = changed_model_flags(checkpoint, asked)
+    if changed:
+        raise UserError(f"--resume {path} was made with {changed}: continue it with the flags it was made with, "
+                        "or start a new run without --resume")
+    return restore(checkpoint, model, optimizer, path)
+
+
+def changed_model_flags(checkpoint, asked):
+    """'--dim 16 --layers 1 (asked: --dim 8 --layers 2)' when a flag of MODEL_FLAGS differs from the
+    checkpoint's, else None. `asked`: this run's values (max_history: the history length used)."""
+    state = checkpoint["state"]
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    # config holds --max-history as given (0: processed/'s); the state, the length the model was built for.
+    saved = {name: config[name] for name in MODEL_FLAGS if name in config and name != "max_history"}
+    if "max_history" in state:
+        saved["max_history"] = state["max_history"]
+    differ = [name for name in MODEL_FLAGS if name in saved and saved[name] != asked[name]]
+    if not differ:
+        return None
+    return (" ".join(_flag(name, saved[name]) for name in differ) + " (asked: "
+            + " ".join(_flag(name, asked[name]) for name in differ) + ")")
+
+
+def _flag(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def restore(checkpoint, model, optimizer, path, what="--resume"):
+    """Put a checkpoint's weights, optimizer and torch RNG in place; return its loop state.
+
+    A checkpoint from before select() kept its best val AUC alone, starting at -inf: it becomes
+    a "best" selected by val AUC, so the -inf goes no further.
+    """
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        found = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line
+                      or "Unexpected" in line), " ".join(str(error).split()))
+        found = found if len(found) <= 200 else found[:200] + "..."  # missing keys come as one long list
+        raise UserError(f"{what} {path} does not fit this model ({found.rstrip('.')}): it was trained on another "
+                        "--data/--preprocessors (vocabulary sizes) or with other model flags; give the ones it was "
+                        "made with") from None
+    state = checkpoint["state"]
+    if "best_val_auc" in state:
+        auc = state.pop("best_val_auc")
+        state.setdefault("best", {"selected_by": "val_auc", "value": auc if _finite(auc) else None,
+                                  "epoch": state.get("epoch"), "step": state.get("step"),
+                                  "val_auc": auc if _finite(auc) else None, "val_logloss": None, "train_loss": None})
+    return state
+
+
+def load_checkpoint(path, model, optimizer, what="--resume", fix=RESUME_FIX):
+    """Restore model, optimizer and torch's RNG from a checkpoint file; return the loop state saved with them."""
+    return restore(read_checkpoint(path, what, fix), model, optimizer, path, what)
+
+
+def no_train_examples(processed_dir, manifest, datasets):
+    """Why processed/ has no train examples, and the flag that gives it some: one line."""
+    days = "; ".join(f"{split}: " + (", ".join(str(day) for day, _, _ in datasets[split].days) or "none")
+                     for split in ("val", "test"))
+    made = manifest.get("lineage", {}).get("merged", {}).get("parameters", {})
+    made_with = " ".join(f"--{name.replace('_', '-')} {made[name]}" for name in ("train_days", "val_days", "test_days")
+                         if name in made)
+    return (f"{processed_dir}/ has no train examples (days {days}), so there is nothing to train on: "
+            "merge_and_clean.py labels as train the --train-days days before val and test"
+            + (f" (it was run with {made_with})" if made_with else "")
+            + "; run `python pipeline.py run --train-days 14` (with raw data that reaches that far back)")
+
+
+# --- the curves -------------------------------------------------------------------------------------
 
 def _records(path):
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _numbers(records, name):
+    return [record[name] if _finite(record.get(name)) else float("nan") for record in records]
 
 
 def plot_curves(metrics_path, train_loss_path, out_path):
@@ -92,12 +368,12 @@ def plot_curves(metrics_path, train_loss_path, out_path):
     steps = [r["step"] for r in records]
     figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot([r["step"] for r in train_losses] or steps,
-                   [r["train_loss"] for r in train_losses] or [r["train_loss"] for r in records],
+                   _numbers(train_losses, "train_loss") or _numbers(records, "train_loss"),
                    label="train BCE (last 50 steps)")
-    loss_axis.plot(steps, [r["val_logloss"] for r in records], marker="o", label="val log loss")
+    loss_axis.plot(steps, _numbers(records, "val_logloss"), marker="o", label="val log loss")
     loss_axis.set_xlabel("step")
     loss_axis.legend()
-    auc_axis.plot(steps, [r["val_auc"] if not math.isnan(r["val_auc"]) else None for r in records], marker="o")
+    auc_axis.plot(steps, _numbers(records, "val_auc"), marker="o")
     auc_axis.set_xlabel("step")
     auc_axis.set_ylabel("val AUC")
     figure.tight_layout()

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from recpipe import stage
 from recpipe.cli import UserError
 from recpipe.loader import ProcessedDataset, make_loader, to_device
 from recpipe.preprocess import HISTORIES_SCHEMA, examples_schema
@@ -32,8 +33,16 @@ def history(customer, day):
     return [customer * 1000 + day_number * 10 + j for j in range(length)], [1 + j % 3 for j in range(length)]
 
 
-def build_processed(root):
-    """processed/ of DAYS, two bucket files per day (bucket = customer % 2); returns {id: (customer, day)}."""
+def build_processed(root, max_history=20):
+    """processed/ of DAYS, two bucket files per day (bucket = customer % 2), published under `root` as
+    preprocess.py publishes it (stage.publish, with its manifest); returns {id: (customer, day)}."""
+    with stage.publish(root.parent, root.name, {"max_history": max_history, "layout": "compact"}, []) as run:
+        examples_of = write_days(run.path)
+        run.extra["rows_per_split"] = {"train": 1, "val": 1, "test": 0}
+    return examples_of
+
+
+def write_days(root):
     examples_of, next_id = {}, 1
     names = examples_schema().names
     for split, days in DAYS.items():
@@ -60,9 +69,14 @@ def build_processed(root):
                 write(root / split / "histories" / f"dt={day}" / f"part-bucket={bucket:05d}.parquet",
                       pa.table({"customer_id": list(reversed(customers)), "actions": [a for a, _ in lists],
                                 "action_types": [t for _, t in lists]}, schema=HISTORIES_SCHEMA))
-    (root / "_stage.json").write_text(json.dumps({"parameters": {"max_history": 20, "layout": "compact"},
-                                                  "rows_per_split": {"train": 1, "val": 1, "test": 0}}))
     return examples_of
+
+
+def rewrite_manifest(root):
+    """Record the files of `root` as they are now in its manifest, as if the stage had written them so."""
+    manifest = json.loads((root / "_stage.json").read_text())
+    manifest["files"], manifest["tables"] = stage.describe(root)
+    (root / "_stage.json").write_text(json.dumps(manifest))
 
 
 def write(path, table):
@@ -221,17 +235,16 @@ def test_loader_missing_or_corrupt_processed_is_a_user_error(processed, tmp_path
     shutil.copytree(processed[0], root)
     with pytest.raises(UserError, match="nowhere/ is missing: run preprocess.py first"):
         dataset(tmp_path / "nowhere")
-    with pytest.raises(UserError, match=r"val/histories/dt=2024-03-04/ is missing or empty .*run preprocess.py"):
-        shutil.rmtree(root / "val" / "histories" / "dt=2024-03-04")
-        dataset(root, "val")
-    with pytest.raises(UserError, match="val/examples is missing: run preprocess.py first"):
-        shutil.rmtree(root / "val" / "examples")
-        dataset(root, "val")
     with pytest.raises(UserError, match="has no column cat_colour"):
         dataset(root, categorical=["cat_colour"])
+    shutil.rmtree(root / "val" / "histories" / "dt=2024-03-04")
+    with pytest.raises(UserError, match=r"processed/ is not as preprocess.py published it: 2 files missing: "
+                                        r"val/histories/dt=2024-03-04/part-bucket=00000.parquet, .*; run "
+                                        r"`python pipeline.py run --from processed`"):
+        dataset(root, "val")
     corrupt = root / "train" / "examples" / "dt=2024-03-02" / "part-bucket=00001.parquet"
     corrupt.write_bytes(b"not parquet")
-    with pytest.raises(UserError, match=r"part-bucket=00001.parquet: not a readable Parquet file .*run preprocess.py"):
+    with pytest.raises(UserError, match=r"1 file changed \(size or rows\): train/examples/dt=2024-03-02/part-bucket"):
         dataset(root)
     (root / "_stage.json").unlink()
     with pytest.raises(UserError, match=r"is incomplete \(no _stage.json\): run preprocess.py first"):
@@ -243,6 +256,7 @@ def test_loader_an_example_without_its_history_row_is_a_user_error(processed, tm
     shutil.copytree(processed[0], root)
     path = root / "val" / "histories" / "dt=2024-03-04" / "part-bucket=00000.parquet"
     pq.write_table(pq.read_table(path).slice(1), path)
+    rewrite_manifest(root)  # as a buggy stage would have published it
     with pytest.raises(UserError, match="has no histories row for customer"):
         list(dataset(root, "val"))
 
@@ -264,5 +278,22 @@ def test_loader_a_file_gone_or_corrupted_after_the_start_is_a_user_error(process
     with pytest.raises(UserError, match=r"histories/dt=2024-03-01/part-bucket=00001.parquet: not a readable Parquet"):
         list(data)
     shutil.rmtree(root / "train")
-    with pytest.raises(UserError, match="has gone: processed/ was replaced or removed"):
+    with pytest.raises(UserError, match="has gone: processed/ was replaced or removed while this run read it"):
         list(data)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_processed_published_again_midway_stops_with_one_line(processed, tmp_path, workers):
+    """preprocess.py publishing a new processed/ (a whole folder renamed into place) while a run reads
+    the old one: the next day read stops the run, also from inside a DataLoader worker."""
+    root = tmp_path / "data" / "processed"
+    shutil.copytree(processed[0], root)
+    batches = iter(make_loader(dataset(root), num_workers=workers))
+    next(batches)  # the first day is read, from the version the run started with
+    build_processed(root, max_history=19)
+    with pytest.raises(UserError) as stopped:
+        for _ in batches:
+            pass
+    assert str(stopped.value).splitlines() == [
+        f"{root}/ was replaced or removed while this run read it (preprocess.py ran again, or it was copied over): "
+        "what was read so far is from the earlier version, so this run stopped; start train.py again on the new one"]

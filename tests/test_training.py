@@ -1,14 +1,26 @@
-"""The model and the training loop: metrics, checkpoints, and train.py end to end on generated data."""
+"""The model and the training loop: metrics, checkpoints, and train.py end to end on generated data:
+its run folder, --resume, empty and one-class splits, and its refusals."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import ROOT, one_line, run_main, run_script
+from recpipe import stage
 from recpipe.model import Recommender
-from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint
+from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint, select
+
+# A run of a few seconds: one epoch of 3 steps (--max-steps counts over the whole run).
+TINY = ("--epochs", "1", "--max-steps", "3", "--batch-size", "64", "--dim", "8", "--workers", "0")
+RUN_FILES = {"config.json", "checkpoint.pt", "metrics.jsonl", "final.json", "curves.png"}
 
 CATEGORICAL = [20, 10, 8]
 
@@ -66,25 +78,289 @@ def test_training_roc_auc_and_log_loss_match_hand_computed_values():
     assert log_loss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
 
 
-def test_train_runs_end_to_end_on_the_cpu_and_writes_its_outputs(processed_data, tmp_path):
+def strict_json(text):
+    """json.loads that fails on NaN and Infinity, as every JSON reader but Python's does."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def snapshot(*folders):
+    """Every file and folder under `folders`: relative path -> size (None for a folder)."""
+    return {(str(folder), str(path.relative_to(folder))): path.stat().st_size if path.is_file() else None
+            for folder in map(Path, folders) if folder.exists() for path in sorted(folder.rglob("*"))}
+
+
+def assert_one_line_error(result, *expected):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    for text in expected:
+        assert text in result.stderr
+
+
+def without_split(processed_data, root, split, **made_with):
+    """A copy of processed_data in which `split` is empty, as preprocess.py publishes it when merge_and_clean.py
+    labelled no day so (`--val-days 0`, recorded in the lineage as `made_with`): no folder for the split, and
+    0 rows of it in the manifest, which lists the files that are left."""
     data, preprocessors = processed_data
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
-                        "--epochs", "2", "--max-steps", "6", "--batch-size", "64", "--dim", "16", "--workers", "0")
+    shutil.copytree(data / "processed", root / "data" / "processed")
+    shutil.copytree(preprocessors, root / "preprocessors")
+    processed = root / "data" / "processed"
+    shutil.rmtree(processed / split)
+    manifest = json.loads((processed / "_stage.json").read_text())
+    manifest["files"], manifest["tables"] = stage.describe(processed)
+    manifest["rows_per_split"][split] = 0
+    manifest["lineage"]["merged"]["parameters"].update(made_with)
+    (processed / "_stage.json").write_text(json.dumps(manifest))
+    return root / "data", root / "preprocessors"
+
+
+@pytest.fixture(scope="module")
+def trained_run(processed_data, tmp_path_factory):
+    """One run of train.py with TINY: (its folder, its result). Tests copy the folder before changing it."""
+    data, preprocessors = processed_data
+    run = tmp_path_factory.mktemp("trained") / "run"
+    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", run, *TINY)
+    return run, result
+
+
+def test_train_runs_end_to_end_on_the_cpu_and_writes_its_outputs(trained_run, processed_data):
+    run, result = trained_run
     assert "device cpu" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) >= 1 and {"val_auc", "val_logloss", "train_loss"} <= set(records[0])
-    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert {path.name for path in run.iterdir()} == RUN_FILES  # train_loss.jsonl comes every 50 steps
+    records = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and {"val_auc", "val_logloss", "train_loss", "val_examples"} <= set(records[0])
+    final = strict_json((run / "final.json").read_text())
     assert {"test_auc", "test_logloss", "val_auc", "examples_per_second"} <= set(final)
-    assert 0 <= final["test_auc"] <= 1
-    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert 0 <= final["test_auc"] <= 1 and final["steps"] == 3
+    assert (final["selected_by"], final["selected_step"], final["val_auc"]) == ("val_auc", 3, records[0]["val_auc"])
+    assert (run / "curves.png").stat().st_size > 1000
+    config = strict_json((run / "config.json").read_text())
+    assert config["flags"]["dim"] == 8 and config["flags"]["data"] == str(processed_data[0])
+    assert config["device"] == "cpu" and config["max_history"] == 60 and config["code_version"]
 
 
-def test_train_names_what_is_missing_and_the_script_that_makes_it(processed_data, tmp_path):
+def test_train_names_what_is_missing_and_the_script_that_makes_it(processed_data, tmp_path, capsys):
     data, _ = processed_data
-    result = run_script("train.py", "--data", tmp_path, "--out", tmp_path / "run", check=False)
-    assert result.returncode == 2 and "processed/ is missing: run preprocess.py first" in result.stderr
-    result = run_script("train.py", "--data", data, "--preprocessors", tmp_path / "none", "--out", tmp_path / "run",
-                        check=False)
-    assert result.returncode == 2 and "run preprocess.py first" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert run_main("train.py", "--data", tmp_path, "--out", tmp_path / "run") == 2
+    assert "processed/ is missing: run preprocess.py first" in one_line(capsys.readouterr().err)
+    assert run_main("train.py", "--data", data, "--preprocessors", tmp_path / "none", "--out", tmp_path / "run") == 2
+    assert "run preprocess.py first" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # a refused run makes no run folder
+
+
+class RunsCode:
+    """What a hostile .pt can hold: an object whose loading calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _out_holds_user_files(tmp_path, run):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's\n")
+    return ["--out", tmp_path / "mine"], ["--out", "is not empty and not a run folder of train.py (it holds notes.txt)",
+                                          "give a new or empty folder as --out"]
+
+
+def _out_is_an_earlier_run(tmp_path, run):
+    return ["--out", run], [f"--out {run} holds an earlier run of train.py",
+                            f"continue it with --resume {run}/checkpoint.pt", "give another --out"]
+
+
+def _no_epochs(tmp_path, run):
+    return ["--epochs", "0", "--out", tmp_path / "new"], ["--epochs 0: must be at least 1"]
+
+
+def _resume_a_missing_checkpoint(tmp_path, run):
+    return ["--resume", "/no/such.pt"], ["--resume /no/such.pt: no such file"]
+
+
+def _resume_into_another_out(tmp_path, run):
+    return (["--resume", run / "checkpoint.pt", "--out", tmp_path / "elsewhere"],
+            [f"--out {tmp_path / 'elsewhere'} with --resume", f"writes on into its checkpoint's folder {run}/",
+             "leave out --out"])
+
+
+def _resume_from_a_folder_with_other_files(tmp_path, run):
+    (run / "notes.txt").write_text("the user's\n")
+    return ["--resume", run / "checkpoint.pt"], ["is not in a run folder of train.py", "also holds notes.txt"]
+
+
+def _resume_a_truncated_checkpoint(tmp_path, run):
+    checkpoint = run / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
+    return ["--resume", checkpoint], [f"--resume {checkpoint} is empty or cut short"]
+
+
+def _resume_with_another_dim(tmp_path, run):
+    return ["--resume", run / "checkpoint.pt", "--dim", "16"], ["was made with --dim 8 (asked: --dim 16)",
+                                                                 "continue it with the flags it was made with"]
+
+
+def _resume_a_checkpoint_that_runs_code(tmp_path, run):
+    torch.save({"model": RunsCode(f"touch {tmp_path / 'ran'}")}, run / "checkpoint.pt")
+    return ["--resume", run / "checkpoint.pt"], ["refused to load: it asks to run", "system", "nothing was run"]
+
+
+@pytest.mark.parametrize("case", [_out_holds_user_files, _out_is_an_earlier_run, _no_epochs,
+                                  _resume_a_missing_checkpoint, _resume_into_another_out,
+                                  _resume_from_a_folder_with_other_files, _resume_a_truncated_checkpoint,
+                                  _resume_with_another_dim, _resume_a_checkpoint_that_runs_code],
+                         ids=lambda case: case.__name__.strip("_"))
+def test_train_refuses_a_run_folder_or_checkpoint_in_one_line_and_touches_nothing(case, trained_run, processed_data,
+                                                                                    tmp_path, capsys):
+    data, preprocessors = processed_data
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    flags, expected = case(tmp_path, run)
+    before = snapshot(tmp_path, data / "processed", preprocessors)
+    status = run_main("train.py", "--data", data, "--preprocessors", preprocessors, *TINY, *flags)
+    assert status == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and all(text in line for text in expected), line
+    assert snapshot(tmp_path, data / "processed", preprocessors) == before
+    assert not (tmp_path / "ran").exists()
+
+
+def test_train_resume_of_a_finished_run_evaluates_it_in_its_own_folder(trained_run, processed_data, tmp_path):
+    data, preprocessors = processed_data
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    checkpoint, metrics = (run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()
+    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, *TINY,
+                        "--resume", run / "checkpoint.pt")
+    assert "nothing left to train" in result.stdout
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint and (run / "metrics.jsonl").read_text() == metrics
+    final = strict_json((run / "final.json").read_text())
+    assert final["steps"] == 3 and final["examples_per_second"] is None
+    assert final["test_auc"] == strict_json((trained_run[0] / "final.json").read_text())["test_auc"]
+    resumed = strict_json((run / "config.json").read_text())["resumed"]
+    assert [(entry["at_epoch"], entry["at_step"]) for entry in resumed] == [(1, 3)]
+
+
+def test_train_refuses_an_empty_train_split_naming_train_days(processed_data, tmp_path):
+    data, preprocessors = without_split(processed_data, tmp_path, "train", train_days=0)
+    before = snapshot(tmp_path)
+    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                        *TINY, check=False)
+    assert_one_line_error(result, "processed/ has no train examples", "--train-days 0",
+                          "python pipeline.py run --train-days 14")
+    assert snapshot(tmp_path) == before
+
+
+def test_train_with_an_empty_val_split_selects_by_training_loss_and_says_so(processed_data, tmp_path, capsys):
+    data, preprocessors = without_split(processed_data, tmp_path, "val", val_days=0)
+    run = tmp_path / "run"
+    flags = ["--data", data, "--preprocessors", preprocessors, "--batch-size", "64", "--dim", "8", "--workers", "0"]
+    assert run_main("train.py", *flags, "--out", run, "--epochs", "1", "--max-steps", "2") == 0
+    assert "val is empty: choosing the checkpoint by training loss" in capsys.readouterr().out
+    # A second evaluation, after a resume: the better training loss of the two keeps its checkpoint.
+    assert run_main("train.py", *flags, "--resume", run / "checkpoint.pt", "--epochs", "2", "--max-steps", "4") == 0
+    records = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["val_examples"], r["val_auc"]) for r in records] == [(1, 2, 0, None),
+                                                                                           (2, 4, 0, None)]
+    final = strict_json((run / "final.json").read_text())
+    best = min(records, key=lambda r: r["train_loss"])
+    assert (final["selected_by"], final["selected_epoch"], final["steps"]) == ("train_loss", best["epoch"], 4)
+    assert final["val_auc"] is None and final["val_logloss"] is None and 0 <= final["test_auc"] <= 1
+
+
+def test_train_with_one_class_in_val_selects_by_val_log_loss(processed_data, tmp_path):
+    data, preprocessors = processed_data
+    # One val example evaluated: one class, so AUC is undefined (and so is the test AUC, of one example too).
+    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                        "--epochs", "1", "--max-steps", "3", "--batch-size", "1", "--eval-batches", "1",
+                        "--dim", "8", "--workers", "0")
+    assert "val AUC is undefined" in result.stdout and "choosing the checkpoint by val log loss" in result.stdout
+    final = strict_json((tmp_path / "run" / "final.json").read_text())
+    assert final["selected_by"] == "val_logloss" and final["val_auc"] is None and final["val_logloss"] > 0
+    assert final["test_auc"] is None and final["test_examples"] == 1
+    assert strict_json((tmp_path / "run" / "metrics.jsonl").read_text())["val_auc"] is None
+
+
+def test_training_select_keeps_the_better_checkpoint_by_the_first_criterion_it_can_compute():
+    def record(epoch, **values):
+        return {"epoch": epoch, "step": epoch, "val_auc": float("nan"), "val_logloss": float("nan"),
+                "train_loss": float("nan"), "val_examples": 10, **values}
+
+    best, note = select(None, record(1, val_auc=0.6, val_logloss=0.5))
+    assert best["selected_by"] == "val_auc" and note is None
+    assert select(best, record(2, val_auc=0.55, val_logloss=0.1)) == (None, None)  # AUC decides, not log loss
+    assert select(best, record(2, val_auc=0.7))[0]["epoch"] == 2
+    best, note = select(None, record(1, val_logloss=0.5, train_loss=0.4))
+    assert best["selected_by"] == "val_logloss" and "val log loss" in note
+    assert select(best, record(2, val_logloss=0.6, train_loss=0.1)) == (None, None)
+    best, note = select(None, record(1, train_loss=0.4, val_examples=0))
+    assert best["selected_by"] == "train_loss" and note.startswith("val is empty")
+    assert select(best, record(2, train_loss=float("nan"), val_examples=0)) == (None, None)  # NaN never wins
+    assert select(best, record(2, train_loss=0.3, val_examples=0))[0]["value"] == 0.3
+
+
+def start_training(data, preprocessors, out, *flags):
+    """train.py in the background, stopped (SIGSTOP) once it holds processed/ and has said so, so that a test
+    can act while it is mid-run; SIGCONT lets it go on."""
+    process = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--preprocessors", str(preprocessors),
+                                "--out", str(out), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    for line in process.stdout:
+        if line.startswith("examples: "):  # printed once processed/ is held and its splits opened
+            os.killpg(process.pid, signal.SIGSTOP)
+            return process
+    raise AssertionError(f"train.py ended before it started training: {process.communicate()}")
+
+
+def test_train_holds_processed_so_preprocess_cannot_replace_it_midway(processed_data, tmp_path, capsys):
+    """`preprocess.py --min-frequency 50` while train.py runs used to replace processed/ under it (training went
+    on with other vocabulary indices, or died in an IndexError): now preprocess.py is refused, naming train.py."""
+    data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
+    shutil.copytree(processed_data[0], data)
+    shutil.copytree(processed_data[1], preprocessors)
+    training = start_training(data, preprocessors, tmp_path / "run", *TINY)
+    try:
+        before = snapshot(data, preprocessors)
+        status = run_main("preprocess.py", "--data", data, "--preprocessors", preprocessors, "--min-frequency", "50")
+        after = snapshot(data, preprocessors)
+    finally:
+        os.killpg(training.pid, signal.SIGCONT)
+    stdout, stderr = training.communicate(timeout=120)
+    assert status == 2 and one_line(capsys.readouterr().err) == (  # preprocessors/ is claimed first, then processed/
+        f"error: cannot replace {preprocessors}/ now: train.py (pid {training.pid}) is reading it; wait until "
+        "that finishes (or stop it), then run this again")
+    assert after == before
+    assert training.returncode == 0, stderr
+    assert strict_json((tmp_path / "run" / "final.json").read_text())["steps"] == 3
+
+
+def test_train_stops_in_one_line_when_processed_is_swapped_midway(processed_data, tmp_path):
+    """processed/ replaced by other means than preprocess.py (moved by hand, or from another machine, where
+    no lock reaches): the run stops at the next day it reads, and writes no final.json."""
+    data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
+    shutil.copytree(processed_data[0], data)
+    shutil.copytree(processed_data[1], preprocessors)
+    shutil.copytree(data / "processed", tmp_path / "newer")
+    manifest = json.loads((tmp_path / "newer" / "_stage.json").read_text())
+    (tmp_path / "newer" / "_stage.json").write_text(json.dumps({**manifest, "finished_at": "2030-01-01T00:00:00"}))
+    training = start_training(data, preprocessors, tmp_path / "run", *TINY)
+    try:
+        os.rename(data / "processed", tmp_path / "older")
+        os.rename(tmp_path / "newer", data / "processed")
+    finally:
+        os.killpg(training.pid, signal.SIGCONT)
+    _, stderr = training.communicate(timeout=120)
+    assert training.returncode == 2
+    assert one_line(stderr) == (
+        f"error: {data / 'processed'}/ was replaced or removed while this run read it (preprocess.py ran again, or "
+        "it was copied over): what was read so far is from the earlier version, so this run stopped; start train.py "
+        "again on the new one")
+    assert not (tmp_path / "run" / "final.json").exists()
+
+
+def test_train_imports_nothing_of_dask():
+    """The training side runs where only PyTorch, PyArrow, pandas and NumPy are installed (a GPU machine)."""
+    blocked = "import sys; sys.modules.update(dask=None, distributed=None); import train"
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
