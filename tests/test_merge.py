@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXPECTED_ACCOUNTING, ROOT, run_script
+from conftest import EXPECTED_ACCOUNTING, ROOT, run_script, write_planted_raw
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
 
@@ -21,17 +21,25 @@ def read_table(path):
     return pq.read_table(path).to_pandas()
 
 
-def test_merge_accounting_balances_and_matches_planted_rows(raw_dir, tmp_path):
-    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", *CLUSTER)
-    manifest = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """conftest's planted raw data merged once: (the run's result, its --data), for tests that only read them."""
+    root = tmp_path_factory.mktemp("planted")
+    raw = write_planted_raw(root)
+    result = run_script("merge_and_clean.py", "--raw", raw, "--data", root / "data", *CLUSTER)
+    return result, root / "data"
+
+
+def test_merge_accounting_balances_and_matches_planted_rows(planted):
+    result, data = planted
+    manifest = json.loads((data / "merged" / "_stage.json").read_text())
     assert manifest["accounting"] == EXPECTED_ACCOUNTING
     assert "Dask dashboard: http" in result.stdout
     assert "ignored unknown fields of impressions: app_version" in result.stdout
 
 
-def test_merge_quarantines_every_bad_kind_with_its_reason(raw_dir, tmp_path):
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", *CLUSTER)
-    quarantine = read_table(tmp_path / "data" / "merged" / "_quarantine")
+def test_merge_quarantines_every_bad_kind_with_its_reason(planted):
+    quarantine = read_table(planted[1] / "merged" / "_quarantine")
     reasons = quarantine.groupby("reason").size().to_dict()
     expected = {}
     for counts in EXPECTED_ACCOUNTING.values():
@@ -43,9 +51,8 @@ def test_merge_quarantines_every_bad_kind_with_its_reason(raw_dir, tmp_path):
     assert malformed_click.row.tolist() == [3]
 
 
-def test_merge_writes_canonical_actions_in_utc(raw_dir, tmp_path):
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", *CLUSTER)
-    actions = read_table(tmp_path / "data" / "merged" / "actions")
+def test_merge_writes_canonical_actions_in_utc(planted):
+    actions = read_table(planted[1] / "merged" / "actions")
     assert str(actions.occurred_at.dtype) == "datetime64[us, UTC]"
     clicks = actions[actions.action_type == 1]
     assert clicks.occurred_at.tolist() == [pd.Timestamp("2024-03-01T08:00:00Z")] * 2
@@ -87,9 +94,9 @@ def test_merge_labels_splits_by_day(raw_dir, tmp_path):
     (lambda raw: (raw / "clicks" / "more.xml").write_text("<x/>"), "more.xml: unknown format"),
     (lambda raw: (raw / "clicks" / "2024-03-01.jsonl").write_text("\n"), "clicks/ holds no rows"),
 ])
-def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, tmp_path, breakage, message):
+def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, planted, tmp_path, breakage, message):
     data = tmp_path / "data"
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
+    shutil.copytree(planted[1], data)
     before = (data / "merged" / "_stage.json").read_text()
     breakage(raw_dir)
     result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER, check=False)
@@ -112,13 +119,6 @@ def test_merge_runs_on_an_external_scheduler_and_workers(raw_dir, tmp_path, exte
         pd.testing.assert_frame_equal(external_rows[name], local_rows[name])
 
 
-def test_merge_unreachable_scheduler_is_a_clear_error(raw_dir, tmp_path):
-    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data",
-                        "--scheduler", "tcp://127.0.0.1:9", check=False)
-    assert result.returncode == 2
-    assert "could not reach the Dask scheduler at --scheduler tcp://127.0.0.1:9" in result.stderr
-
-
 @pytest.fixture(scope="module")
 def generated_raw(tmp_path_factory):
     """A generated dataset big enough (about 120 files, 200k rows) that a run can be killed midway."""
@@ -128,9 +128,16 @@ def generated_raw(tmp_path_factory):
     return raw
 
 
-def test_merge_accounting_matches_what_the_generator_planted(generated_raw, tmp_path):
-    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", tmp_path / "data")
-    accounting = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]
+@pytest.fixture(scope="module")
+def generated_merged(generated_raw, tmp_path_factory):
+    """merged/ of generated_raw, made once: the previous output the kill tests start from."""
+    data = tmp_path_factory.mktemp("generated-merged") / "data"
+    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    return data
+
+
+def test_merge_accounting_matches_what_the_generator_planted(generated_raw, generated_merged):
+    accounting = json.loads((generated_merged / "merged" / "_stage.json").read_text())["accounting"]
     expected = json.loads((generated_raw / "_generated.json").read_text())["expected"]
     impressions = expected["impressions"]
     assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
@@ -145,9 +152,9 @@ def test_merge_accounting_matches_what_the_generator_planted(generated_raw, tmp_
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
-def test_merge_killed_midway_leaves_the_previous_output(generated_raw, tmp_path, signal_number):
+def test_merge_killed_midway_leaves_the_previous_output(generated_raw, generated_merged, tmp_path, signal_number):
     data = tmp_path / "data"
-    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    shutil.copytree(generated_merged, data)
     previous = merged_rows(data)
     manifest = (data / "merged" / "_stage.json").read_text()
 
