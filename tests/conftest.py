@@ -117,6 +117,34 @@ def temporary_folder(parent, name, pid=DEAD_PID, kind="staging", marked=True):
     return folder
 
 
+BREAKAGES = ["truncated", "a list", "bad finished_at", "no parameters", "a deleted file"]
+
+
+def break_stage(stage_dir, breakage):
+    """Damage a published stage folder as a careless hand or a bad copy would (one of BREAKAGES)."""
+    path = stage_dir / "_stage.json"
+    manifest = json.loads(path.read_text())
+    if breakage == "truncated":
+        path.write_text(path.read_text()[:100])
+    elif breakage == "a list":
+        path.write_text("[]")
+    elif breakage == "bad finished_at":
+        path.write_text(json.dumps({**manifest, "finished_at": "soon"}))
+    elif breakage == "no parameters":
+        path.write_text(json.dumps({key: value for key, value in manifest.items() if key != "parameters"}))
+    else:
+        sorted(stage_dir.rglob("*.parquet"))[0].unlink()
+
+
+def broken_stage_line(stage_dir, breakage, script):
+    """(start, end) of the one line a reader of a stage broken by `breakage` prints."""
+    if breakage == "a deleted file":
+        return (f"error: {stage_dir}/ is not as {script} published it: 1 file missing: ",
+                f"run `python pipeline.py run --from {stage_dir.name}` (or {script}) to make it again")
+    return (f"error: {stage_dir / '_stage.json'}: not a manifest that {script} wrote (",
+            f"delete {stage_dir}/ yourself and run {script} again")
+
+
 def listing(folder):
     """{relative path: size (files) or None (folders)} of everything under a folder, itself excluded:
     what a command touched shows up as a difference."""

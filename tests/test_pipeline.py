@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import ROOT, listing, one_line, run_main, run_script, temporary_folder
+from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script, temporary_folder
 from recpipe import pipeline, stage
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
@@ -222,6 +222,20 @@ def test_pipeline_status_reports_damaged_stages_and_exits_2(chain, capsys):
         "run `python pipeline.py run --from cleaned` (or parse_ua_strings.py) to make it again "
         "(and 1 more damaged stage folders, above)")
     assert f"why: {data / 'processed' / '_stage.json'}: not a manifest that preprocess.py wrote (a JSON list" in out
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_pipeline_status_shows_a_broken_stage_as_damaged_and_says_it_in_one_line(chain, capsys, breakage):
+    data, raw = chain
+    break_stage(data / "repartitioned", breakage)
+    before = listing(data)
+    assert run_main("pipeline.py", "status", "--data", data, "--raw", raw) == 2
+    out, err = capsys.readouterr()
+    assert printed_states(out)["repartitioned/"] == "damaged"
+    start, end = broken_stage_line(data / "repartitioned", breakage, "repartition.py")
+    line = one_line(err)
+    assert line.startswith(start) and line.endswith(end), line
+    assert listing(data) == before
 
 
 def test_pipeline_status_verify_reads_every_file_against_the_fingerprint(chain, capsys):

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import DEAD_PID, listing, one_line, run_main, temporary_folder
+from conftest import BREAKAGES, DEAD_PID, break_stage, broken_stage_line, listing, one_line, run_main, temporary_folder
 from recpipe import stage
 from recpipe.cli import UserError
 
@@ -150,39 +150,18 @@ def test_stage_publish_refuses_to_replace_a_folder_it_did_not_write_and_leaves_i
     assert {name: size for name, size in listing(tmp_path).items() if not name.startswith("ok")} == before
 
 
-def break_manifest(stage_dir, breakage):
-    """Damage a published stage folder as a careless hand or a bad copy would."""
-    path = stage_dir / "_stage.json"
-    manifest = json.loads(path.read_text())
-    if breakage == "truncated":
-        path.write_text(path.read_text()[:100])
-    elif breakage == "a list":
-        path.write_text("[]")
-    elif breakage == "bad finished_at":
-        path.write_text(json.dumps({**manifest, "finished_at": "soon"}))
-    elif breakage == "no parameters":
-        path.write_text(json.dumps({key: value for key, value in manifest.items() if key != "parameters"}))
-    else:  # a file of the stage deleted
-        next(stage_dir.rglob("*.parquet")).unlink()
-
-
-@pytest.mark.parametrize("breakage", ["truncated", "a list", "bad finished_at", "no parameters", "a deleted file"])
+@pytest.mark.parametrize("breakage", BREAKAGES)
 @pytest.mark.parametrize("script, input_stage", [("repartition.py", "merged"), ("parse_ua_strings.py", "repartitioned"),
                                                  ("preprocess.py", "cleaned")])
 def test_stage_every_stage_refuses_a_broken_or_damaged_input_in_one_line(cleaned_data, tmp_path, capsys, script,
                                                                          input_stage, breakage):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data)
-    break_manifest(data / input_stage, breakage)
+    break_stage(data / input_stage, breakage)
     before = listing(tmp_path)
     status = run_main(script, "--data", data, *(["--preprocessors", tmp_path / "pre"] if script == "preprocess.py" else []))
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    previous = stage.SCRIPTS[input_stage]
-    if breakage == "a deleted file":
-        assert line.startswith(f"error: {data / input_stage}/ is not as {previous} published it: 1 file missing: ")
-        assert line.endswith(f"run `python pipeline.py run --from {input_stage}` (or {previous}) to make it again")
-    else:
-        assert line.startswith(f"error: {data / input_stage / '_stage.json'}: not a manifest that {previous} wrote (")
-        assert line.endswith(f"delete {data / input_stage}/ yourself and run {previous} again")
+    start, end = broken_stage_line(data / input_stage, breakage, stage.SCRIPTS[input_stage])
+    assert line.startswith(start) and line.endswith(end), line
     assert listing(tmp_path) == before

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, one_line, run_main, run_script
+from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, one_line, run_main, run_script
 from recpipe import stage
 from recpipe.model import Recommender
 from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint, select
@@ -364,3 +364,27 @@ def test_train_imports_nothing_of_dask():
     blocked = "import sys; sys.modules.update(dask=None, distributed=None); import train"
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("breakage", [*BREAKAGES, "a day deleted"])
+def test_train_refuses_a_broken_or_damaged_processed_in_one_line(processed_data, tmp_path, capsys, breakage):
+    """Deleting dt= folders of processed/train/ used to train silently on less data; a hand-edited
+    _stage.json ended in a traceback."""
+    data, preprocessors = tmp_path / "data", processed_data[1]
+    shutil.copytree(processed_data[0] / "processed", data / "processed")
+    if breakage == "a day deleted":
+        day = sorted((data / "processed" / "train" / "examples").iterdir())[0].name
+        for table in ("examples", "histories"):
+            shutil.rmtree(data / "processed" / "train" / table / day)
+    else:
+        break_stage(data / "processed", breakage)
+    before = snapshot(tmp_path)
+    assert run_main("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run", *TINY) == 2
+    line = one_line(capsys.readouterr().err)
+    if breakage == "a day deleted":
+        assert line.startswith(f"error: {data / 'processed'}/ is not as preprocess.py published it: ") and (
+            f"files missing: train/examples/{day}/" in line), line
+    else:
+        start, end = broken_stage_line(data / "processed", breakage, "preprocess.py")
+        assert line.startswith(start) and line.endswith(end), line
+    assert snapshot(tmp_path) == before
