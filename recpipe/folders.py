@@ -18,7 +18,8 @@ Who uses a folder: a command that reads a stage folder holds a shared lock on
 flock(2) locks: the kernel drops them when their process ends, SIGKILL included, so a
 killed run never leaves a folder locked. A command that cannot take its lock stops at
 once, naming the processes that hold it (from /proc/locks). On a read-only file system
-readers take no lock: nothing can replace what they read there.
+readers take no lock: nothing can replace what they read there; on one without flock
+(some network mounts) nobody does, and train.py's loader still notices a swapped folder.
 """
 
 import contextlib
@@ -308,6 +309,11 @@ def _lock(folder, kind, action):
             os.close(fd)
             raise UserError(f"cannot {action} {folder}/ now: {users}; wait until that finishes (or stop it), "
                             "then run this again") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
+            return fd  # a file system without flock (some network mounts): unlocked, as the README says
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
