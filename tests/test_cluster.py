@@ -6,13 +6,15 @@ import contextlib
 import ipaddress
 import os
 import socket
+import subprocess
+import sys
 import types
 import urllib.parse
 import urllib.request
 
 import psutil
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from recpipe import cluster
 from recpipe.cli import UserError
@@ -24,11 +26,12 @@ def parse(*argv):
     return parser.parse_args(argv)
 
 
-def listening_sockets():
-    """(pid, ip, port) of every TCP socket listening in this process and its children (workers, nannies)."""
-    me = psutil.Process()
+def listening_sockets(root=None):
+    """(pid, ip, port) of every TCP socket listening in a process (default: this one) and its children
+    (workers, nannies)."""
+    root = root or psutil.Process()
     found = []
-    for process in [me, *me.children(recursive=True)]:
+    for process in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             found += [(process.pid, c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="tcp")
                       if c.status == psutil.CONN_LISTEN]
@@ -151,6 +154,21 @@ def test_cluster_local_cluster_listens_on_loopback_only():
         ports = {urllib.parse.urlparse(client.dashboard_link).port, int(client.scheduler.address.rpartition(":")[2])}
     assert {port for _, _, port in sockets} >= ports
     assert len({pid for pid, _, _ in sockets}) >= 3  # this process and two workers' (their nannies' are this one's)
+    assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
+
+
+def test_cluster_a_script_and_its_workers_listen_on_loopback_only(raw_dir, tmp_path):
+    """merge_and_clean.py as a user runs it: the dashboard it links, and everything else it and its workers
+    listen on, cannot be reached from another machine (the dashboard used to listen on every interface)."""
+    process = subprocess.Popen([sys.executable, "merge_and_clean.py", "--raw", str(raw_dir), "--data",
+                                str(tmp_path / "data"), "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    sockets, link = [], None
+    for line in process.stdout:
+        if line.startswith("Dask dashboard: "):  # the cluster is up, the stage is still to run
+            link = urllib.parse.urlparse(line.split()[2])
+            sockets = listening_sockets(psutil.Process(process.pid))
+    assert process.wait(timeout=120) == 0
+    assert link.hostname == "127.0.0.1" and link.port in {port for _, _, port in sockets}
     assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
 
 
