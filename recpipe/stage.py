@@ -194,16 +194,6 @@ def reading(data_dir, name, stage_dir=None):
         yield open_stage(data_dir, name, stage_dir)
 
 
-def require_stage(data_dir, name):
-    """The manifest of an input stage, checked; or stop with which script makes it."""
-    return open_stage(data_dir, name).manifest
-
-
-def stage_input(data_dir, name):
-    """The manifest entry for a stage this stage reads: its path, its output's fingerprint and its lineage."""
-    return open_stage(data_dir, name).entry()
-
-
 def raw_input(raw_dir, files):
     """The manifest entry for raw files: a fingerprint of their names, sizes and mtimes.
 

@@ -34,7 +34,7 @@ def make_stage(data, name, rows, parameters=None, raw=None):
     if name == "merged":
         inputs = [stage.raw_input(raw, sorted(raw.rglob("*.jsonl")))]
     else:
-        inputs = [stage.stage_input(data, pipeline.STAGES[pipeline.STAGES.index(name) - 1])]
+        inputs = [stage.open_stage(data, pipeline.STAGES[pipeline.STAGES.index(name) - 1]).entry()]
     with stage.publish(data, name, parameters or DEFAULTS[name], inputs) as run:
         stage.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "table" / "part.parquet", SCHEMA)
     return run.published

@@ -48,12 +48,12 @@ def test_stage_refuses_to_publish_unbalanced_accounting(tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
-def test_stage_require_stage_names_the_script_to_run(tmp_path):
+def test_stage_open_stage_names_the_script_to_run(tmp_path):
     with pytest.raises(UserError, match="merged/ is missing: run merge_and_clean.py first"):
-        stage.require_stage(tmp_path, "merged")
+        stage.open_stage(tmp_path, "merged")
     (tmp_path / "merged").mkdir()
     with pytest.raises(UserError, match="incomplete"):
-        stage.require_stage(tmp_path, "merged")
+        stage.open_stage(tmp_path, "merged")
 
 
 def test_stage_removes_staging_left_by_a_killed_run_and_nothing_without_its_marker(tmp_path):
