@@ -2,8 +2,8 @@
 
     python merge_and_clean.py --raw data/raw --data data
 
-Reads   --raw (default data/raw): impressions/, clicks/, add_to_carts/, previous_orders/
-        in JSON Lines, CSV or Parquet, optionally gzipped.
+Reads   --raw (default data/raw): the files directly in impressions/, clicks/, add_to_carts/,
+        previous_orders/, in JSON Lines, CSV or Parquet, optionally gzipped.
 Writes  --data/merged/ (default data/merged), atomically, with _stage.json:
           impressions/  one row per shown item, with position and split
           actions/      the canonical action stream (customer_id, item_id, action_type, occurred_at)

@@ -3,7 +3,8 @@
     python preprocess.py --data data --preprocessors preprocessors
 
 Reads   --data/cleaned/ (from parse_ua_strings.py)
-Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fit.json
+Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fit.json; replaced only when
+          it is new, empty, or holds nothing but those (else refused, untouched)
         --data/processed/ (default data/processed), atomically, with _stage.json:
           compact (default): <split>/examples/dt=YYYY-MM-DD/  and  <split>/histories/dt=YYYY-MM-DD/
           wide (--layout wide): <split>/dt=YYYY-MM-DD/ with fixed-length, 0-padded actions
