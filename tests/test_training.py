@@ -7,13 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, one_line, run_main, run_script
+from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script
 from recpipe import stage
 from recpipe.model import Recommender
 from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint, select
@@ -86,9 +85,8 @@ def strict_json(text):
 
 
 def snapshot(*folders):
-    """Every file and folder under `folders`: relative path -> size (None for a folder)."""
-    return {(str(folder), str(path.relative_to(folder))): path.stat().st_size if path.is_file() else None
-            for folder in map(Path, folders) if folder.exists() for path in sorted(folder.rglob("*"))}
+    """conftest.listing of several folders at once."""
+    return {(str(folder), name): size for folder in folders for name, size in listing(folder).items()}
 
 
 def assert_one_line_error(result, *expected):
