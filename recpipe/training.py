@@ -1,5 +1,5 @@
-"""What train.py's loop uses: its run folder, metrics, evaluation, checkpoint selection, safe checkpoints,
-the curves plot.
+"""What train.py's loop uses: its run folder, the memory a step needs, progress, metrics, evaluation, the
+rule to beat, checkpoint selection, safe checkpoints, the curves plot.
 
 A run folder holds train.py's own files and nothing else (RUN_FILES): train.py writes only into a
 new or empty folder, or, with --resume, on into the folder of the checkpoint it continues.
@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,132 @@ def append_jsonl(path, record):
         f.write(dumps(record) + "\n")
 
 
+# --- memory -----------------------------------------------------------------------------------------
+
+PROBE_EXAMPLES = 2
+BACKWARD_TEMPORARIES = 1.5  # the backward pass holds gradients of the largest activations besides them; 1.5 covers
+# the step measured at L = 250 (bench/bench_train_memory.py) and overshoots at L = 1000 (bench/results)
+HEADROOM = 0.9               # of what is available: the allocator, the loader and the OS need some too
+
+
+def check_memory(model, device, autocast, batch_size, max_history, categorical, numeric, args):
+    """Bytes one training step needs (estimated); a UserError naming flags that fit when the device has less.
+
+    The activations the backward pass keeps are measured, not guessed: a forward pass of
+    PROBE_EXAMPLES examples of the run's shapes records every tensor autograd saves, and a
+    step holds them per example, scaled by BACKWARD_TEMPORARIES. To that come the
+    gradients and AdamW's two moments (3 x the parameters) and the batch itself.
+    """
+    per_example, fixed = step_memory(model, device, autocast, max_history, categorical, numeric)
+    needed = fixed + per_example * batch_size
+    available = available_memory(device)
+    if available is None or needed <= HEADROOM * available:
+        return needed
+    fits = int((HEADROOM * available - fixed) // per_example)
+    instead = (f"use --batch-size {fits} or less" if fits >= 1 else
+               "no --batch-size fits: use a shorter --max-history or a smaller --dim or --layers")
+    raise UserError(f"a training step of --batch-size {batch_size} at --max-history {max_history} (--dim {args.dim}, "
+                    f"--layers {args.layers}) needs about {_gib(needed)} of memory on {device} (estimated), and "
+                    f"{_gib(available)} is available: {instead}, or a shorter --max-history")
+
+
+def step_memory(model, device, autocast, max_history, categorical, numeric):
+    """(bytes per example, fixed bytes) of a training step with this model at history length `max_history`."""
+    ones = dict(dtype=torch.int64, device=device)
+    probe = {"item": torch.ones(PROBE_EXAMPLES, **ones),
+             "history_items": torch.ones(PROBE_EXAMPLES, max_history, **ones),  # full histories: the most memory
+             "history_action_types": torch.ones(PROBE_EXAMPLES, max_history, dtype=torch.int8, device=device),
+             "categorical": torch.zeros(PROBE_EXAMPLES, categorical, **ones),
+             "numeric": torch.zeros(PROBE_EXAMPLES, numeric, device=device),
+             "target": torch.zeros(PROBE_EXAMPLES, device=device)}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), autocast():
+        model(probe)
+    batch = sum(tensor.element_size() * tensor.numel() for tensor in probe.values()) / PROBE_EXAMPLES
+    per_example = BACKWARD_TEMPORARIES * sum(saved.values()) / PROBE_EXAMPLES + batch
+    fixed = 3 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return per_example, fixed
+
+
+def available_memory(device):
+    """Bytes this process may still take on `device`: free GPU memory, or the machine's available memory
+    (within this container's cgroup limit, when it has one); None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:  # cgroup v2: a container's limit, less what it uses already
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _gib(size):
+    return f"{size / 2**30:,.1f} GiB" if size < 2**40 else f"{size / 2**40:,.1f} TiB"
+
+
+# --- progress ---------------------------------------------------------------------------------------
+
+class Progress:
+    """Where an epoch stands: step, examples/s, the loss of the last 50 steps and the epoch's ETA.
+
+    On a terminal, a bar redrawn in place; in a log (CI, nohup), where a bar redrawn with
+    carriage returns is unreadable, a line at least every `seconds` and one at the end.
+    """
+
+    def __init__(self, epoch, epochs, steps, seconds, stream=None):
+        self.epoch, self.epochs, self.steps, self.seconds = epoch, epochs, steps, seconds
+        self.stream = stream or sys.stdout
+        self.terminal = self.stream.isatty()
+        self.done = self.examples = 0
+        self.loss = float("nan")
+        self.started = self.shown = time.monotonic()
+
+    def update(self, examples, losses):
+        self.done += 1
+        self.examples += examples
+        self.loss = sum(losses[-50:]) / len(losses[-50:])
+        now = time.monotonic()
+        left = max(self.steps - self.done, 0) * (now - self.started) / self.done
+        if self.terminal and (now - self.shown >= 0.2 or self.done == self.steps):
+            filled = int(20 * min(self.done / max(self.steps, 1), 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self._line(f'epoch ETA {_duration(left)}')}"
+                              "\x1b[K")
+            self.stream.flush()
+            self.shown = now
+        elif not self.terminal and now - self.shown >= self.seconds:
+            print(self._line(f"epoch ETA {_duration(left)}"), file=self.stream, flush=True)
+            self.shown = now
+
+    def close(self):
+        if self.terminal:
+            self.stream.write("\n")
+        elif self.done:
+            print(self._line(f"took {_duration(time.monotonic() - self.started)}"), file=self.stream, flush=True)
+
+    def _line(self, tail):
+        rate = self.examples / max(time.monotonic() - self.started, 1e-9)
+        return (f"epoch {self.epoch}/{self.epochs} step {self.done}/{self.steps} | {rate:,.0f} examples/s | "
+                f"loss {self.loss:.4f} | {tail}")
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 # --- metrics, evaluation, selection -----------------------------------------------------------------
 
 def roc_auc(targets, scores):
@@ -171,6 +299,23 @@ def evaluate(model, loader, device, autocast, max_batches=0):
         return {"auc": float("nan"), "logloss": float("nan"), "examples": 0}
     targets, scores = np.concatenate(targets), np.concatenate(scores)
     return {"auc": roc_auc(targets, scores), "logloss": log_loss(targets, scores), "examples": int(len(targets))}
+
+
+@torch.no_grad()
+def rule_auc(loader, max_batches=0):
+    """Test AUC of the rule that needs no training: score each example by how often its shown item occurs
+    in its history (clicks, add-to-carts and orders alike). None when undefined (one class, or none)."""
+    targets, scores = [], []
+    for number, batch in enumerate(loader):
+        if max_batches and number >= max_batches:
+            break
+        history = batch["history_items"]
+        scores.append(((history == batch["item"][:, None]) & (history != 0)).sum(1).numpy())
+        targets.append(batch["target"].numpy())
+    if not targets:
+        return None
+    auc = roc_auc(np.concatenate(targets), np.concatenate(scores))
+    return auc if _finite(auc) else None
 
 
 def bce(logits, targets):
@@ -357,25 +502,46 @@ def _numbers(records, name):
     return [record[name] if _finite(record.get(name)) else float("nan") for record in records]
 
 
-def plot_curves(metrics_path, train_loss_path, out_path):
-    """Training loss (every 50 steps) with validation log loss, and validation AUC (per evaluation), as a PNG."""
-    import matplotlib
-
+def plot_curves(metrics_path, train_loss_path, out_path, final=None):
+    """curves.png: the losses against the step, and the val AUC per epoch beside the test AUCs of the model
+    and of the rule that needs no training (from `final`). Every point is marked, so a run of one
+    epoch or of a few steps still shows something."""
+    try:
+        import matplotlib
+    except ImportError:  # a GPU machine with only what training needs: the metrics are in the JSON files
+        print(f"matplotlib is not installed: no {Path(out_path).name}")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records, train_losses = _records(metrics_path), _records(train_loss_path)
-    steps = [r["step"] for r in records]
-    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot([r["step"] for r in train_losses] or steps,
-                   _numbers(train_losses, "train_loss") or _numbers(records, "train_loss"),
-                   label="train BCE (last 50 steps)")
-    loss_axis.plot(steps, _numbers(records, "val_logloss"), marker="o", label="val log loss")
-    loss_axis.set_xlabel("step")
-    loss_axis.legend()
-    auc_axis.plot(steps, _numbers(records, "val_auc"), marker="o")
-    auc_axis.set_xlabel("step")
-    auc_axis.set_ylabel("val AUC")
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if train_losses:
+        loss_axis.plot([r["step"] for r in train_losses], _numbers(train_losses, "train_loss"), marker=".",
+                       label="train BCE, mean of the last 50 steps")
+    loss_axis.plot([r["step"] for r in records], _numbers(records, "train_loss"), marker="s", linestyle="--",
+                   label="train BCE, mean of the epoch")
+    loss_axis.plot([r["step"] for r in records], _numbers(records, "val_logloss"), marker="o", label="val log loss")
+    loss_axis.set(xlabel="step", ylabel="binary cross-entropy", title="losses")
+    loss_axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    loss_axis.legend(fontsize="small")
+    loss_axis.grid(alpha=0.3)
+
+    epochs = [r["epoch"] for r in records]
+    aucs = _numbers(records, "val_auc")
+    auc_axis.plot(epochs, aucs, marker="o", label="model, val")
+    for epoch, auc in zip(epochs, aucs):
+        if math.isfinite(auc):
+            auc_axis.annotate(f"{auc:.3f}", (epoch, auc), textcoords="offset points", xytext=(0, 6), ha="center",
+                              fontsize="small")
+    for key, label, style in (("test_auc", "model, test", "-"), ("rule_test_auc", "rule (no training), test", ":")):
+        if final and _finite(final.get(key)):
+            auc_axis.axhline(final[key], linestyle=style, color="grey", label=f"{label}: {final[key]:.3f}")
+    auc_axis.set(xlabel="epoch", ylabel="AUC", title="val AUC per epoch")
+    if epochs:
+        auc_axis.set_xticks(range(min(epochs), max(epochs) + 1))
+    auc_axis.legend(fontsize="small")
+    auc_axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)

@@ -1,8 +1,10 @@
 """The model and the training loop: metrics, checkpoints, and train.py end to end on generated data:
 its run folder, --resume, empty and one-class splits, and its refusals."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script
-from recpipe import stage
+from recpipe import encoders, stage
 from recpipe.model import Recommender
 from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint, select
 
@@ -135,7 +137,11 @@ def test_train_runs_end_to_end_on_the_cpu_and_writes_its_outputs(trained_run, pr
     assert (run / "curves.png").stat().st_size > 1000
     config = strict_json((run / "config.json").read_text())
     assert config["flags"]["dim"] == 8 and config["flags"]["data"] == str(processed_data[0])
-    assert config["device"] == "cpu" and config["max_history"] == 60 and config["code_version"]
+    assert config["device"] == "cpu" and config["max_history"] == 60 and config["code_version"]["source_sha256"]
+    assert config["processed"]["output_sha256"] == stage.open_stage(processed_data[0], "processed").manifest[
+        "output_sha256"]
+    assert config["preprocessors"]["sha256"] == encoders.fingerprint(processed_data[1])
+    assert config["flags"]["batch_size"] == 64 and config["flags"]["log_seconds"] == 15  # defaults are resolved
 
 
 def test_train_names_what_is_missing_and_the_script_that_makes_it(processed_data, tmp_path, capsys):
@@ -386,3 +392,70 @@ def test_train_refuses_a_broken_or_damaged_processed_in_one_line(processed_data,
         start, end = broken_stage_line(data / "processed", breakage, "preprocess.py")
         assert line.startswith(start) and line.endswith(end), line
     assert snapshot(tmp_path) == before
+
+
+def test_training_model_attention_runs_the_fused_kernel_on_the_cpu():
+    """FlashAttention for the CPU, forward and backward: the math kernel would hold [B, heads, L, L]
+    (attention-weight dropout, for one, sends PyTorch there)."""
+    from torch.profiler import ProfilerActivity, profile
+    model, _ = make_model(0)
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        model(fake_batch()).sum().backward()
+    kernels = {event.name for event in profiled.events() if "attention" in event.name}
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+
+
+def test_training_step_memory_grows_linearly_with_the_history_length():
+    from recpipe.training import step_memory
+    torch.manual_seed(0)
+    per_example = {}
+    for length in (200, 400, 800):
+        model = Recommender(50, CATEGORICAL, 9, length, dim=16, heads=2, layers=2)
+        per_example[length], _ = step_memory(model, torch.device("cpu"), contextlib.nullcontext, length,
+                                             len(CATEGORICAL), 9)
+    assert per_example[400] / per_example[200] == pytest.approx(2, rel=0.05)
+    assert per_example[800] / per_example[400] == pytest.approx(2, rel=0.05)
+
+
+def test_training_model_scores_the_shown_item_by_how_recently_it_occurs():
+    """Same batch, the shown item moved from the oldest to the most recent history slot: the score changes."""
+    model, _ = make_model(0)
+    model.eval()
+    batch = fake_batch()
+    batch["history_items"][2] = torch.arange(1, 13)
+    batch["item"][2] = 12
+    oldest = model(batch)[2]
+    batch["history_items"][2] = torch.arange(12, 0, -1)
+    assert model(batch)[2] != oldest
+
+
+def test_train_refuses_a_step_that_does_not_fit_in_memory_naming_a_batch_size_that_does(processed_data, tmp_path,
+                                                                                        capsys):
+    data, preprocessors = processed_data
+    status = run_main("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                      "--batch-size", "100000000", "--dim", "8")
+    line = one_line(capsys.readouterr().err)
+    assert status == 2
+    match = re.fullmatch(r"error: a training step of --batch-size 100000000 at --max-history 60 \(--dim 8, --layers 2\) "
+                         r"needs about [\d,.]+ TiB of memory on cpu \(estimated\), and [\d,.]+ GiB is available: use "
+                         r"--batch-size (\d+) or less, or a shorter --max-history", line)
+    assert match, line
+    assert 1000 < int(match.group(1)) < 100000000
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_in_a_log_prints_progress_lines_and_the_rule_beside_the_model(processed_data, tmp_path):
+    data, preprocessors = processed_data
+    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                        "--epochs", "1", "--max-steps", "4", "--batch-size", "64", "--dim", "8", "--log-seconds", "0")
+    progress = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1 step ")]
+    assert [line.split(" | ")[0] for line in progress] == [f"epoch 1/1 step {n}/4" for n in (1, 2, 3, 4, 4)]
+    assert all(re.fullmatch(r"epoch 1/1 step \d/4 \| [\d,]+ examples/s \| loss \d\.\d{4} \| epoch ETA \dm\d\ds", line)
+               for line in progress[:4]), progress
+    assert re.fullmatch(r"epoch 1/1 step 4/4 \| [\d,]+ examples/s \| loss \d\.\d{4} \| took \dm\d\ds", progress[4])
+    final = strict_json((tmp_path / "run" / "final.json").read_text())
+    assert 0.5 < final["rule_test_auc"] < 1
+    assert f"against {final['rule_test_auc']:.3f} for the rule that needs no training" in result.stdout
