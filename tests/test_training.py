@@ -2,6 +2,7 @@
 its run folder, --resume, empty and one-class splits, and its refusals."""
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -459,3 +460,23 @@ def test_train_in_a_log_prints_progress_lines_and_the_rule_beside_the_model(proc
     final = strict_json((tmp_path / "run" / "final.json").read_text())
     assert 0.5 < final["rule_test_auc"] < 1
     assert f"against {final['rule_test_auc']:.3f} for the rule that needs no training" in result.stdout
+
+
+def test_training_progress_on_a_terminal_is_a_bar_redrawn_in_place(monkeypatch):
+    from recpipe import training
+    clock = iter(range(100))
+    monkeypatch.setattr(training.time, "monotonic", lambda: float(next(clock)))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = training.Progress(1, 3, 4, seconds=15, stream=terminal)
+    for loss in (0.5, 0.4, 0.3, 0.2):
+        progress.update(64, [0.6, loss])
+    progress.close()
+    frames = terminal.getvalue().split("\r")[1:]
+    assert len(frames) == 4 and terminal.getvalue().endswith("\n")
+    assert frames[0].startswith("[#####...............] epoch 1/3 step 1/4 | ")
+    assert frames[-1].startswith("[####################] epoch 1/3 step 4/4 | ") and "loss 0.4000" in frames[-1]
