@@ -12,8 +12,8 @@ of it to one logit for BCE.
 
 Memory grows linearly with the history length L: attention is PyTorch's
 scaled_dot_product_attention, whose fused kernels never hold the [B, heads, L, L]
-scores — FlashAttention for the CPU, the memory-efficient kernel on CUDA (its flash
-kernel takes no mask). Both need the attention weights themselves undropped (on the CPU,
+scores — FlashAttention for the CPU (a test checks it runs), the memory-efficient kernel
+on CUDA (its flash kernel takes no mask; bench/gpu_check.sh prints which runs). Both need the attention weights themselves undropped (on the CPU,
 attention dropout falls back to the math kernel, which holds [B, heads, L, L]), so
 dropout acts on each sublayer's output instead.
 """
