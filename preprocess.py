@@ -6,7 +6,9 @@ Reads   --data/cleaned/ (from parse_ua_strings.py)
 Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fit.json; replaced only when
           it is new, empty, or holds nothing but those (else refused, untouched)
         --data/processed/ (default data/processed), atomically, with _stage.json:
-          compact (default): <split>/examples/dt=YYYY-MM-DD/  and  <split>/histories/dt=YYYY-MM-DD/
+          timeline (default): timelines/bucket=NNNNN/ (each customer's actions once) and
+                              <split>/examples/dt=YYYY-MM-DD/ (with each example's window into them)
+          compact (--layout compact): <split>/examples/dt=YYYY-MM-DD/ and <split>/histories/dt=YYYY-MM-DD/
           wide (--layout wide): <split>/dt=YYYY-MM-DD/ with fixed-length, 0-padded actions
 """
 
@@ -45,9 +47,11 @@ def main(argv=None):
                 cluster.connect(args) as client:
             # Fitted into the stage first: processed/ keeps the copy it was made with.
             fitted_dir = run.path / "_preprocessors"
-            run.accounting, fit_record, rows_per_split = preprocess(client, cleaned.path, run.path, fitted_dir,
-                                                                    parameters)
+            run.accounting, fit_record, rows_per_split, history_entries = preprocess(
+                client, cleaned.path, run.path, fitted_dir, parameters)
             run.extra["rows_per_split"] = rows_per_split
+            examples = sum(rows_per_split.values())
+            run.extra["history_entries_per_example"] = round(history_entries / examples, 2) if examples else None
             run.extra["sample_rows"] = fit_record["sample_rows"]
             run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
         replace_preprocessors(Path(args.data) / "processed" / "_preprocessors", target, args.data)
@@ -55,6 +59,8 @@ def main(argv=None):
     stage.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
           f"sampled train rows, saved in {target}/")
+    print(f"{parameters['layout']} layout: {run.published['history_entries_per_example']} history entries stored per "
+          "example")
 
 
 def replace_preprocessors(fitted_dir, target, data_dir):

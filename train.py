@@ -28,7 +28,7 @@ import torch
 
 from recpipe import encoders, folders, stage
 from recpipe.cli import UserError, entrypoint
-from recpipe.loader import ProcessedDataset, make_loader, to_device
+from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader
 from recpipe.model import Recommender
 from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Progress, append_jsonl, bce,
                                check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
@@ -55,6 +55,8 @@ config = dict(
     device=("auto", "cuda, cuda:N or cpu; auto: cuda where PyTorch sees a GPU, else the CPU"),
     empty_histories=(False, "the baseline: train the same model on all-zero histories"),
     log_seconds=(15.0, "when stdout is not a terminal, a progress line at least this often"),
+    timelines_budget=(0.5, "on CUDA, the timelines go to the GPU when they take at most this share of its free "
+                           "memory, else they stay in pinned host memory"),
 )
 # A GPU gets the full history; the CPU a history and a model small enough for an epoch of
 # `make demo`'s data (60,000 examples) in about a minute on 2 cores, in under 1 GiB.
@@ -132,19 +134,24 @@ def main(argv=None):
         made_with = manifest["parameters"]["max_history"]
         max_history = min(args.max_history or made_with, made_with)
         categorical = [name for name in fit["categorical"] if name != "cat_item"]
+        # The timeline layout: every customer's actions, loaded once, and kept on the model's device.
+        timelines = Timelines.load(processed) if manifest["parameters"].get("layout") == "timeline" else None
 
         def dataset(split, empty_histories=args.empty_histories):
             return ProcessedDataset(processed.path, split, batch_size=args.batch_size, max_history=max_history,
                                     shuffle=split == "train", seed=args.seed, categorical=categorical,
-                                    numeric=fit["numeric"], empty_histories=empty_histories, checked=processed)
+                                    numeric=fit["numeric"], empty_histories=empty_histories, checked=processed,
+                                    timelines=timelines)
 
         datasets = {split: dataset(split) for split in ("train", "val", "test")}
         if len(datasets["train"]) == 0:
             raise UserError(no_train_examples(processed.path, manifest, datasets))
         pin = device.type == "cuda"
         loaders = {split: make_loader(data, num_workers=args.workers, pin_memory=pin) for split, data in datasets.items()}
+        prepare = Prepare(device, max_history, timelines, args.timelines_budget)
         print("examples: " + ", ".join(f"{split} {len(data):,}" for split, data in datasets.items())
-              + f"; history length {max_history}; device {device}")
+              + f"; history length {max_history}; device {device}; {datasets['train'].layout} layout"
+              + (f" (timelines: {prepare.where})" if timelines is not None else ""))
 
         # ------------------------------------------------------------------------ model
         model = Recommender(fitted["cat_item"].size, [fitted[name].size for name in categorical], len(fit["numeric"]),
@@ -191,7 +198,7 @@ def main(argv=None):
                                                                                   steps_left())
             progress = Progress(state["epoch"] + 1, args.epochs, steps, args.log_seconds)
             for batch in loaders["train"]:
-                batch = to_device(batch, device)
+                batch = prepare(batch)
                 with autocast():
                     loss = bce(model(batch), batch["target"])
                 optimizer.zero_grad(set_to_none=True)
@@ -208,7 +215,7 @@ def main(argv=None):
                     break
             progress.close()
             train_seconds += time.monotonic() - started
-            validation = evaluate(model, loaders["val"], device, autocast, args.eval_batches)
+            validation = evaluate(model, loaders["val"], prepare, autocast, args.eval_batches)
             state["epoch"] += 1
             record = {"epoch": state["epoch"], "step": state["step"],
                       "train_loss": sum(losses) / len(losses) if losses else None, "val_auc": validation["auc"],
@@ -226,11 +233,11 @@ def main(argv=None):
         # ------------------------------------------------------------------------- test
         load_checkpoint(checkpoint_path, model, optimizer, what="the run's best checkpoint",
                         fix="it was changed while train.py ran; run again with another --out")
-        test = evaluate(model, loaders["test"], device, autocast, args.eval_batches)
+        test = evaluate(model, loaders["test"], prepare, autocast, args.eval_batches)
         # The rule that needs no training, on the same examples and histories (real ones, also when the
         # model was trained on empty histories): does the transformer add anything to it?
         rule_data = datasets["test"] if not args.empty_histories else dataset("test", empty_histories=False)
-        rule = rule_auc(make_loader(rule_data, num_workers=args.workers, pin_memory=False), args.eval_batches)
+        rule = rule_auc(make_loader(rule_data, num_workers=args.workers, pin_memory=pin), prepare, args.eval_batches)
         best = state["best"] or {}
         final = {"test_auc": test["auc"], "test_logloss": test["logloss"], "test_examples": test["examples"],
                  "rule_test_auc": rule, "val_auc": best.get("val_auc"), "val_logloss": best.get("val_logloss"),

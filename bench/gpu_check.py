@@ -9,7 +9,8 @@ up to 1,000 actions) are carried to the GPU machine and read there. Prints, and 
 
 - which attention kernel runs (scaled_dot_product_attention's backend on this device);
 - the loader's examples/s into GPU memory at L = 1000 and L = 200 (batches of 512, pinned,
-  non_blocking, synchronized at the end);
+  non_blocking, the [B, L] histories gathered on the GPU from the timelines, synchronized at
+  the end), and the bytes each example moves to the device;
 - one epoch of `train.py` at its GPU defaults (bf16 autocast, L = processed/'s, batch 512,
   dim 64): training examples/s, peak GPU memory, test AUC and the rule's.
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (the repository root is not on a bench/ script's path)
 from recpipe import encoders, stage  # noqa: E402
-from recpipe.loader import ProcessedDataset, make_loader, to_device  # noqa: E402
+from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader  # noqa: E402
 from recpipe.model import Recommender  # noqa: E402
 
 
@@ -48,21 +49,24 @@ def attention_kernels(device):
     return sorted({event.name for event in profiled.events() if "attention" in event.name and event.name.startswith("aten::_")})
 
 
-def loader_rate(processed, fit, length, device, max_batches):
-    """Examples/s the loader delivers into `device` memory at history length `length`."""
+def loader_rate(processed, fit, timelines, length, device, max_batches):
+    """Examples/s the loader delivers into `device` memory at history length `length`, [B, L] histories
+    built there (timeline layout), and the bytes an example moves to the device."""
     categorical = [name for name in fit["categorical"] if name != "cat_item"]
     data = ProcessedDataset(processed.path, "train", batch_size=512, max_history=length, categorical=categorical,
-                            numeric=fit["numeric"], checked=processed)
+                            numeric=fit["numeric"], checked=processed, timelines=timelines)
     loader = make_loader(data, pin_memory=device.type == "cuda")
-    examples, started = 0, time.perf_counter()
+    prepare = Prepare(device, length, timelines)
+    examples, moved, started = 0, 0, time.perf_counter()
     for number, batch in enumerate(loader):
         if number == max_batches:
             break
-        batch = to_device(batch, device)
+        moved += sum(tensor.nbytes for tensor in batch.values())
+        batch = prepare(batch)
         examples += len(batch["target"])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return examples / (time.perf_counter() - started)
+    return examples / (time.perf_counter() - started), moved / max(examples, 1)
 
 
 def main():
@@ -84,10 +88,13 @@ def main():
     processed = stage.open_stage(args.data, "processed")
     _, _, fit = encoders.load(Path(args.preprocessors))
     made_with = processed.manifest["parameters"]["max_history"]
+    timelines = Timelines.load(processed) if processed.manifest["parameters"].get("layout") == "timeline" else None
     for length in (1000, 200):
-        rate = loader_rate(processed, fit, min(length, made_with), device, args.loader_batches)
+        rate, moved = loader_rate(processed, fit, timelines, min(length, made_with), device, args.loader_batches)
         report[f"loader_examples_per_second_L{length}"] = round(rate)
-        print(f"loader into {device} at L = {min(length, made_with)}: {rate:,.0f} examples/s", flush=True)
+        report[f"loader_bytes_moved_per_example_L{length}"] = round(moved, 1)
+        print(f"loader into {device} at L = {min(length, made_with)}: {rate:,.0f} examples/s, {moved:,.1f} bytes "
+              "moved per example", flush=True)
 
     run = out / time.strftime("run-%Y%m%d-%H%M%S")
     if device.type == "cuda":

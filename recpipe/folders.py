@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,11 @@ def remove(folder):
     if folder.is_symlink() or owner(folder) is None:
         raise UserError(f"{folder} is not a temporary folder of this project (it has no {MARKER} marker): "
                         "left untouched; move or delete it yourself")
-    shutil.rmtree(folder)
+    discard(folder)
 
 
 def discard(staging):
-    """Delete a staging folder this process made, its marker last.
+    """Delete a staging (or retired) folder of ours, its marker last.
 
     Tasks of a stage that failed may still be writing into it (an external cluster's workers
     finish what they run): what they add after the sweep stays, under the marker, for
@@ -220,11 +221,20 @@ def leftovers(parent, name):
 
 
 def remove_abandoned(parent, name):
-    """Delete the staging and retired folders of `name` whose maker is gone; return them."""
+    """Delete the staging and retired folders of `name` whose maker is gone; return them.
+
+    Marker last, and again a few times while something remains: a task of a stage that was
+    stopped may still be finishing a file in it (a worker outlives its cluster's close by a
+    moment), and the folder must not lose its proof before it is gone.
+    """
     removed = []
     for leftover in leftovers(parent, name):
         if leftover.abandoned:
-            shutil.rmtree(leftover.path, ignore_errors=True)
+            for attempt in range(5):
+                discard(leftover.path)
+                if not leftover.path.exists():
+                    break
+                time.sleep(0.2)
             removed.append(leftover.path)
     return removed
 

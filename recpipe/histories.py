@@ -13,6 +13,11 @@ midnights, `t < D` is the same as `day(t) < day(D)`, so one integer key per acti
 (customer rank, day), is enough to search on. The slice read backwards is the SPEC's
 order; counts per window come from cumulative sums. Cost: O((actions + keys) log
 actions) and memory linear in the bucket.
+
+The rule yields windows (history_windows): where each key's history ends in the bucket's
+sorted actions, and how long it is. The compact and wide layouts expand them into one list
+per key (compute_histories); the timeline layout keeps each customer's run of actions once
+and the windows as (history_end, history_length) into it (timelines).
 """
 
 import numpy as np
@@ -34,18 +39,27 @@ def _days(timestamps_us):
     return np.floor_divide(timestamps_us, US_PER_DAY)
 
 
-def compute_histories(actions, keys, lookback_days=365, max_history=1000):
-    """Histories and activity features for every (customer_id, dt) in `keys`.
+class Windows:
+    """The history rule's answer for every key of a bucket, in the keys' order.
+
+    end:      index (into the bucket's sorted actions) one past the key's most recent action before D
+    length:   how many actions before `end` are its history (at most max_history)
+    features: the raw num_* features (not yet log1p-ed or scaled), float64
+    and the bucket's actions as arrays: customer, occurred_us, action_type, item_id.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def history_windows(actions, keys, lookback_days=365, max_history=1000):
+    """The history rule and the activity features for every (customer_id, dt) in `keys`.
 
     actions: DataFrame customer_id int64, item_id int64, action_type int8, occurred_at
              datetime64[us, UTC], sorted ascending by (customer_id, occurred_at,
-             action_type, item_id) — repartitioned/ guarantees it.
+             action_type, item_id) — repartitioned/ guarantees it (checked here by day).
     keys:    DataFrame customer_id int64, dt (date or datetime64) — the days each
              customer was shown items.
-    Returns an Arrow table, one row per key in the keys' order: customer_id, dt, the
-    raw (not yet log1p-ed or scaled) num_* features, and the lists history_items (raw
-    item ids), history_action_types and history_occurred_at (µs since the epoch, kept
-    so that the leak guard can check what was produced).
     """
     customer = actions["customer_id"].to_numpy(np.int64)
     occurred_us = actions["occurred_at"].dt.as_unit("us").astype("int64").to_numpy()
@@ -70,13 +84,7 @@ def compute_histories(actions, keys, lookback_days=365, max_history=1000):
 
     end = first_at_or_after(key_day)                       # first action at or after D: excluded
     start = first_at_or_after(key_day - lookback_days)     # first action at or after D - lookback
-    lengths = np.minimum(end - start, max_history)
-
-    # Most recent first: from end - 1 backwards, `lengths` of them.
-    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    taken = np.repeat(end - 1, lengths) - within
+    length = np.minimum(end - start, max_history)
 
     features = {}
     for days in COUNT_WINDOWS:
@@ -86,23 +94,67 @@ def compute_histories(actions, keys, lookback_days=365, max_history=1000):
             np.cumsum(action_type == type_code, out=is_type[1:])
             features[f"num_{name}_{days}d"] = (is_type[end] - is_type[window_start]).astype(np.float64)
     features["num_actions_lookback"] = (end - start).astype(np.float64)
-    features["num_history_len"] = lengths.astype(np.float64)
+    features["num_history_len"] = length.astype(np.float64)
     has_any = end > start
     last_us = occurred_us[np.where(has_any, end - 1, 0)] if len(occurred_us) else np.zeros(len(keys), np.int64)
     features["num_days_since_last"] = np.where(
         has_any, (key_day * US_PER_DAY - last_us) / US_PER_DAY, float(lookback_days))
+    return Windows(end=end, length=length, features=features, key_customer=key_customer, key_day=key_day,
+                   customer=customer, occurred_us=occurred_us, action_type=action_type,
+                   item_id=actions["item_id"].to_numpy(np.int64))
+
+
+def compute_histories(actions, keys, lookback_days=365, max_history=1000):
+    """Histories and activity features for every (customer_id, dt) in `keys` (see history_windows).
+
+    Returns an Arrow table, one row per key in the keys' order: customer_id, dt, the
+    raw (not yet log1p-ed or scaled) num_* features, and the lists history_items (raw
+    item ids), history_action_types and history_occurred_at (µs since the epoch, kept
+    so that the leak guard can check what was produced), most recent first.
+    """
+    windows = history_windows(actions, keys, lookback_days, max_history)
+    lengths = windows.length
+    # Most recent first: from end - 1 backwards, `lengths` of them.
+    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
+    taken = np.repeat(windows.end - 1, lengths) - within
 
     def lists(values, dtype):
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[taken], dtype))
 
     return pa.table({
-        "customer_id": pa.array(key_customer, pa.int64()),
+        "customer_id": pa.array(windows.key_customer, pa.int64()),
         "dt": pa.array(keys["dt"].to_numpy().astype("datetime64[D]"), pa.date32()),
-        **{name: pa.array(features[name], pa.float64()) for name in NUMERIC_FEATURES},
-        "history_items": lists(actions["item_id"].to_numpy(np.int64), pa.int64()),
-        "history_action_types": lists(action_type, pa.int8()),
-        "history_occurred_at": lists(occurred_us, pa.int64()),
+        **{name: pa.array(windows.features[name], pa.float64()) for name in NUMERIC_FEATURES},
+        "history_items": lists(windows.item_id, pa.int64()),
+        "history_action_types": lists(windows.action_type, pa.int8()),
+        "history_occurred_at": lists(windows.occurred_us, pa.int64()),
     })
+
+
+def timelines(windows):
+    """Each customer's actions once, oldest first, and every key's window into them (SPEC section 8).
+
+    A customer's timeline is its run of the bucket's sorted actions, cut to what its keys'
+    windows reach (from the earliest window's start to the latest window's end). Returns
+    (customers, offsets, taken, history_end): the customers with keys, ascending; their
+    timelines' bounds in `taken` (offsets, one more than customers); `taken`, the indices of
+    the timelines' actions in the bucket's arrays; and per key, history_end into its
+    customer's timeline (history_length is windows.length).
+    """
+    order = np.argsort(windows.key_customer, kind="stable")
+    customers, first = np.unique(windows.key_customer[order], return_index=True)
+    window_start = windows.end - windows.length
+    starts = np.minimum.reduceat(window_start[order], first) if len(order) else np.zeros(0, np.int64)
+    ends = np.maximum.reduceat(windows.end[order], first) if len(order) else np.zeros(0, np.int64)
+    sizes = ends - starts
+    offsets = np.zeros(len(customers) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    taken = np.repeat(starts, sizes) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], sizes))
+    row_of_key = np.searchsorted(customers, windows.key_customer)
+    history_end = windows.end - starts[row_of_key]
+    return customers, offsets, taken, history_end
 
 
 def padded(lists, rows, length, dtype):

@@ -82,8 +82,8 @@ PARAMETERS = {
         Parameter("sample_frac", float, 0.2, "share of train examples to fit on, in (0, 1]", above=0, high=1),
         Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1),
         Parameter("seed", int, 0, "seed of the fitting sample"),
-        Parameter("layout", str, "compact", "compact (histories once per customer and day) or wide",
-                  choices=("compact", "wide")),
+        Parameter("layout", str, "timeline", "timeline (each customer's actions once), compact (a history per "
+                  "customer and day) or wide (padded histories per example)", choices=("timeline", "compact", "wide")),
     ],
 }
 
@@ -328,6 +328,10 @@ def format_status(states, leftovers, preprocessors_line):
         lines.append(f"{state.name + '/':<16}{state.state:<14}{size:>13}  {finished:<18}{state.script}")
         if state.rows:
             lines.append(" " * 16 + "rows: " + ", ".join(f"{table} {rows:,}" for table, rows in state.rows.items()))
+        if state.manifest and "layout" in state.manifest["parameters"]:
+            entries = state.manifest.get("history_entries_per_example")
+            lines.append(" " * 16 + f"layout: {state.manifest['parameters']['layout']}"
+                         + (f", {entries:,} history entries stored per example" if entries is not None else ""))
         for reason in state.reasons:
             lines.append(" " * 16 + f"why: {reason}")
         if state.name in stages_to_run(states):

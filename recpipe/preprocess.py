@@ -8,10 +8,15 @@ their sums, then applied to partitions.
    history items included) and moments per numeric column — computing histories for
    the sampled (customer, day) keys only.
 2. The client sums those, fits the encoders and the scaler, and saves them as JSON.
-3. One task per bucket computes the histories and activity features of every
-   (customer, day) with impressions (histories.compute_histories), checks them with
-   the leak guard, transforms examples and histories, and writes them per split and
-   day, in the compact or the wide layout (SPEC section 8).
+3. One task per bucket computes the history windows and activity features of every
+   (customer, day) with impressions (recpipe.histories), checks them with the leak
+   guard, transforms examples and histories, and writes them in one of three layouts
+   (SPEC section 8), which share everything but the writer:
+   - timeline (the default): each customer's actions once, in
+     timelines/bucket=NNNNN/, and per example the window (history_end, history_length)
+     into them, in <split>/examples/dt=YYYY-MM-DD/;
+   - compact: a history list per customer and day, in <split>/histories/dt=…/;
+   - wide: the examples with their histories padded to --max-history, in <split>/dt=…/.
 
 Computing a bucket's histories twice is cheaper than keeping them: on 20 M actions,
 writing and re-reading them took 0.95 s per bucket, computing them 0.34 s.
@@ -30,7 +35,8 @@ import pyarrow.parquet as pq
 from recpipe import encoders, folders, schemas
 from recpipe.cluster import wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
-from recpipe.histories import COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, padded
+from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, history_windows,
+                               padded, timelines)
 from recpipe.repartition import splitmix64
 from recpipe.stage import read_parts
 
@@ -49,18 +55,24 @@ class LeakError(RuntimeError):
     """A history holds an action from its own day or later, or is too long: a bug, never published."""
 
 
-def examples_schema():
+def examples_schema(layout="compact"):
+    """The examples' columns; the timeline layout's carry each example's window into its customer's timeline."""
+    window = [("history_end", pa.int32()), ("history_length", pa.int32())] if layout == "timeline" else []
     return pa.schema([("customer_id", pa.int64()), ("ranking_id", pa.string()),
                       *[(name, pa.int64()) for name in CATEGORICAL],
-                      *[(name, pa.float32()) for name in NUMERIC_FEATURES], ("is_order", pa.float32())])
+                      *[(name, pa.float32()) for name in NUMERIC_FEATURES], *window, ("is_order", pa.float32())])
 
 
+# A compact histories row, and a timeline row: one customer's actions (newest first in the
+# former, oldest first in the latter) as encoded items and action types.
 HISTORIES_SCHEMA = pa.schema([("customer_id", pa.int64()), ("actions", pa.list_(pa.int64())),
                               ("action_types", pa.list_(pa.int8()))])
+TIMELINES_SCHEMA = HISTORIES_SCHEMA
 
 
 def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
-    """Run the three steps into `out_dir` (a staging folder); return (accounting, fit record, rows per split)."""
+    """Run the three steps into `out_dir` (a staging folder); return (accounting, fit record, rows per split,
+    history entries stored)."""
     cleaned_dir, out_dir = Path(cleaned_dir), Path(out_dir)
     buckets = sorted(path.name for path in (cleaned_dir / "impressions").glob("bucket=*"))
     futures = [client.submit(summarize_bucket, str(cleaned_dir), bucket, params,
@@ -90,11 +102,12 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     written = wait_with_progress(futures, f"computing histories, writing the {params['layout']} layout")
 
     rows_in = sum(w["rows_in"] for w in written)
+    history_entries = sum(w["history_entries"] for w in written)
     outside = sum(w["outside_splits"] for w in written)
     rows_per_split = {split: sum(w[split] for w in written) for split in SPLITS}
     accounting = {"impressions": {"rows_in": rows_in, "kept": sum(rows_per_split.values()),
                                   "set_aside": {"day_outside_splits": outside} if outside else {}}}
-    return accounting, fit_record, rows_per_split
+    return accounting, fit_record, rows_per_split, history_entries
 
 
 def in_sample(ranking_id, position, seed, fraction):
@@ -114,13 +127,17 @@ def _key_index(keys, examples):
     return index.get_indexer(pd.MultiIndex.from_arrays([examples["customer_id"], examples["dt"]]))
 
 
-def _features(histories, rows):
-    """The num_* features of the given histories rows, log1p on counts, as float64 (not yet scaled)."""
+def _features(features, rows):
+    """The num_* features (raw, by name) at `rows`, log1p on counts, as float64 (not yet scaled)."""
     out = {}
     for name in NUMERIC_FEATURES:
-        values = histories.column(name).to_numpy()[rows]
+        values = np.asarray(features[name])[rows]
         out[name] = np.log1p(values) if name in COUNT_FEATURES else values
     return out
+
+
+def _table_features(histories):
+    return {name: histories.column(name).to_numpy() for name in NUMERIC_FEATURES}
 
 
 def check_histories(histories, lookback_days, max_history, where):
@@ -137,6 +154,40 @@ def check_histories(histories, lookback_days, max_history, where):
         row = int(np.repeat(np.arange(len(lengths)), lengths)[np.flatnonzero(late | early)[0]])
         raise LeakError(f"{where}: the history of customer {histories.column('customer_id')[row]} on "
                         f"{histories.column('dt')[row]} holds an action outside [D - {lookback_days} days, D)")
+
+
+def check_timelines(windows, customers, offsets, taken, history_end, lookback_days, max_history, where):
+    """The leak guard of the timeline layout: every example's window [history_end - history_length,
+    history_end) of its customer's timeline holds only actions in [D − lookback, D), at most
+    max_history of them.
+
+    Each timeline's times are checked not to decrease, so a window whose oldest and newest
+    actions lie in range holds only actions in range: every action is covered without
+    expanding the windows (which is what this layout saves).
+    """
+    length = windows.length
+    if len(length) and length.max() > max_history:
+        raise LeakError(f"{where}: a history holds {length.max()} actions, more than --max-history {max_history}")
+    times = windows.occurred_us[taken]
+    steps = np.diff(times)
+    starts = offsets[1:-1]
+    steps[starts[(starts > 0) & (starts < len(times))] - 1] = 0  # where the next customer's timeline starts
+    if (steps < 0).any():
+        raise LeakError(f"{where}: a timeline is not in time order")
+    rows = np.searchsorted(customers, windows.key_customer)
+    base, limit = offsets[rows], offsets[rows + 1]
+    outside = np.flatnonzero((history_end < length) | (base + history_end > limit))
+    has = np.flatnonzero(length > 0)
+    newest = times[base[has] + history_end[has] - 1]
+    oldest = times[base[has] + history_end[has] - length[has]]
+    day_us = windows.key_day[has] * US_PER_DAY
+    late_or_early = has[(newest >= day_us) | (oldest < day_us - lookback_days * US_PER_DAY)]
+    wrong = np.concatenate([outside, late_or_early])
+    if len(wrong):
+        key = int(wrong[0])
+        raise LeakError(f"{where}: the history of customer {windows.key_customer[key]} on "
+                        f"{np.datetime64(int(windows.key_day[key]), 'D')} holds an action outside "
+                        f"[D - {lookback_days} days, D), or outside its timeline")
 
 
 def read_bucket(cleaned_dir, bucket):
@@ -173,7 +224,7 @@ def summarize_bucket(cleaned_dir, bucket, params):
     # History items share the item vocabulary: count them once per sampled (customer, day).
     counts["cat_item"] = counts["cat_item"].add(
         _value_counts(pc.list_flatten(histories.column("history_items"))), fill_value=0)
-    features = _features(histories, _key_index(keys, examples))
+    features = _features(_table_features(histories), _key_index(keys, examples))
     moments = {name: np.array([len(values), values.sum(), np.square(values).sum()])
                for name, values in features.items()}
     return {"counts": counts, "moments": moments, "sample_rows": sampled.num_rows}
@@ -189,23 +240,43 @@ def _encode_lists(lists, encode, value_type):
 
 
 def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
-    """Step 3 for one bucket (runs on a worker): rows written per split, rows read, rows outside the splits."""
+    """Step 3 for one bucket (runs on a worker): rows written per split, rows read, rows outside the splits,
+    and the history entries stored."""
     fitted, scaler, _ = encoders.load(Path(preprocessors_dir))
     impressions, actions, rows_in = read_bucket(cleaned_dir, bucket)
     examples_keys, keys = _keys(impressions)
-    histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
-    check_histories(histories, params["lookback_days"], params["max_history"], bucket)
     key_of_example = _key_index(keys, examples_keys)
+    layout, lookback, max_history = params["layout"], params["lookback_days"], params["max_history"]
+    if layout == "timeline":
+        windows = history_windows(actions, keys, lookback, max_history)
+        customers, offsets, taken, history_end = timelines(windows)
+        check_timelines(windows, customers, offsets, taken, history_end, lookback, max_history, bucket)
+        features = windows.features
+    else:
+        histories = compute_histories(actions, keys, lookback, max_history)
+        check_histories(histories, lookback, max_history, bucket)
+        features = _table_features(histories)
 
     columns = {"customer_id": impressions.column("customer_id"), "ranking_id": impressions.column("ranking_id")}
     for name, column in CATEGORICAL.items():
         columns[name] = fitted[name].transform(impressions.column(column))
-    for name, values in _features(histories, key_of_example).items():
+    for name, values in _features(features, key_of_example).items():
         columns[name] = scaler.transform(name, values)
+    if layout == "timeline":
+        columns["history_end"] = history_end[key_of_example].astype(np.int32)
+        columns["history_length"] = windows.length[key_of_example].astype(np.int32)
+        timeline = pa.table({"customer_id": customers,
+                             "actions": _lists(offsets, fitted["cat_item"].transform(windows.item_id[taken]), pa.int64()),
+                             "action_types": _lists(offsets, windows.action_type[taken], pa.int8())},
+                            schema=TIMELINES_SCHEMA)
+        _write(timeline, Path(out_dir) / "timelines" / bucket / "part-00000.parquet", EXAMPLE_ROW_GROUP)
+        stored = len(taken)
+    else:
+        actions = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
+        action_types = histories.column("history_action_types").combine_chunks()
+        stored = len(actions.values) if layout == "compact" else len(key_of_example) * max_history
     columns["is_order"] = impressions.column("is_order").cast(pa.float32())
-    examples = pa.table(columns, schema=examples_schema())
-    actions = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
-    action_types = histories.column("history_action_types").combine_chunks()
+    examples = pa.table(columns, schema=examples_schema(layout))
 
     rows = {split: 0 for split in SPLITS}
     key_days = keys["dt"].to_numpy()
@@ -214,18 +285,24 @@ def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
         day_name = f"dt={pd.Timestamp(day).date().isoformat()}"
         of_day = examples.take(pa.array(example_rows))
         base = Path(out_dir) / split
-        if params["layout"] == "compact":
+        if layout == "wide":
+            _write_wide(of_day, actions, action_types, key_of_example[example_rows],
+                        base / day_name / f"part-{bucket}.parquet", max_history)
+        else:
+            _write(of_day, base / "examples" / day_name / f"part-{bucket}.parquet", EXAMPLE_ROW_GROUP)
+        if layout == "compact":
             key_rows = np.flatnonzero(key_days == day)
             day_histories = pa.table({"customer_id": histories.column("customer_id").take(key_rows),
                                       "actions": actions.take(key_rows), "action_types": action_types.take(key_rows)},
                                      schema=HISTORIES_SCHEMA)
-            _write(of_day, base / "examples" / day_name / f"part-{bucket}.parquet", EXAMPLE_ROW_GROUP)
             _write(day_histories, base / "histories" / day_name / f"part-{bucket}.parquet", EXAMPLE_ROW_GROUP)
-        else:
-            _write_wide(of_day, actions, action_types, key_of_example[example_rows],
-                        base / day_name / f"part-{bucket}.parquet", params["max_history"])
         rows[split] += len(example_rows)
-    return {**rows, "rows_in": rows_in, "outside_splits": rows_in - impressions.num_rows}
+    return {**rows, "rows_in": rows_in, "outside_splits": rows_in - impressions.num_rows,
+            "history_entries": int(stored)}
+
+
+def _lists(offsets, values, value_type):
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, value_type))
 
 
 def _write(table, path, row_group_size):

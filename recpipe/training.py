@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from recpipe import folders
 from recpipe.cli import UserError
-from recpipe.loader import to_device
 
 CHECKPOINT, CONFIG, METRICS, TRAIN_LOSS, FINAL, CURVES = (
     "checkpoint.pt", "config.json", "metrics.jsonl", "train_loss.jsonl", "final.json", "curves.png")
@@ -282,14 +281,15 @@ def log_loss(targets, probabilities, eps=1e-7):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, max_batches=0):
-    """AUC and log loss of the model over a loader (the whole split unless max_batches)."""
+def evaluate(model, loader, prepare, autocast, max_batches=0):
+    """AUC and log loss of the model over a loader (the whole split unless max_batches); `prepare`
+    (loader.Prepare) puts each batch on the model's device."""
     model.eval()
     targets, scores = [], []
     for number, batch in enumerate(loader):
         if max_batches and number >= max_batches:
             break
-        batch = to_device(batch, device)
+        batch = prepare(batch)
         with autocast():
             logits = model(batch)
         targets.append(batch["target"].float().cpu().numpy())
@@ -302,16 +302,17 @@ def evaluate(model, loader, device, autocast, max_batches=0):
 
 
 @torch.no_grad()
-def rule_auc(loader, max_batches=0):
+def rule_auc(loader, prepare, max_batches=0):
     """Test AUC of the rule that needs no training: score each example by how often its shown item occurs
     in its history (clicks, add-to-carts and orders alike). None when undefined (one class, or none)."""
     targets, scores = [], []
     for number, batch in enumerate(loader):
         if max_batches and number >= max_batches:
             break
+        batch = prepare(batch)
         history = batch["history_items"]
-        scores.append(((history == batch["item"][:, None]) & (history != 0)).sum(1).numpy())
-        targets.append(batch["target"].numpy())
+        scores.append(((history == batch["item"][:, None]) & (history != 0)).sum(1).cpu().numpy())
+        targets.append(batch["target"].cpu().numpy())
     if not targets:
         return None
     auc = roc_auc(np.concatenate(targets), np.concatenate(scores))

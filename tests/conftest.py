@@ -204,6 +204,17 @@ def processed_data(cleaned_data, tmp_path_factory):
     return root / "data", root / "preprocessors"
 
 
+@pytest.fixture(scope="session")
+def compact_data(processed_data, tmp_path_factory):
+    """processed_data's cleaned/ through preprocess.py --layout compact, with the same flags: (data, preprocessors)."""
+    import shutil
+    root = tmp_path_factory.mktemp("compact")
+    shutil.copytree(processed_data[0], root / "data", ignore=shutil.ignore_patterns("processed"))
+    run_script("preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
+               "--max-history", "60", "--layout", "compact", "--workers", "2")
+    return root / "data", root / "preprocessors"
+
+
 class ExternalCluster:
     """A `dask scheduler` and two `dask worker` processes on loopback, as a user would start them.
 

@@ -5,6 +5,7 @@ says which examples it holds, and the fixture knows each one's customer, day and
 """
 
 import json
+import os
 import shutil
 import types
 
@@ -15,7 +16,7 @@ import torch
 
 from recpipe import stage
 from recpipe.cli import UserError
-from recpipe.loader import ProcessedDataset, make_loader, to_device
+from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader
 from recpipe.preprocess import HISTORIES_SCHEMA, examples_schema
 
 L = 5
@@ -95,6 +96,12 @@ def dataset(root, split="train", **options):
                                             "categorical": CATEGORICAL, "numeric": NUMERIC, **options})
 
 
+def prepared(loader, length=L):
+    """The batches as the model gets them (on the CPU here)."""
+    prepare = Prepare("cpu", length)
+    return [prepare(batch) for batch in loader]
+
+
 def ids_in_order(loader):
     return [int(i) for batch in loader for i in batch["numeric"][:, 0]]
 
@@ -115,18 +122,40 @@ def test_loader_yields_every_example_once_per_epoch_with_0_1_2_workers(processed
     assert sum(1 for _ in make_loader(data)) == data.num_batches
 
 
-def test_loader_a_single_day_is_shared_by_the_workers(processed, monkeypatch):
+def test_loader_days_are_dealt_to_the_workers_in_turn(processed, monkeypatch):
     root, examples_of = processed
-    data = dataset(root, "val", batch_size=3)
     shares = []
-    for worker in range(3):
-        monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=worker, num_workers=3))
-        shares.append(ids_in_order(data))
-    assert all(len(share) >= 3 for share in shares)
-    assert sorted(sum(shares, [])) == split_ids(examples_of, "val")
-    # More workers than batches: the idle ones yield nothing, the others everything.
-    monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=1, num_workers=64))
-    assert len(ids_in_order(dataset(root, "val", batch_size=3))) == 3
+    for worker in range(2):
+        monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=worker, num_workers=2))
+        shares.append({examples_of[i][1] for i in ids_in_order(dataset(root))})
+    assert shares == [{DAYS["train"][0], DAYS["train"][2]}, {DAYS["train"][1]}]
+    # More workers than days: the idle ones yield nothing.
+    monkeypatch.setattr("recpipe.loader.get_worker_info", lambda: types.SimpleNamespace(id=5, num_workers=8))
+    assert ids_in_order(dataset(root)) == []
+
+
+def test_loader_each_file_is_read_once_per_epoch_by_one_worker(processed, tmp_path, monkeypatch):
+    """Every DataLoader worker used to read every day; W workers read the data W times."""
+    import recpipe.loader
+    log = tmp_path / "reads"
+    read = recpipe.loader._read
+
+    def logged(paths, columns):
+        with open(log, "a") as f:  # appends of a line are atomic: the workers may log at once
+            f.writelines(f"{os.getpid()} {path}\n" for path in paths)
+        return read(paths, columns)
+
+    monkeypatch.setattr(recpipe.loader, "_read", logged)  # the workers are forked: they read through it too
+    root = processed[0]
+    data = dataset(root)
+    for workers in (0, 1, 2):
+        log.unlink(missing_ok=True)
+        data.set_epoch(workers)
+        assert len(ids_in_order(make_loader(data, num_workers=workers))) == len(data)
+        reads = [line.split() for line in log.read_text().splitlines()]
+        files = sorted(str(path) for path in (root / "train").rglob("*.parquet"))
+        assert sorted(path for _, path in reads) == files  # every file once, in all
+        assert len({pid for pid, _ in reads}) == max(workers, 1)
 
 
 def test_loader_days_come_in_date_order_each_shuffled_within(processed):
@@ -160,7 +189,7 @@ def test_loader_order_depends_on_seed_and_epoch_also_in_persistent_workers(proce
 
 def test_loader_batches_have_the_promised_shapes_and_dtypes(processed):
     root, _ = processed
-    batches = list(make_loader(dataset(root), num_workers=2))
+    batches = prepared(make_loader(dataset(root), num_workers=2))
     expected = {"item": (torch.int64, 1), "history_items": (torch.int64, 2), "history_action_types": (torch.int8, 2),
                 "categorical": (torch.int64, 2), "numeric": (torch.float32, 2), "target": (torch.float32, 1)}
     for batch in batches:
@@ -173,13 +202,11 @@ def test_loader_batches_have_the_promised_shapes_and_dtypes(processed):
         assert batch["history_items"].shape == batch["history_action_types"].shape == (size, L)
         assert batch["categorical"].shape[1] == len(CATEGORICAL) and batch["numeric"].shape[1] == len(NUMERIC)
     assert any(len(batch["item"]) < 7 for batch in batches)  # a day's last batch is smaller, not dropped
-    moved = to_device(batches[0], torch.device("cpu"))
-    assert all(torch.equal(moved[name], batches[0][name]) for name in expected)
 
 
 def test_loader_columns_line_up_with_their_example(processed):
     root, examples_of = processed
-    for batch in make_loader(dataset(root)):
+    for batch in prepared(make_loader(dataset(root))):
         ids = batch["numeric"][:, 0].long()
         assert torch.equal(batch["categorical"][:, 0], ids)  # cat_position, in the order asked for
         assert torch.equal(batch["item"], 100 + ids)
@@ -192,7 +219,7 @@ def test_loader_columns_line_up_with_their_example(processed):
 def test_loader_histories_line_up_and_a_long_one_is_cut_to_its_first_L(processed):
     root, examples_of = processed
     seen_long = seen_empty = False
-    for batch in make_loader(dataset(root), num_workers=2):
+    for batch in prepared(make_loader(dataset(root), num_workers=2)):
         for number, items, action_types in zip(batch["numeric"][:, 0].tolist(), batch["history_items"],
                                                batch["history_action_types"]):
             customer, day = examples_of[int(number)]
@@ -207,8 +234,8 @@ def test_loader_histories_line_up_and_a_long_one_is_cut_to_its_first_L(processed
 
 def test_loader_empty_histories_gives_zeros_of_the_same_shapes(processed):
     root, _ = processed
-    full = list(make_loader(dataset(root)))
-    empty = list(make_loader(dataset(root, empty_histories=True), num_workers=2))
+    full = prepared(make_loader(dataset(root)))
+    empty = prepared(make_loader(dataset(root, empty_histories=True), num_workers=2))
     assert len(full) == len(empty)
     for with_history, without in zip(full, empty):
         for name in ("history_items", "history_action_types"):
@@ -297,3 +324,26 @@ def test_loader_processed_published_again_midway_stops_with_one_line(processed, 
     assert str(stopped.value).splitlines() == [
         f"{root}/ was replaced or removed while this run read it (preprocess.py ran again, or it was copied over): "
         "what was read so far is from the earlier version, so this run stopped; start train.py again on the new one"]
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_loader_timeline_and_compact_layouts_give_the_model_the_same_batches(processed_data, compact_data, workers):
+    """The same data and seed through both layouts (preprocess.py's own), an epoch of batches each: equal,
+    tensor for tensor, histories cut from 60 to 25 included."""
+    def epoch(data_dir):
+        checked = stage.open_stage(data_dir, "processed")
+        timelines = Timelines.load(checked) if checked.manifest["parameters"]["layout"] == "timeline" else None
+        data = ProcessedDataset(checked.path, "train", batch_size=64, max_history=25, seed=3, checked=checked,
+                                timelines=timelines)
+        data.set_epoch(1)
+        prepare = Prepare("cpu", 25, timelines)
+        return [prepare(batch) for batch in make_loader(data, num_workers=workers)]
+
+    timeline, compact = epoch(processed_data[0]), epoch(compact_data[0])
+    assert len(timeline) == len(compact) > 100
+    for from_timeline, from_compact in zip(timeline, compact):
+        assert from_timeline.keys() == from_compact.keys()
+        for name in from_compact:
+            assert from_timeline[name].dtype == from_compact[name].dtype, name
+            assert torch.equal(from_timeline[name], from_compact[name]), name
+    assert any(batch["history_items"][:, -1].any() for batch in timeline)  # some histories fill all 25 slots

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, listing, one_line, run_main, run_script
-from recpipe.histories import padded
-from recpipe.preprocess import LeakError, check_histories, in_sample
+from recpipe.histories import history_windows, padded, timelines
+from recpipe.preprocess import LeakError, check_histories, check_timelines, in_sample
 
 CLUSTER = ["--workers", "2"]
 
@@ -42,19 +42,24 @@ def test_preprocess_all_stages_end_to_end(cleaned_data, tmp_path):
     assert impressions["kept"] + sum(impressions["set_aside"].values()) == impressions["rows_in"]
     assert set(manifest["rows_per_split"]) == {"train", "val", "test"}
 
+    assert manifest["parameters"]["layout"] == "timeline"  # the default
     examples = read(data / "processed" / "train" / "examples")
-    histories = read(data / "processed" / "train" / "histories")
-    assert [c for c in examples.columns if c != "dt"][-1] == "is_order"
+    assert [c for c in examples.columns if c != "dt"][-3:] == ["history_end", "history_length", "is_order"]
     assert examples.filter(like="cat_").dtypes.eq("int64").all()
     assert examples.filter(like="num_").dtypes.eq("float32").all()
-    assert histories.actions.map(len).max() == 50
-    assert (histories.actions.map(len) == histories.action_types.map(len)).all()
-    # Each example has exactly one history row of its day and customer.
-    joined = examples.merge(histories, on=["customer_id", "dt"], how="left", validate="many_to_one")
+    assert examples.history_length.max() == 50
+    # Each example's window lies in its customer's one timeline row.
+    timelines = read(data / "processed" / "timelines")
+    joined = examples.merge(timelines, on="customer_id", how="left", validate="many_to_one")
     assert joined.actions.notna().all()
+    assert (joined.history_end <= joined.actions.map(len)).all() and (joined.history_end >= joined.history_length).all()
+    histories = [actions[end - length:end][::-1]
+                 for actions, end, length in zip(joined.actions, joined.history_end, joined.history_length)]
     # The planted signal is visible through the encoded ids: shown and history items share one vocabulary.
-    in_history = np.array([item in set(actions) for item, actions in zip(joined.cat_item, joined.actions)])
+    in_history = np.array([item in set(history) for item, history in zip(joined.cat_item, histories)])
     assert joined.is_order[in_history].mean() > 3 * joined.is_order[~in_history].mean()
+    assert manifest["history_entries_per_example"] == round(timelines.actions.map(len).sum() / sum(
+        manifest["rows_per_split"].values()), 2)
 
     encoders_json = json.loads((tmp_path / "pre" / "encoders.json").read_text())
     assert set(encoders_json) == {"cat_item", "cat_position", "cat_browser", "cat_os", "cat_device"}
@@ -75,7 +80,8 @@ def test_preprocess_twice_gives_identical_output_and_preprocessors(cleaned_data,
 def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data)
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20", *CLUSTER)
+    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20",
+               "--layout", "compact", *CLUSTER)
     compact = read(data / "processed" / "val" / "examples").merge(
         read(data / "processed" / "val" / "histories"), on=["customer_id", "dt"])
     run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20",
@@ -91,6 +97,47 @@ def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
     both = wide.merge(compact, on=key, suffixes=("_wide", ""))
     for padded_actions, actions in zip(both.actions_wide, both.actions):
         assert list(padded_actions) == list(actions) + [0] * (20 - len(actions))
+
+
+def test_preprocess_timeline_histories_equal_the_compact_layouts_for_every_customer_and_day(processed_data,
+                                                                                             compact_data):
+    timeline, compact = processed_data[0] / "processed", compact_data[0] / "processed"
+    timelines = read(timeline / "timelines").set_index("customer_id")
+    compared = 0
+    for split in ("train", "val", "test"):
+        examples = read(timeline / split / "examples")
+        histories = read(compact / split / "histories").set_index(["customer_id", "dt"])
+        assert len(histories) == len(examples.drop_duplicates(["customer_id", "dt"]))
+        for customer, day, end, length in examples[["customer_id", "dt", "history_end", "history_length"]].itertuples(
+                index=False):
+            expected = histories.loc[(customer, day)]
+            row = timelines.loc[customer]
+            assert list(row.actions[end - length:end][::-1]) == list(expected.actions)
+            assert list(row.action_types[end - length:end][::-1]) == list(expected.action_types)
+            compared += 1
+        # Everything else about the examples is the same.
+        other = read(compact / split / "examples")
+        pd.testing.assert_frame_equal(examples.drop(columns=["history_end", "history_length"]), other)
+    assert compared == sum(json.loads((timeline / "_stage.json").read_text())["rows_per_split"].values())
+    sizes = {name: sum(p.stat().st_size for p in path.rglob("*.parquet")) for name, path in
+             (("timeline", timeline), ("compact", compact))}
+    assert sizes["timeline"] < sizes["compact"]
+
+
+def test_preprocess_timeline_leak_guard_rejects_a_window_reaching_day_d():
+    day = pd.Timestamp("2024-03-10")
+    actions = pd.DataFrame({"customer_id": [7, 7, 7], "item_id": [1, 2, 3], "action_type": pd.array([1, 1, 1], "int8"),
+                            "occurred_at": pd.to_datetime(["2024-03-08", "2024-03-09", "2024-03-10"], utc=True)})
+    keys = pd.DataFrame({"customer_id": [7], "dt": [day.date()]})
+    windows = history_windows(actions, keys, lookback_days=365, max_history=1000)
+    customers, offsets, taken, history_end = timelines(windows)
+    check_timelines(windows, customers, offsets, taken, history_end, 365, 1000, "bucket=00001")  # as computed: fine
+    with pytest.raises(LeakError, match="customer 7 on 2024-03-10 holds an action outside"):
+        planted = timelines(history_windows(actions.assign(occurred_at=actions.occurred_at - pd.Timedelta("1D")),
+                                            keys, 365, 1000))  # windows that reach the action of day D
+        check_timelines(windows, customers, planted[1], planted[2], planted[3], 365, 1000, "bucket=00001")
+    with pytest.raises(LeakError, match="more than --max-history 1"):
+        check_timelines(windows, customers, offsets, taken, history_end, 365, 1, "bucket=00001")
 
 
 def test_preprocess_refuses_when_cleaned_is_missing(tmp_path):
