@@ -23,6 +23,7 @@ from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_com
 from distributed.comm import connect as open_comm
 from distributed.comm.addressing import parse_address, parse_host_port, unparse_address
 from distributed.comm.core import CommClosedError
+from distributed.core import Status
 from distributed.security import Security
 
 from recpipe.cli import ClusterError, OutputError, UserError, output_failure
@@ -305,12 +306,21 @@ class QuietLocalWorkers(WorkerPlugin):
       merge_and_clean.py). An external cluster's workers keep their logs.
     - Ctrl-C sends SIGINT to the workers too, and each would print a KeyboardInterrupt
       traceback from its event loop. They ignore it: the script, interrupted, closes them.
+    - A heartbeat that was on its way when the cluster closed fails with a traceback
+      ("Failed to communicate with scheduler during heartbeat") after the script's work is
+      done. Only a closing worker's is dropped: a running worker's is a real fault.
     """
 
     name = "recpipe-quiet-local-workers"
 
     def setup(self, worker):
-        logging.getLogger("distributed.worker").addFilter(_not_reported_by_client)
+        def not_closing_noise(record):
+            return not (str(record.msg).startswith("Failed to communicate with scheduler")
+                        and worker.status != Status.running)
+
+        log = logging.getLogger("distributed.worker")
+        log.addFilter(_not_reported_by_client)
+        log.addFilter(not_closing_noise)
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
