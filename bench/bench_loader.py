@@ -1,18 +1,23 @@
-"""Benchmark the loader: examples per second delivered to the trainer (no model), against the seed approach.
+"""Benchmark the loader: examples per second delivered to the trainer (no model), per layout, against
+the seed approach.
 
-    .venv/bin/python bench/bench_loader.py --processed /tmp/recpipe-bench-200000/data/processed \
+    .venv/bin/python bench/bench_loader.py \
+        --processed /tmp/recpipe-bench-200000/data-timeline/processed /tmp/recpipe-bench-200000/data/processed \
         --preprocessors /tmp/recpipe-bench-200000/data/preprocessors
 
-Ours: recpipe.loader (one day at a time, whole batches, padding per batch) for one full
-pass over --split (or --max-batches) with each of --workers. The seed approach: a
-map-style torch Dataset whose __getitem__ returns one example from pandas frames loaded
+Ours: recpipe.loader for one full pass over --split (or --max-batches) with each of
+--workers, for each --processed (its layout from its manifest): batches as the model gets
+them on the CPU (loader.Prepare: from the timeline layout, [B, L] gathered from the
+timelines loaded once; from the compact one, padded per batch), and the bytes each example
+moves to the device (the batch before Prepare). The seed approach, on the compact layout:
+a map-style torch Dataset whose __getitem__ returns one example from pandas frames loaded
 beforehand (the example's row and its history row, padded to L), batched by the
-DataLoader's default collate (batch_size 512, shuffled), timed on --seed-batches
-batches with each of --seed-workers; loading its frames is not timed. Both give the
-same tensors (checked on the first unshuffled batch). Saves bench/results/loader.json.
+DataLoader's default collate (batch_size 512, shuffled), timed on --seed-batches batches
+with each of --seed-workers; loading its frames is not timed. Both give the same tensors
+(checked on the first unshuffled batch). Saves bench/results/loader.json.
 
 The defaults are bench_preprocess.py's first scale (200,000 customers, histories up to
-1,000 actions): run that first.
+1,000 actions): run that first, and preprocess.py --layout timeline into data-timeline/.
 """
 
 import argparse
@@ -30,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from measure import ROOT, save_report
 
 sys.path.insert(0, str(ROOT))
-from recpipe.loader import ProcessedDataset, make_loader  # noqa: E402  (the root is not on a bench/ script's path)
+from recpipe import stage  # noqa: E402  (the root is not on a bench/ script's path)
+from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader  # noqa: E402
 
 DEFAULT = Path("/tmp/recpipe-bench-200000/data")
 
@@ -68,18 +74,21 @@ class SeedDataset(Dataset):
                 "numeric": row[self.numeric].astype(np.float32), "target": np.float32(row[self.target])}
 
 
-def time_batches(loader, max_batches):
-    """(examples, batches, seconds, seconds to the first batch) of iterating `loader`."""
-    examples = batches = 0
+def time_batches(loader, prepare, max_batches):
+    """(examples, batches, seconds, seconds to the first batch, bytes moved per example) of iterating
+    `loader`, each batch made ready by `prepare`."""
+    examples = batches = moved = 0
     started = time.perf_counter()
     first = None
     for batch in loader:
+        moved += sum(tensor.nbytes for tensor in batch.values())
+        batch = prepare(batch)
         examples += len(batch["target"])
         batches += 1
         first = first if first is not None else time.perf_counter() - started
         if max_batches and batches >= max_batches:
             break
-    return examples, batches, time.perf_counter() - started, first
+    return examples, batches, time.perf_counter() - started, first, moved / max(examples, 1)
 
 
 def history_lengths(split_dir):
@@ -91,14 +100,15 @@ def history_lengths(split_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--processed", type=Path, default=DEFAULT / "processed")
+    parser.add_argument("--processed", type=Path, nargs="+",
+                        default=[DEFAULT.with_name("data-timeline") / "processed", DEFAULT / "processed"])
     parser.add_argument("--preprocessors", type=Path, default=DEFAULT / "preprocessors")
     parser.add_argument("--split", default="train")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--max-history", type=int, default=None, help="L (default: processed/'s --max-history)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--max-batches", type=int, default=0, help="ours: stop after this many (0: a full pass)")
-    parser.add_argument("--seed-batches", type=int, default=50)
+    parser.add_argument("--seed-batches", type=int, default=50, help="0: leave the seed approach out")
     parser.add_argument("--seed-workers", type=int, nargs="+", default=[0, 2])
     args = parser.parse_args()
     fit = json.loads((args.preprocessors / "fit.json").read_text())
@@ -106,25 +116,51 @@ def main():
     options = dict(batch_size=args.batch_size, max_history=args.max_history, seed=0,
                    categorical=categorical, numeric=fit["numeric"])
 
-    ours = {}
-    for workers in args.workers:
-        dataset = ProcessedDataset(args.processed, args.split, **options)
-        examples, batches, seconds, first = time_batches(make_loader(dataset, num_workers=workers), args.max_batches)
-        if not args.max_batches and examples != len(dataset):
-            raise SystemExit(f"ours with {workers} workers delivered {examples} examples of {len(dataset)}")
-        ours[workers] = {"examples": examples, "batches": batches, "seconds": round(seconds, 2),
-                         "seconds_to_first_batch": round(first, 2), "examples_per_second": round(examples / seconds)}
-        print(f"ours, {workers} workers: {ours[workers]}", flush=True)
-    max_history = dataset.max_history
-    # What every worker repeats: reading a day (examples + histories, joined), here the first.
-    started = time.perf_counter()
-    dataset._read_day(dataset.days[0], dataset._day_rows[0])
-    read_day = {"day": str(dataset.days[0][0]), "examples": dataset._day_rows[0],
-                "seconds": round(time.perf_counter() - started, 3)}
+    layouts, compact = {}, None
+    for processed in args.processed:
+        checked = stage.open_stage(None, "processed", stage_dir=processed)
+        layout = checked.manifest["parameters"]["layout"]
+        started = time.perf_counter()
+        timelines = Timelines.load(checked) if layout == "timeline" else None
+        figures = {"processed": str(processed), "timelines_load_seconds": round(time.perf_counter() - started, 2)}
+        for workers in args.workers:
+            dataset = ProcessedDataset(processed, args.split, **options, checked=checked, timelines=timelines)
+            prepare = Prepare("cpu", dataset.max_history, timelines)
+            examples, batches, seconds, first, moved = time_batches(make_loader(dataset, num_workers=workers), prepare,
+                                                                    args.max_batches)
+            if not args.max_batches and examples != len(dataset):
+                raise SystemExit(f"{layout}, {workers} workers: {examples} examples delivered of {len(dataset)}")
+            figures[f"{workers}_workers"] = {
+                "examples": examples, "batches": batches, "seconds": round(seconds, 2),
+                "seconds_to_first_batch": round(first, 2), "examples_per_second": round(examples / seconds),
+                "bytes_moved_to_the_device_per_example": round(moved, 1)}
+            print(f"{layout}, {workers} workers: {figures[f'{workers}_workers']}", flush=True)
+        started = time.perf_counter()
+        dataset._read_day(dataset.days[0], dataset._day_rows[0])
+        figures["reading_one_day"] = {"day": str(dataset.days[0][0]), "examples": dataset._day_rows[0],
+                                      "seconds": round(time.perf_counter() - started, 3)}
+        figures["split_examples"], figures["days"], figures["max_history"] = len(dataset), len(dataset.days), \
+            dataset.max_history
+        layouts[layout] = figures
+        if layout == "compact":
+            compact = (processed, dataset.max_history)
 
-    # The seed approach, on frames loaded beforehand (not timed).
+    seed = {}
+    if compact and args.seed_batches:
+        seed = seed_approach(args, compact, categorical, fit, options)
+    save_report("loader", {
+        "parameters": {"split": args.split, "batch_size": args.batch_size, "categorical": categorical,
+                       "numeric": len(fit["numeric"]), "max_batches": args.max_batches},
+        "histories": history_lengths(compact[0] / args.split) if compact else None,
+        "layouts": layouts, "seed_approach": seed,
+    })
+
+
+def seed_approach(args, compact, categorical, fit, options):
+    """The seed approach's examples/s on the compact layout, on frames loaded beforehand (not timed)."""
+    processed, max_history = compact
     started = time.perf_counter()
-    split_dir = args.processed / args.split
+    split_dir = processed / args.split
     columns = ["customer_id", "cat_item", *categorical, *fit["numeric"], "is_order"]
     examples = ds.dataset(split_dir / "examples", format="parquet", partitioning="hive").to_table(
         columns=[*columns, "dt"]).to_pandas()
@@ -133,35 +169,18 @@ def main():
     load_seconds = time.perf_counter() - started
     # Both give the same first batch unshuffled (days in order, files in order): the same tensors.
     theirs = default_collate([seed_dataset[i] for i in range(args.batch_size)])
-    first_batch = next(iter(ProcessedDataset(args.processed, args.split, **options, shuffle=False)))
-    if not all(torch.equal(theirs[name], first_batch[name]) for name in first_batch):
+    ours = Prepare("cpu", max_history)(next(iter(ProcessedDataset(processed, args.split, **options, shuffle=False))))
+    if not all(torch.equal(theirs[name], ours[name]) for name in theirs):
         raise SystemExit("the seed approach and ours disagree on the first batch")
-    seed = {}
+    seed = {"frames_load_seconds_untimed": round(load_seconds, 1)}
     for workers in args.seed_workers:
         torch.manual_seed(0)
         loader = DataLoader(seed_dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers)
-        examples_done, batches, seconds, _ = time_batches(loader, args.seed_batches)
-        seed[workers] = {"examples": examples_done, "batches": batches, "seconds": round(seconds, 2),
-                         "examples_per_second": round(examples_done / seconds)}
-        print(f"seed approach, {workers} workers: {seed[workers]}", flush=True)
-
-    rate = {**{("ours", workers): figures["examples_per_second"] for workers, figures in ours.items()},
-            **{("seed", workers): figures["examples_per_second"] for workers, figures in seed.items()}}
-    save_report("loader", {
-        "parameters": {"processed": str(args.processed), "split": args.split, "batch_size": args.batch_size,
-                       "max_history": max_history, "categorical": categorical, "numeric": len(fit["numeric"]),
-                       "max_batches": args.max_batches},
-        "split_examples": len(dataset), "days": len(dataset.days), "histories": history_lengths(split_dir),
-        "reading_one_day": read_day,
-        "ours": {f"{workers}_workers": figures for workers, figures in ours.items()},
-        "seed_approach": {"frames_load_seconds_untimed": round(load_seconds, 1),
-                          **{f"{workers}_workers": figures for workers, figures in seed.items()}},
-        "speedup_over_the_seed_approach": {
-            **{f"{workers}_workers_each": round(rate["ours", workers] / rate["seed", workers], 1)
-               for workers in ours if workers in seed},
-            "best_over_best": round(max(rate[key] for key in rate if key[0] == "ours")
-                                    / max(rate[key] for key in rate if key[0] == "seed"), 1)},
-    })
+        examples_done, batches, seconds, _, _ = time_batches(loader, lambda batch: batch, args.seed_batches)
+        seed[f"{workers}_workers"] = {"examples": examples_done, "batches": batches, "seconds": round(seconds, 2),
+                                      "examples_per_second": round(examples_done / seconds)}
+        print(f"seed approach, {workers} workers: {seed[f'{workers}_workers']}", flush=True)
+    return seed
 
 
 if __name__ == "__main__":

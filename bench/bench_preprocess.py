@@ -1,18 +1,26 @@
-"""Benchmark preprocess.py at a scale and at twice that scale, against the same histories in DuckDB.
+"""Benchmark preprocess.py: its three layouts against each other, at a scale and at twice that scale,
+and its histories against the same histories in DuckDB.
 
-    .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/bench_preprocess.py --customers 200000 --actions-per-customer 100 --scales 1 2
+    .venv/bin/python bench/bench_preprocess.py --customers 200000 --actions-per-customer 100 --scales 1 \
+        --report preprocess_layouts
+    .venv/bin/pip install -r bench/requirements.txt       # DuckDB, for the comparison below
+    .venv/bin/python bench/bench_preprocess.py --customers 200000 --actions-per-customer 100 --scales 1 2 \
+        --layouts compact
 
 For each scale (a multiple of --customers), prepares cleaned/ with the pipeline's own
-stages (reused when present), then measures preprocess.py (wall time, peak memory of
-all processes and of the largest single process: a worker) and bench/duckdb_histories.py
-(the SQL window-function version of the history computation, on the same cleaned/
-Parquet, in its own process) against bench/histories_only.py (our history computation
-alone, same input and output as the query), and checks that both give the same history lengths
-and action types for every (customer, day). Saves bench/results/preprocess.json.
+stages (reused when present), then for each of --layouts (default: timeline, compact, wide)
+measures preprocess.py --layout (wall time, peak memory of all processes and of the largest
+single process: a worker), the bytes of processed/ and the history entries it stores per
+example. When DuckDB is installed and the compact layout is among them, it also runs
+bench/duckdb_histories.py (the SQL window-function version of the history computation, on
+the same cleaned/ Parquet, in its own process) against bench/histories_only.py (our history
+computation alone, same input and output as the query), and checks that both give the same
+history lengths and action types for every (customer, day). Saves bench/results/preprocess.json.
 """
 
 import argparse
+import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -69,56 +77,81 @@ def histories_agree(processed, duckdb_file):
             and np.array_equal(flat(ours, "actions"), item_encoder.transform(flat(theirs, "actions"))))
 
 
+def measure_layout(data, layout):
+    """preprocess.py --layout `layout` on data/cleaned/: its time, memory, and what it stored."""
+    run = run_stage(["preprocess.py", "--data", data, "--preprocessors", data / "preprocessors", "--layout", layout])
+    processed = data / "processed"
+    manifest = json.loads((processed / "_stage.json").read_text())
+    return {"seconds": round(run["seconds"], 1),
+            "stage_seconds": manifest["seconds"],
+            "histories_and_writing_pass_seconds": float(re.findall(
+                rf"computing histories, writing the {layout} layout: \d+/\d+ tasks done \(([\d.]+)s\)",
+                run["output"])[-1]),
+            "peak_rss_gib_all_processes": round(run["peak_rss_bytes"] / 2**30, 2),
+            "peak_rss_gib_largest_process": round(run["peak_process_rss_bytes"] / 2**30, 2),
+            "processed_mib": round(sum(path.stat().st_size for path in processed.rglob("*.parquet")) / 2**20, 1),
+            "history_entries_per_example": manifest["history_entries_per_example"],
+            "examples": sum(manifest["rows_per_split"].values())}
+
+
+def compare_with_duckdb(data):
+    """Our history computation alone and DuckDB's window query on the same cleaned/, and whether they agree
+    (with the compact processed/ in data/)."""
+    histories_only = run_measured([sys.executable, "bench/histories_only.py", data, data / "histories_only"], cwd=ROOT)
+    if histories_only["returncode"] != 0:
+        raise SystemExit("bench/histories_only.py failed")
+    duckdb_out = data / "duckdb_histories.parquet"
+    duckdb = run_measured([sys.executable, "bench/duckdb_histories.py", data, duckdb_out], cwd=ROOT)
+    if duckdb["returncode"] != 0:
+        raise SystemExit("the DuckDB query failed")
+    return {"duckdb_seconds": round(duckdb["seconds"], 1),
+            "duckdb_peak_rss_gib": round(duckdb["peak_rss_bytes"] / 2**30, 2),
+            "our_histories_only_seconds": round(histories_only["seconds"], 1),
+            "our_histories_only_peak_rss_gib_all_processes": round(histories_only["peak_rss_bytes"] / 2**30, 2),
+            "duckdb_over_our_histories_only_time": round(duckdb["seconds"] / histories_only["seconds"], 2),
+            "histories_agree": histories_agree(data / "processed", duckdb_out)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--buckets", type=int, default=16)
+    parser.add_argument("--layouts", nargs="+", default=["timeline", "compact", "wide"],
+                        choices=["timeline", "compact", "wide"])
+    parser.add_argument("--report", default="preprocess", help="saved as bench/results/REPORT.json")
     args = parser.parse_args()
+    with_duckdb = importlib.util.find_spec("duckdb") is not None and "compact" in args.layouts
+    if not with_duckdb:
+        print("DuckDB is not installed (or the compact layout not asked for): no comparison with it")
 
     runs = []
     for scale in args.scales:
         data, parameters = prepare(args, args.customers * scale)
-        ours = run_stage(["preprocess.py", "--data", data, "--preprocessors", data / "preprocessors"])
-        histories_pass = float(re.findall(r"computing histories, writing the compact layout: \d+/\d+ tasks done "
-                                          r"\(([\d.]+)s\)", ours["output"])[-1])
-        histories_only = run_measured([sys.executable, "bench/histories_only.py", data, data / "histories_only"],
-                                      cwd=ROOT)
-        if histories_only["returncode"] != 0:
-            raise SystemExit("bench/histories_only.py failed")
-        duckdb_out = data / "duckdb_histories.parquet"
-        duckdb = run_measured([sys.executable, "bench/duckdb_histories.py", data, duckdb_out], cwd=ROOT)
-        if duckdb["returncode"] != 0:
-            raise SystemExit("the DuckDB query failed")
-        processed = data / "processed"
         actions = ds.dataset(data / "cleaned" / "actions", format="parquet").count_rows()
         shown = ds.dataset(data / "cleaned" / "impressions", format="parquet").count_rows()
-        runs.append({
-            "scale": scale, "parameters": parameters, "actions": actions, "shown_items": shown,
-            "preprocess_seconds": round(ours["seconds"], 1),
-            "preprocess_histories_and_writing_pass_seconds": histories_pass,
-            "preprocess_peak_rss_gib_all_processes": round(ours["peak_rss_bytes"] / 2**30, 2),
-            "preprocess_peak_rss_gib_largest_process": round(ours["peak_process_rss_bytes"] / 2**30, 2),
-            "duckdb_seconds": round(duckdb["seconds"], 1),
-            "duckdb_peak_rss_gib": round(duckdb["peak_rss_bytes"] / 2**30, 2),
-            "duckdb_over_preprocess_time": round(duckdb["seconds"] / ours["seconds"], 2),
-            "our_histories_only_seconds": round(histories_only["seconds"], 1),
-            "our_histories_only_peak_rss_gib_all_processes": round(histories_only["peak_rss_bytes"] / 2**30, 2),
-            "duckdb_over_our_histories_only_time": round(duckdb["seconds"] / histories_only["seconds"], 2),
-            "histories_agree": histories_agree(processed, duckdb_out),
-        })
+        run = {"scale": scale, "parameters": parameters, "actions": actions, "shown_items": shown, "layouts": {}}
+        # The compact layout last: the DuckDB comparison reads its processed/.
+        for layout in sorted(args.layouts, key=lambda name: name == "compact"):
+            run["layouts"][layout] = measure_layout(data, layout)
+        if with_duckdb:
+            run.update(compare_with_duckdb(data))
+            run["duckdb_over_preprocess_time"] = round(run["duckdb_seconds"] / run["layouts"]["compact"]["seconds"], 2)
+        layouts = run["layouts"]
+        if "timeline" in layouts and "compact" in layouts:
+            run["compact_over_timeline"] = {
+                "history_entries_per_example": round(layouts["compact"]["history_entries_per_example"]
+                                                     / layouts["timeline"]["history_entries_per_example"], 2),
+                "processed_bytes": round(layouts["compact"]["processed_mib"] / layouts["timeline"]["processed_mib"], 2),
+                "seconds": round(layouts["compact"]["seconds"] / layouts["timeline"]["seconds"], 2)}
+        runs.append(run)
+        print(json.dumps(run, indent=2), flush=True)
     if len(runs) > 1:
         for later in runs[1:]:
-            later["growth_vs_first"] = {
-                "data": round(later["actions"] / runs[0]["actions"], 2),
-                "preprocess_time": round(later["preprocess_seconds"] / runs[0]["preprocess_seconds"], 2),
-                "preprocess_peak_largest_process": round(later["preprocess_peak_rss_gib_largest_process"]
-                                                         / runs[0]["preprocess_peak_rss_gib_largest_process"], 2),
-                "duckdb_time": round(later["duckdb_seconds"] / runs[0]["duckdb_seconds"], 2),
-                "our_histories_only_time": round(later["our_histories_only_seconds"]
-                                                 / runs[0]["our_histories_only_seconds"], 2),
-            }
-    save_report("preprocess", {"runs": runs})
+            later["growth_vs_first"] = {"data": round(later["actions"] / runs[0]["actions"], 2), **{
+                f"{layout}_seconds": round(later["layouts"][layout]["seconds"] / runs[0]["layouts"][layout]["seconds"], 2)
+                for layout in later["layouts"]}}
+    save_report(args.report, {"command": " ".join(["bench/bench_preprocess.py", *sys.argv[1:]]), "runs": runs})
 
 
 if __name__ == "__main__":

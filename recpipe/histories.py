@@ -113,12 +113,7 @@ def compute_histories(actions, keys, lookback_days=365, max_history=1000):
     so that the leak guard can check what was produced), most recent first.
     """
     windows = history_windows(actions, keys, lookback_days, max_history)
-    lengths = windows.length
-    # Most recent first: from end - 1 backwards, `lengths` of them.
-    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
-    taken = np.repeat(windows.end - 1, lengths) - within
+    offsets, taken = window_indices(windows)
 
     def lists(values, dtype):
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[taken], dtype))
@@ -131,6 +126,15 @@ def compute_histories(actions, keys, lookback_days=365, max_history=1000):
         "history_action_types": lists(windows.action_type, pa.int8()),
         "history_occurred_at": lists(windows.occurred_us, pa.int64()),
     })
+
+
+def window_indices(windows):
+    """(offsets, taken): every key's history as indices into the bucket's actions, most recent first, one
+    key after another (`offsets`, one more than keys, say where each key's begin)."""
+    offsets = np.zeros(len(windows.length) + 1, dtype=np.int64)
+    np.cumsum(windows.length, out=offsets[1:])
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], windows.length)
+    return offsets, np.repeat(windows.end - 1, windows.length) - within
 
 
 def timelines(windows):

@@ -36,7 +36,7 @@ from recpipe import encoders, folders, schemas
 from recpipe.cluster import wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
 from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, history_windows,
-                               padded, timelines)
+                               padded, timelines, window_indices)
 from recpipe.repartition import splitmix64
 from recpipe.stage import read_parts
 
@@ -220,11 +220,11 @@ def summarize_bucket(cleaned_dir, bucket, params):
                                      train.column("position").to_numpy(), params["seed"], params["sample_frac"]))
     counts = {name: _value_counts(sampled.column(column)) for name, column in CATEGORICAL.items()}
     examples, keys = _keys(sampled)
-    histories = compute_histories(actions, keys, params["lookback_days"], params["max_history"])
+    windows = history_windows(actions, keys, params["lookback_days"], params["max_history"])
     # History items share the item vocabulary: count them once per sampled (customer, day).
-    counts["cat_item"] = counts["cat_item"].add(
-        _value_counts(pc.list_flatten(histories.column("history_items"))), fill_value=0)
-    features = _features(_table_features(histories), _key_index(keys, examples))
+    items = windows.item_id[window_indices(windows)[1]]
+    counts["cat_item"] = counts["cat_item"].add(_value_counts(pa.array(items)), fill_value=0)
+    features = _features(windows.features, _key_index(keys, examples))
     moments = {name: np.array([len(values), values.sum(), np.square(values).sum()])
                for name, values in features.items()}
     return {"counts": counts, "moments": moments, "sample_rows": sampled.num_rows}
