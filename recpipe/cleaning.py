@@ -252,6 +252,12 @@ def set_aside_rows(frame, reasons, source, source_file):
 
 def clean_actions(frame, source, source_file):
     """RawRows frame of one action source -> (canonical actions, quarantined rows)."""
+    actions, _, set_aside = clean_action_rows(frame, source, source_file)
+    return actions, set_aside
+
+
+def clean_action_rows(frame, source, source_file):
+    """clean_actions, with the row number of each action kept: (actions, their rows, quarantined rows)."""
     reasons, parsed = validate(frame, source)
     kept = reasons.isna().to_numpy()
     action_type, item_field, time_field = ACTION_SOURCES[source]
@@ -261,7 +267,7 @@ def clean_actions(frame, source, source_file):
         "action_type": np.full(kept.sum(), action_type, dtype=np.int8),
         "occurred_at": parsed[time_field][kept].array,  # tz-aware; to_numpy() would box every value
     })
-    return actions, set_aside_rows(frame, reasons, source, source_file)
+    return actions, frame["row"].to_numpy()[kept], set_aside_rows(frame, reasons, source, source_file)
 
 
 def exact_duplicate_actions(actions):
@@ -335,3 +341,210 @@ def split_days(days, test_days=1, val_days=1, train_days=14):
         ["test", "val", "train"], default="unused",
     )
     return dict(zip(days.dt.date, map(str, split)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same rules on typed columns (raw.Block.table), for the rows that plainly pass them.
+#
+# A row is taken here only when every field is in the form that needs no judgement: an id
+# that is an integer 1 … 2^63-1 (or, in CSV, 1 to 18 digits), text that stripping would not
+# change, a date YYYY-MM-DD and a time YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM] in years 1678 … 2261
+# (where pandas' and our arithmetic agree by construction). Every other row goes back to
+# validate() above, so a row ends the same way whichever path read it.
+
+# What str.strip() removes (str.isspace()); a test checks this against Python.
+PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                     "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_YEARS = (1678, 2261)
+US_PER_DAY = 86_400_000_000
+
+
+def _array(column):
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _mask(array):
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+def _typed_ids(column):
+    """(ids, valid): like parse_ids, for the values that need no judgement (others are not valid here)."""
+    column = _array(column)
+    if pa.types.is_string(column.type):
+        digits = _mask(pc.match_substring_regex(column, r"^[0-9]{1,18}$"))
+        column = pc.if_else(pa.array(digits), column, None).cast(pa.int64())
+    ids = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
+    return ids, ids >= 1
+
+
+def _plain_text(column):
+    """Mask of the values that are text, not empty, and unchanged by stripping."""
+    return _mask(pc.and_(pc.not_equal(column, ""), pc.equal(pc.utf8_trim(column, PYTHON_WHITESPACE), column)))
+
+
+def _absent(column):
+    """Mask of the values an optional field may have without a word: none, or empty text (CSV)."""
+    missing = pc.is_null(column).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(column.type):
+        missing |= _mask(pc.equal(column, ""))
+    return missing
+
+
+class _Text:
+    """The first `width` bytes of every value of an Arrow text column, as a matrix, for reading fields at
+    fixed places without a Python object per value."""
+
+    def __init__(self, column, width):
+        column = _array(column)
+        offsets = np.frombuffer(column.buffers()[1], np.int64 if pa.types.is_large_string(column.type) else np.int32)
+        starts = offsets[column.offset:column.offset + len(column)].astype(np.int64)
+        self.lengths = offsets[column.offset + 1:column.offset + len(column) + 1] - starts
+        self.lengths[~column.is_valid().to_numpy(zero_copy_only=False)] = -1  # matches no layout
+        data = column.buffers()[2]
+        data = np.frombuffer(data, np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+        # Bytes past a value's end are its neighbours': every layout checks the length first.
+        places = np.arange(width, dtype=np.int32)
+        self.bytes = np.take(data, starts.astype(np.int32)[:, None] + places, mode="clip") \
+            if len(data) < 2**31 else data[np.minimum(starts[:, None] + places, len(data) - 1)]
+        self.width = width
+        self.rows = np.arange(len(starts))
+
+    def at(self, position):
+        """The byte at `position` (an int, or one per value, inside the value) of every value."""
+        if np.isscalar(position):
+            return self.bytes[:, position]
+        return self.bytes[self.rows, np.clip(position, 0, self.width - 1)]
+
+    def digits(self, position, count):
+        """(number, all digits) of the `count` bytes from `position` (an int, or one per value)."""
+        number, ok = np.zeros(len(self.rows), dtype=np.int64), np.ones(len(self.rows), dtype=bool)
+        for k in range(count):
+            digit = self.at(position + k) - np.uint8(48)  # a byte below "0" wraps past 9
+            ok &= digit <= 9
+            number = number * 10 + digit
+        return np.where(ok, number, 0), ok
+
+
+def _days(text):
+    """(days since 1970-01-01, valid) of values that begin YYYY-MM-DD, a real date in _YEARS."""
+    year, ok_year = text.digits(0, 4)
+    month, ok_month = text.digits(5, 2)
+    day, ok_day = text.digits(8, 2)
+    valid = ok_year & ok_month & ok_day & (text.at(4) == ord("-")) & (text.at(7) == ord("-"))
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_days = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(month, 0, 12)] + \
+        (leap & (month == 2))
+    valid &= (year >= _YEARS[0]) & (year <= _YEARS[1]) & (month >= 1) & (month <= 12) & (day >= 1) & \
+        (day <= month_days)
+    # Howard Hinnant's days_from_civil, for the proleptic Gregorian calendar.
+    shifted = year - (month <= 2)
+    era, year_of_era = shifted // 400, shifted % 400
+    day_of_year = (153 * (month + np.where(month > 2, -3, 9)) + 2) // 5 + day - 1
+    days = era * 146097 + year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year - 719468
+    return np.where(valid, days, 0), valid
+
+
+def _typed_dates(column):
+    """(microseconds since 1970 UTC of midnight, valid) of the values that are exactly YYYY-MM-DD."""
+    text = _Text(column, 10)
+    days, valid = _days(text)
+    valid &= text.lengths == 10
+    return days * US_PER_DAY, valid
+
+
+def _typed_times(column):
+    """(microseconds since 1970 UTC, valid) of the values that are exactly
+    YYYY-MM-DDTHH:MM:SS, then optionally .f to .ffffff, then optionally Z or ±HH:MM."""
+    text = _Text(column, 32)  # the longest layout, YYYY-MM-DDTHH:MM:SS.ffffff+HH:MM, is 32 bytes
+    days, valid = _days(text)
+    valid &= (text.lengths >= 19) & (text.lengths <= 32)
+    hour, ok_hour = text.digits(11, 2)
+    minute, ok_minute = text.digits(14, 2)
+    second, ok_second = text.digits(17, 2)
+    valid &= ok_hour & ok_minute & ok_second & (text.at(10) == ord("T")) & (text.at(13) == ord(":")) & \
+        (text.at(16) == ord(":")) & (hour <= 23) & (minute <= 59) & (second <= 59)
+    end = text.lengths
+    last = text.at(end - 1)
+    sign = text.at(end - 6)
+    zoned = ((sign == ord("+")) | (sign == ord("-"))) & (text.at(end - 3) == ord(":")) & (end >= 25)
+    zone_hour, ok_zone_hour = text.digits(end - 5, 2)
+    zone_minute, ok_zone_minute = text.digits(end - 2, 2)
+    zoned &= ok_zone_hour & ok_zone_minute
+    valid &= ~zoned | ((zone_hour <= 23) & (zone_minute <= 59))
+    fraction_end = end - np.where(zoned, 6, np.where(last == ord("Z"), 1, 0))
+    places = fraction_end - 20  # digits after the point, if there is one
+    fraction = np.zeros(len(end), dtype=np.int64)
+    for k in range(6):
+        digit = text.at(20 + k) - np.uint8(48)
+        counted = k < places
+        valid &= ~counted | (digit <= 9)
+        fraction = fraction * 10 + np.where(counted, digit, 0)
+    valid &= (fraction_end == 19) | ((text.at(19) == ord(".")) & (places >= 1) & (places <= 6))
+    east = np.where(sign == ord("-"), -1, 1)  # +05:30 is 5 h 30 ahead of UTC
+    offset = np.where(zoned, east * (zone_hour * 60 + zone_minute), 0)
+    instants = days * US_PER_DAY + ((hour * 60 + minute - offset) * 60 + second) * 1_000_000 + fraction
+    return np.where(valid, instants, 0), valid
+
+
+def _timestamps(microseconds):
+    return pd.DatetimeIndex(microseconds.astype("datetime64[us]")).tz_localize("UTC").array
+
+
+def typed_actions(table, rows, source):
+    """(plain, actions): which rows of a Block's table plainly pass the rules, and their canonical actions
+    (with `row`); the others are for validate()."""
+    action_type, item_field, time_field = ACTION_SOURCES[source]
+    plain = np.ones(table.num_rows, dtype=bool)
+    ids = {}
+    for name in FIELDS[source]:
+        column = table.column(name)
+        if name in IDS:
+            ids[name], valid = _typed_ids(column)
+            plain &= (valid | _absent(column)) if name in OPTIONAL else valid
+        else:
+            instants, valid = (_typed_dates if name in DATES else _typed_times)(column)
+            plain &= valid
+        if name == time_field:
+            times = instants
+    actions = pd.DataFrame({
+        "customer_id": ids["customer_id"][plain],
+        "item_id": ids[item_field][plain],
+        "action_type": np.full(plain.sum(), action_type, dtype=np.int8),
+        "occurred_at": _timestamps(times[plain]),
+    })
+    return plain, actions, rows[plain]
+
+
+def typed_impressions(table, rows):
+    """(plain, shown): which rankings of a Block's table plainly pass the rules, every entry included, and
+    their shown items as clean_impressions gives them (with `row`); the others are for validate()."""
+    customers, plain = _typed_ids(table.column("customer_id"))
+    days, valid = _typed_dates(table.column("dt"))
+    plain &= valid & _plain_text(table.column("ranking_id"))
+    user_agents = table.column("user_agent")
+    plain &= _absent(user_agents) | _plain_text(user_agents)
+    lists = table.column("impressions").combine_chunks()
+    plain &= lists.is_valid().to_numpy(zero_copy_only=False)
+    entries = pc.list_flatten(lists)
+    owners = pc.list_parent_indices(lists).to_numpy()
+    item_ids, good = _typed_ids(entries.field("item_id"))
+    good &= entries.is_valid().to_numpy(zero_copy_only=False) & entries.field("is_order").is_valid().to_numpy(
+        zero_copy_only=False)
+    plain[owners[~good]] = False
+    taken = plain[owners]
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)[plain]
+    position = np.arange(taken.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    owner = np.repeat(np.arange(plain.sum()), lengths)
+    dates = (days[plain] // US_PER_DAY).astype("datetime64[D]").astype(object)
+    shown = pd.DataFrame({
+        "dt": dates[owner],
+        "ranking_id": np.asarray(table.column("ranking_id").filter(pa.array(plain)).to_pylist(), dtype=object)[owner],
+        "customer_id": customers[plain][owner],
+        "user_agent": np.asarray(pc.fill_null(user_agents, "").filter(pa.array(plain)).to_pylist(),
+                                 dtype=object)[owner],
+        "item_id": item_ids[taken],
+        "is_order": _mask(entries.field("is_order"))[taken],
+        "position": position.astype(np.int32),
+        "row": rows[plain][owner],
+    })
+    return plain, shown

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from recpipe.cli import UserError
@@ -143,11 +144,14 @@ def _decode(line):
 
 
 def _read_json_lines(data, fields):
-    # One malformed line must not take its neighbours with it, so lines are decoded one
-    # by one (orjson, in C); everything after decoding is columnar.
     lines = data.split(b"\n")
     rows = [number for number, line in enumerate(lines, start=1) if line.strip()]
-    lines = [lines[number - 1] for number in rows]
+    return _json_rows(rows, [lines[number - 1] for number in rows], fields)
+
+
+def _json_rows(rows, lines, fields):
+    """RawRows of non-blank JSON lines and their row numbers, each line decoded on its own (orjson, in C):
+    one malformed line must not take its neighbours with it. Everything after decoding is columnar."""
     records = [_decode(line) for line in lines]
     malformed = [record is None for record in records]
     records = [_NOT_AN_OBJECT if record is None else record for record in records]
@@ -163,16 +167,44 @@ _LINE_END = re.compile(rb"\r\n?|\n")
 
 
 def _read_csv(data, fields, path):
+    decoded = _decode_csv(data, fields, path)
+    good = _csv_frame(decoded, np.ones(len(decoded.rows), dtype=bool), fields)
+    frame = pd.concat([good, decoded.invalid], ignore_index=True).sort_values("row", kind="stable", ignore_index=True)
+    return RawRows(frame, decoded.extra_fields)
+
+
+@dataclass
+class DecodedCsv:
+    """A CSV file read by Arrow: `table` (every column as text) with the data `rows` it came from and which
+    of them held invalid UTF-8 (`malformed`); `invalid`, RawRows frame of the lines that are not rows."""
+
+    table: pa.Table
+    rows: np.ndarray
+    malformed: np.ndarray
+    invalid: pd.DataFrame
+    extra_fields: set
+
+
+def _csv_frame(decoded, mask, fields):
+    """RawRows frame of the decoded rows where `mask`: CSV has no raw line to keep, only text fields."""
+    table = decoded.table.filter(pa.array(mask)) if not mask.all() else decoded.table
+    columns = {name: table.column(name).to_pylist() for name in fields if name in table.column_names}
+    return _frame(decoded.rows[mask], [None] * table.num_rows, decoded.malformed[mask], columns, fields)
+
+
+def _decode_csv(data, fields, path):
+    no_rows = np.zeros(0, dtype=np.int64)
     first = _NON_BLANK.search(data)
     if first is None:
-        return RawRows(_frame([], [], [], {}, fields))
+        return DecodedCsv(pa.table({}), no_rows, no_rows.astype(bool), _frame([], [], [], {}, fields), set())
     start = max(data.rfind(b"\n", 0, first.start()), data.rfind(b"\r", 0, first.start())) + 1
     if start:  # blank lines before the header
         data = data[start:]
     end = _LINE_END.search(data)
     header = _csv_header(data[:end.start()] if end else data, path)
     if end is None or not _NON_BLANK.search(data, end.end()):  # the header alone (pyarrow refuses one with no line end)
-        return RawRows(_frame([], [], [], {}, fields), set(header) - set(fields))
+        return DecodedCsv(pa.table({}), no_rows, no_rows.astype(bool), _frame([], [], [], {}, fields),
+                          set(header) - set(fields))
     marker = None
     if not (data.isascii() or _is_utf8(data)):
         marker, data = _mark_invalid_utf8(data)
@@ -205,14 +237,11 @@ def _read_csv(data, fields, path):
             malformed |= pc.match_substring(column, marker).to_numpy(zero_copy_only=False)
         table = pa.table([pc.replace_substring(column, marker, "\ufffd") for column in table.columns],
                          names=table.column_names)
-    columns = {name: table.column(name).to_pylist() for name in fields if name in table.column_names}
-    good = _frame(good_rows, [None] * table.num_rows, malformed, columns, fields)
     bad_text = [row.text for row in sorted(invalid, key=lambda row: row.number)]
     if marker is not None:
         bad_text = [text.replace(marker, "\ufffd") for text in bad_text]
     bad = _frame(bad_rows, bad_text, [True] * len(invalid), {}, fields)
-    frame = pd.concat([good, bad], ignore_index=True).sort_values("row", kind="stable", ignore_index=True)
-    return RawRows(frame, set(table.column_names) - set(fields))
+    return DecodedCsv(table, good_rows.astype(np.int64), malformed, bad, set(table.column_names) - set(fields))
 
 
 def _csv_header(line, path):
@@ -247,6 +276,12 @@ def _mark_invalid_utf8(data):
 
 
 def _read_parquet(data, fields, path):
+    table = _parquet_table(data, fields, path)
+    return RawRows(_parquet_frame(table, np.arange(1, table.num_rows + 1), fields),
+                   set(table.column_names) - set(fields))
+
+
+def _parquet_table(data, fields, path):
     try:
         table = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowInvalid, OSError) as error:
@@ -255,6 +290,10 @@ def _read_parquet(data, fields, path):
     if repeated:
         raise UserError(f"{path}: the schema names {', '.join(map(repr, repeated))} more than once, so its rows "
                         "are ambiguous; rewrite the file with one column of each name")
+    return table
+
+
+def _parquet_frame(table, rows, fields):
     n = table.num_rows
     columns = {}
     malformed = np.zeros(n, dtype=bool)
@@ -275,5 +314,300 @@ def _read_parquet(data, fields, path):
                 columns[name] = [value if value is None else value.decode("utf-8", "replace") for value in values]
                 continue
         columns[name] = column.to_pylist()
-    return RawRows(_frame(range(1, n + 1), [None] * n, malformed, columns, fields),
-                   set(table.column_names) - set(fields))
+    return _frame(rows, [None] * n, malformed, columns, fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path: whole blocks decoded by Arrow (C++) into typed columns.
+#
+# read_rows above is the reference: every row as plain Python values, judged by cleaning.validate.
+# read_block gives the same rows split in two: `table`, those Arrow decoded into the types a valid
+# row has (TYPES), which cleaning can judge column by column without a Python object per value;
+# and `rest`, every other row exactly as read_rows gives it. A row whose typed values turn out not
+# to be plainly valid is handed back through `Block.as_rows` and judged the reference way too.
+
+def _typed(name):
+    if name == "impressions":
+        return pa.list_(pa.struct([("item_id", pa.int64()), ("is_order", pa.bool_())]))
+    return pa.int64() if name in ("customer_id", "item_id", "config_id", "simple_id") else pa.string()
+
+
+TYPES = {source: pa.schema([(name, _typed(name)) for name in fields]) for source, fields in FIELDS.items()}
+
+# A JSON line goes to Arrow only if it looks like one object whose fields have the types above.
+# The screen only saves work: a line that passes it and still does not decode, or decodes into
+# more than one row, is found by halving its block and read line by line. What it must catch is
+# what Arrow accepts and orjson does not: NaN and Infinity, and nesting deeper than orjson's limit.
+_WS = r"[ \t\r]*"
+_NOT_FOR_ARROW = "|".join([
+    rf"^{_WS}[^ \t\r{{]", rf"^{_WS}\{{{_WS}[^ \t\r\"}}]", rf"[^ \t\r\n}}]{_WS}\n?$",  # not one object
+    "NaN|Infinity",
+    # a value of another type than TYPES says (null is any type's)
+    rf'"(customer_id|item_id|config_id|simple_id)"{_WS}:{_WS}([^-0-9n \t\r]|-?[0-9]+[^0-9 \t\r,}}])',
+    rf'"(dt|ranking_id|user_agent|click_time|occur_at|order_date)"{_WS}:{_WS}[^"n \t\r]',
+    rf'"impressions"{_WS}:{_WS}[^\[n \t\r]', rf'"is_order"{_WS}:{_WS}[^tfn \t\r]',
+])
+_MAX_BRACKETS = 500  # orjson decodes at most 1024 levels; a line with fewer brackets cannot be deeper
+_DECODE_BYTES = 4 << 20  # Arrow decodes this much at a time: a block that fails is halved, and no more is lost
+_BLANK_BYTES = np.frombuffer(BLANK.encode(), np.uint8)
+
+
+@dataclass
+class Block:
+    """The rows of a raw file, or of a byte range of one, as the fast path reads them.
+
+    `table` holds the rows Arrow decoded, with columns typed as TYPES says (CSV: all text), and
+    `rows` their row numbers; `rest` is a RawRows frame of all other rows, as read_rows gives them.
+    """
+
+    table: pa.Table
+    rows: np.ndarray
+    rest: pd.DataFrame
+    extra_fields: set
+    as_rows: object  # mask over `table` -> RawRows frame of those rows, as read_rows gives them
+
+    @property
+    def rows_in(self):
+        return self.table.num_rows + len(self.rest)
+
+
+def read_block(path, source, start=0, end=None, first_row=1, header=None):
+    """Read a raw file, or the lines that start in its bytes [start, end), into a Block.
+
+    `first_row` is the row number of the first of those lines (see `count_rows`); a CSV range
+    after the first gets the file's `header` line. A file that cannot be read at all is a UserError.
+    """
+    fields = FIELDS[source]
+    fmt = file_format(path)
+    if end is None:
+        data = _read_whole(path)
+    else:
+        data = _read_lines(path, start, end)
+    if fmt == ".jsonl":
+        return _json_block(data, source, first_row)
+    if fmt == ".csv":
+        if header is not None:
+            data = header + b"\n" + data
+        decoded = _decode_csv(data, fields, path)
+        decoded.rows += first_row - 1
+        decoded.invalid["row"] += first_row - 1
+        fast = ~decoded.malformed
+        table = pa.table({name: decoded.table.column(name) if name in decoded.table.column_names
+                          else pa.nulls(decoded.table.num_rows, pa.string()) for name in fields})
+        return Block(table.filter(pa.array(fast)), decoded.rows[fast],
+                     pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
+                     .sort_values("row", kind="stable", ignore_index=True),
+                     decoded.extra_fields, lambda mask: _csv_frame(_subset(decoded, fast), mask, fields))
+    return _parquet_block(data, source, path)
+
+
+def _subset(decoded, mask):
+    return DecodedCsv(decoded.table.filter(pa.array(mask)), decoded.rows[mask], decoded.malformed[mask],
+                      decoded.invalid, decoded.extra_fields)
+
+
+def _read_whole(path):
+    try:
+        data = Path(path).read_bytes()
+        if Path(path).name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    return data
+
+
+def _read_lines(path, start, end):
+    """The whole lines that start in bytes [start, end) of an uncompressed file (a line starts at 0 or after \\n)."""
+    try:
+        with open(path, "rb") as file:
+            if start:
+                file.seek(start - 1)
+                before = file.read(1)
+                data = file.read(end - start)
+                if before != b"\n":  # a line that started before `start` is the previous range's
+                    cut = data.find(b"\n")
+                    data = b"" if cut < 0 else data[cut + 1:]
+                    if cut < 0:
+                        return data
+            else:
+                data = file.read(end)
+            if data and not data.endswith(b"\n"):  # the last line runs on past `end`
+                rest = bytearray()
+                while chunk := file.read(1 << 16):
+                    cut = chunk.find(b"\n")
+                    if cut >= 0:
+                        rest += chunk[:cut + 1]
+                        break
+                    rest += chunk
+                data += bytes(rest)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error}); replace or remove the file") from None
+    if start == 0 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    return data
+
+
+def _json_block(data, source, first_row):
+    fields = FIELDS[source]
+    buffer = np.frombuffer(data, np.uint8)
+    newlines = np.flatnonzero(buffer == 10)
+    starts = np.concatenate([[0], newlines + 1])
+    stops = np.concatenate([newlines + 1, [len(data)]])  # each line with its \n
+    if starts[-1] == len(data):  # nothing after the last \n
+        starts, stops = starts[:-1], stops[:-1]
+    # The non-blank lines are the rows; a line is blank only if it starts with a blank byte.
+    maybe_blank = np.flatnonzero(np.isin(buffer[starts], _BLANK_BYTES))
+    blank = maybe_blank[[not data[starts[i]:stops[i]].strip() for i in maybe_blank]]
+    lines = np.delete(np.arange(len(starts)), blank)
+    candidate = np.ones(len(lines), dtype=bool)
+    if not data.isascii() and not _is_utf8(data):
+        candidate = np.array([_is_utf8(data[starts[i]:stops[i]]) for i in lines], dtype=bool)
+    long_lines = np.flatnonzero(stops[lines] - starts[lines] > _MAX_BRACKETS)
+    candidate[long_lines[[data.count(b"[", starts[i], stops[i]) + data.count(b"{", starts[i], stops[i])
+                          > _MAX_BRACKETS for i in lines[long_lines]]]] = False
+    chosen = np.flatnonzero(candidate)
+    text = _strings(*_gather(data, starts[lines[chosen]], stops[lines[chosen]]))
+    candidate[chosen[_mask(pc.match_substring_regex(text, _NOT_FOR_ARROW))]] = False
+    chosen = np.flatnonzero(candidate)
+    tables, decoded = _decode_json(data, starts[lines[chosen]], stops[lines[chosen]], TYPES[source])
+    in_table = np.zeros(len(lines), dtype=bool)
+    in_table[chosen[decoded]] = True
+    extra = set().union(*(table.column_names for table in tables)) - set(fields)
+    table = (pa.concat_tables([t.select(list(fields)) for t in tables]) if tables
+             else TYPES[source].empty_table())
+    rows = lines + first_row
+
+    def line_rows(picked):
+        return _json_rows(rows[picked].tolist(), [data[starts[i]:stops[i]].rstrip(b"\n") for i in lines[picked]],
+                          fields)
+
+    rest = line_rows(~in_table)
+    table_lines = np.flatnonzero(in_table)
+    return Block(table, rows[table_lines], rest.frame, extra | rest.extra_fields,
+                 lambda mask: line_rows(table_lines[mask]).frame)
+
+
+def _mask(array):
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+def _gather(data, starts, stops):
+    """(bytes, offsets): the lines [starts, stops) of `data`, one after another, and where each begins."""
+    offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+    if not len(starts):
+        return b"", offsets
+    runs = np.flatnonzero(starts[1:] != stops[:-1]) + 1  # lines that do not follow on from the one before
+    run_starts, run_stops = starts[np.concatenate([[0], runs])], stops[np.concatenate([runs - 1, [len(stops) - 1]])]
+    return b"".join(data[a:b] for a, b in zip(run_starts.tolist(), run_stops.tolist())), offsets
+
+
+def _strings(data, offsets):
+    return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _decode_json(data, starts, stops, schema):
+    """(tables, indices): Arrow's reading of the lines [starts, stops), in pieces of about _DECODE_BYTES, and
+    which lines it gave: all but those of a piece it refused that were still refused alone, after halving."""
+    data, offsets = _gather(data, starts, stops)
+    cuts = np.searchsorted(offsets, np.arange(_DECODE_BYTES, offsets[-1], _DECODE_BYTES))
+    bounds = np.unique(np.concatenate([[0], cuts, [len(starts)]])).astype(np.int64)
+    todo = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))[::-1]
+    tables, decoded = [], []
+    while todo:
+        first, last = todo.pop()
+        table = _arrow_json(data[offsets[first]:offsets[last]], schema, last - first)
+        if table is not None:
+            tables.append(table)
+            decoded.append(np.arange(first, last))
+        elif last - first > 1:
+            middle = (first + last) // 2
+            todo += [(middle, last), (first, middle)]
+    return tables, (np.concatenate(decoded) if decoded else np.zeros(0, dtype=np.int64))
+
+
+def _arrow_json(data, schema, lines):
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(
+            use_threads=False, block_size=len(data) + 1), parse_options=pajson.ParseOptions(
+            explicit_schema=schema, unexpected_field_behavior="infer"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != lines:  # two objects on a line are not two rows
+        return None
+    if "impressions" in schema.names and table.schema.field("impressions").type != schema.field("impressions").type:
+        table = table.set_column(table.schema.get_field_index("impressions"), "impressions",
+                                 _entries_as_typed(table.column("impressions").combine_chunks()))
+    return table
+
+
+def _entries_as_typed(column):
+    """The impressions list without the fields its entries carry beyond item_id and is_order."""
+    entries = column.values
+    typed = pa.StructArray.from_arrays([entries.field("item_id"), entries.field("is_order")],
+                                       names=["item_id", "is_order"], mask=entries.is_null())
+    return pa.ListArray.from_arrays(column.offsets, typed, mask=column.is_null())
+
+
+def _parquet_block(data, source, path):
+    fields = FIELDS[source]
+    table = _parquet_table(data, fields, path)
+    rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
+    extra = set(table.column_names) - set(fields)
+    present = [name for name in fields if name in table.column_names]
+    if any(table.schema.field(name).type != _typed(name) for name in present):  # judged the reference way
+        return Block(TYPES[source].empty_table(), rows[:0], _parquet_frame(table, rows, fields), extra,
+                     lambda mask: _parquet_frame(table.slice(0, 0), rows[:0], fields))
+    typed = pa.table({name: table.column(name) if name in present else pa.nulls(table.num_rows, _typed(name))
+                      for name in fields})
+    return Block(typed, rows, _parquet_frame(table.slice(0, 0), rows[:0], fields), extra,
+                 lambda mask: _parquet_frame(table.filter(pa.array(mask)), rows[mask], fields))
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte ranges: a large uncompressed JSON Lines or CSV file read by several tasks at once.
+#
+# A range [start, end) owns the lines that start in it (a line starts at 0 or after a \n), so
+# every line is read once, by one task. The row numbers a range's rows get need the count of
+# rows before it, which `count_rows` gives for each range, all at once, before they are read.
+
+def can_split(path):
+    """Whether `path` may be read in byte ranges: uncompressed JSON Lines or CSV."""
+    return file_format(path) in (".jsonl", ".csv") and not Path(path).name.lower().endswith(".gz")
+
+
+def byte_ranges(size, split_bytes):
+    """The [start, end) ranges of about `split_bytes` that cover a file of `size` bytes."""
+    bounds = list(range(0, size, split_bytes)) + [size]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def count_rows(path, start, end):
+    """The lines of a file that start in [start, end), and how many are not empty (the CSV rows, the
+    header aside): summed over the ranges before one, the row number its first line follows. Also
+    whether the range holds a quote or a \r (a CSV with either is read whole: a quoted value may hold a
+    line end), and, for the first range, the file's first line (a CSV's header)."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(start - 1, 0))
+            # From the byte before `start` (is it a \n?) to one past `end` (is the line starting there empty?).
+            data = file.read(end - start + 2 if start else end + 1)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error}); replace or remove the file") from None
+    buffer = np.frombuffer(data, np.uint8)
+    first = start - 1 if start else 0  # the file position of data[0]
+    line_starts = np.flatnonzero(buffer == 10) + 1 + first
+    line_starts = line_starts[(line_starts >= start) & (line_starts < end)]
+    if start == 0:
+        line_starts = np.concatenate([[0], line_starts])
+    at = line_starts - first
+    inside = at < len(data)  # a \n at the file's very end starts no line
+    non_empty = inside & (buffer[np.minimum(at, len(data) - 1)] != 10)
+    first_line = None
+    if start == 0:
+        with open(path, "rb") as file:
+            first_line = file.readline().removesuffix(b"\n").removeprefix(codecs.BOM_UTF8)
+    span = data[start - first:end - first]
+    return {"lines": int(inside.sum()), "rows": int(non_empty.sum()) - (start == 0), "quote": b'"' in span,
+            "cr": b"\r" in span, "first_line": first_line}

@@ -1,12 +1,15 @@
 """The SPEC's cleaning rules on tiny literal frames."""
 
 import datetime as dt
+import random
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from recpipe.cleaning import (clean_actions, clean_impressions, drop_duplicate_impressions, parse_dates, parse_ids,
-                              parse_timestamps, split_days, strip_text, validate)
+from recpipe.cleaning import (PYTHON_WHITESPACE, _typed_dates, _typed_times, clean_actions, clean_impressions,
+                              drop_duplicate_impressions, parse_dates, parse_ids, parse_timestamps, split_days,
+                              strip_text, validate)
 
 
 def rows(source_fields, *records):
@@ -166,3 +169,32 @@ def test_clean_impressions_strips_a_shown_items_id_like_any_other_id():
     shown, _, items_set_aside = clean_impressions(frame, "f.jsonl")
     assert shown[["customer_id", "item_id"]].to_dict("records") == [{"customer_id": 5, "item_id": 13}]
     assert items_set_aside.reason.tolist() == ["bad_item"]
+
+
+def test_cleaning_python_whitespace_is_what_str_strip_removes():
+    assert set(PYTHON_WHITESPACE) == {chr(code) for code in range(0x110000) if chr(code).isspace()}
+
+
+def near_times(rng, count):
+    """Timestamps of the plain layout and their near misses: each part at its limits, or just past them."""
+    parts = [(["1678", "2024", "2261"], ["1677", "2262", "0000", "9999", "20x4"]), (["-"], ["/"]),
+             (["01", "02", "12"], ["00", "13", "1"]), (["-"], [""]), (["01", "28", "29", "30", "31"], ["00", "32"]),
+             (["T"], [" ", "t"]), (["00", "23"], ["24", "9"]), ([":"], ["-"]), (["00", "59"], ["60"]), ([":"], [""]),
+             (["00", "59"], ["60", "5"]), (["", ".1", ".123456"], [".", ".1234567", ".12x"]),
+             (["", "Z", "+05:30", "-05:30", "+23:59"], ["z", "+24:00", "+05:60", "+0530", "+05", " "])]
+    return ["".join(rng.choice(good if rng.random() < 0.9 else bad) for good, bad in parts) for _ in range(count)]
+
+
+def test_cleaning_typed_times_and_dates_agree_with_the_reference_parsers():
+    rng = random.Random(7)
+    times = near_times(rng, 20_000) + ["2024-02-29T23:59:59.999999-23:59", "2023-02-29T00:00:00", None, ""]
+    microseconds, valid = _typed_times(pa.array(times, pa.string()))
+    reference = parse_timestamps(pd.Series(times, dtype=object))
+    assert valid.sum() > 1000  # the plain layout was reached, not only its misses
+    assert (reference.notna().to_numpy() | ~valid).all()  # nothing the reference refuses is taken
+    assert (microseconds[valid] == reference[valid].dt.tz_localize(None).to_numpy().astype(np.int64)).all()
+    dates = [time[:10] for time in times if time] + ["2024-02-29 ", " 2024-02-29", "2024-2-29"]
+    midnights, valid = _typed_dates(pa.array(dates, pa.string()))
+    reference = parse_dates(pd.Series(dates, dtype=object))
+    assert valid.sum() > 1000 and (reference.notna().to_numpy() | ~valid).all()
+    assert (midnights[valid] == reference[valid].dt.tz_localize(None).to_numpy().astype(np.int64)).all()

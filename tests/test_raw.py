@@ -3,13 +3,15 @@
 import gzip
 import os
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import listing, one_line, run_main
 from recpipe.cli import UserError
-from recpipe.raw import file_format, list_source_files, read_rows
+from recpipe.raw import byte_ranges, count_rows, file_format, list_source_files, read_block, read_rows
 
 
 def test_raw_file_format_looks_through_gzip():
@@ -207,3 +209,83 @@ def test_raw_corrupt_parquet_stops_merge_in_one_line(raw_dir, tmp_path, capsys):
     assert line.startswith(f"error: {path}: not a readable Parquet file (Couldn't deserialize thrift")
     assert line.endswith("); replace or remove the file")
     assert not (tmp_path / "data" / "merged").exists()
+
+
+def block_rows(block):
+    """{row: (raw line or None, customer_id)} of every row a Block holds, however it was read."""
+    rows = dict(zip(block.rows.tolist(), zip([None] * len(block.rows), block.table.column("customer_id").to_pylist())))
+    every = block.as_rows(np.ones(block.table.num_rows, dtype=bool))
+    for frame in (every, block.rest):
+        for row, raw, customer in zip(frame.row, frame.raw, frame.customer_id):
+            rows.setdefault(int(row), (raw, customer))
+    return rows
+
+
+def read_in_ranges(path, source, split_bytes):
+    counts = [count_rows(path, start, end) for start, end in byte_ranges(path.stat().st_size, split_bytes)]
+    header = counts[0]["first_line"] if path.suffix == ".csv" else None
+    rows, before = {}, 0
+    for number, ((start, end), count) in enumerate(zip(byte_ranges(path.stat().st_size, split_bytes), counts)):
+        block = read_block(path, source, start, end, before + 1, header if number else None)
+        found = block_rows(block)
+        assert not set(found) & set(rows), "a row read by two ranges"
+        rows.update(found)
+        before += count["rows" if path.suffix == ".csv" else "lines"]
+    return rows
+
+
+def test_raw_json_lines_in_byte_ranges_reads_every_line_once_whatever_the_cut(tmp_path):
+    # Lines of every length from empty to longer than a range, blank ones, a malformed one, no final \n.
+    lines = [b'{"dt": "2024-03-01", "customer_id": %d, "pad": "%s"}' % (i, b"x" * (i % 23)) for i in range(1, 60)]
+    lines[5:5] = [b"", b"   ", b"not json", b'{"customer_id": 7, "customer_id": 8}']
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    whole = block_rows(read_block(path, "clicks"))
+    assert len(whole) == len(lines) - 2  # the blank lines are not rows
+    for split_bytes in (5, 16, 33, 64, 65, 100, 999):
+        assert read_in_ranges(path, "clicks", split_bytes) == whole, split_bytes
+
+
+def test_raw_csv_in_byte_ranges_numbers_rows_as_the_whole_file_does(tmp_path):
+    lines = [b"dt,customer_id,config_id,occur_at"] + [
+        b"2024-03-01,%d,%s,2024-03-01T00:00:00" % (i, b"1" * (1 + i % 17)) for i in range(1, 50)]
+    lines[7:7] = [b"", b"", b"1,2", b"  "]
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    whole = block_rows(read_block(path, "add_to_carts"))
+    for split_bytes in (5, 16, 31, 32, 47, 200):
+        assert read_in_ranges(path, "add_to_carts", split_bytes) == whole, split_bytes
+
+
+@pytest.mark.parametrize("source, text", [
+    ("clicks", b'{"dt": "2024-03-01", "customer_id": 1, "item_id": 2, "click_time": "2024-03-01T10:00:00Z"}\n'
+               b'{"dt": "2024-03-01", "customer_id": "1", "item_id": 2.0, "click_time": 5}\n'
+               b'{"dt": "2024-03-01", "customer_id": 1}{"customer_id": 2}\n{"a": NaN}\n{"a": 1,}\n\xef\xbb\xbf{"a": 1}\n'
+               b'{"customer_id": 1,\n "item_id": 2}\n{"x": ' + b"[" * 1100 + b"]" * 1100 + b'}\n{"dt": "\xff"}\n'
+               b'{"dt": "a", "dt": "b"}\n{"dt": "\\ud800"}\n[1]\n{"customer_id": 9223372036854775808}\n'),
+    ("impressions", b'{"dt": "2024-03-01", "ranking_id": "r", "customer_id": 1, "impressions": '
+                    b'[{"item_id": 1, "is_order": false, "x": 1}, {"item_id": "2"}, null, 5]}\n'
+                    b'{"dt": "2024-03-01", "ranking_id": 7, "customer_id": 1, "impressions": {"item_id": 1}}\n'
+                    b'{"dt": "2024-03-01", "ranking_id": " r ", "customer_id": 1, "user_agent": null, "impressions": '
+                    b'[{"item_id": 1, "is_order": false, "x": [1]}, {"item_id": 2}, null, {}], "y": {"z": 1}}\n'),
+])
+def test_raw_block_gives_the_reference_values_of_every_row(tmp_path, source, text):
+    """What Arrow decodes and what it leaves are, row for row, what read_rows gives."""
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(text)
+    reference = read_rows(path, source)
+    block = read_block(path, source)
+    frame = pd.concat([block.rest, block.as_rows(np.ones(block.table.num_rows, dtype=bool))]).sort_values("row")
+    assert frame.reset_index(drop=True).to_dict("records") == reference.frame.to_dict("records")
+    assert block.extra_fields == reference.extra_fields
+    # and the values Arrow decoded are orjson's, type for type (an entry's fields, for a shown item)
+    by_row = reference.frame.set_index("row")
+    assert block.table.num_rows >= 1
+    for row, decoded in zip(block.rows.tolist(), block.table.to_pylist()):
+        for name, value in decoded.items():
+            expected = by_row.at[row, name]
+            if name == "impressions" and value is not None:
+                value = [entry if entry is None else (entry["item_id"], entry["is_order"]) for entry in value]
+                expected = [entry if type(entry) is not dict else (entry.get("item_id"), entry.get("is_order"))
+                            for entry in expected]
+            assert (value, type(value)) == (expected, type(expected)), (row, name)
