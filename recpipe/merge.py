@@ -2,9 +2,10 @@
 
 Two passes, both one task per unit of work:
 
-1. one task per raw file reads, validates and cleans it, writes its canonical actions
-   (`actions/<source>-<file>.parquet`, plus a copy cut by customer bucket into a
-   scratch folder) or its shown items cut by day into the scratch folder, and its
+1. one task per raw file (or per byte range of a large one, see `split_large_files`)
+   reads, validates and cleans it, writes its canonical actions
+   (`actions/<source>-<file>.parquet`, plus a copy with a row group per customer bucket
+   into a scratch folder) or its shown items cut by day into the scratch folder, and its
    quarantined rows (`_quarantine/<source>/part-<file>.parquet`);
 2. one task per impression day gathers that day's pieces in the raw files' order,
    drops exact duplicate shown items (they may sit in different files), labels the
@@ -16,39 +17,74 @@ holds more than one raw file, one day or one bucket.
 """
 
 import collections
+import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from distributed import get_worker
 
-from recpipe import schemas
-from recpipe.cleaning import (ACTION_SOURCES, clean_actions, clean_impressions, exact_duplicate_actions,
-                              drop_duplicate_impressions, split_days)
+from recpipe import folders, schemas
+from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, clean_impressions,
+                              drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
+                              typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import wait_with_progress
-from recpipe.raw import SOURCES, read_rows
+from recpipe.raw import SOURCES, byte_ranges, can_split, count_rows, file_format, read_block, read_rows
 from recpipe.stage import write_table
+
+# The key of a scratch action file's metadata that names the customer bucket of each of its row groups.
+BUCKETS_KEY = "recpipe.buckets"
 
 # Shown items between the two passes: the final table without `split`, plus the ranking's row.
 SCRATCH_IMPRESSIONS = schemas.IMPRESSIONS.remove(schemas.IMPRESSIONS.get_field_index("split")).append(
     pa.field("row", pa.int64()))
 
 
-def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days):
-    """Run both passes into `out_dir` (a staging folder); return (accounting, impression days, extra fields)."""
+# Uncompressed JSON Lines and CSV files larger than this are read by several tasks, a range of about
+# this many bytes each, so that one large file keeps every worker busy.
+SPLIT_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class Part:
+    """A byte range of a raw file read by one task: its `number` in the file, the lines that start in
+    [start, end), the row number of the first, and the file's header line (CSV)."""
+
+    number: int
+    start: int
+    end: int
+    first_row: int
+    header: bytes = None
+
+
+def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days, split_bytes=SPLIT_BYTES,
+                    line_by_line=False):
+    """Run both passes into `out_dir` (a staging folder); return (accounting, impression days, extra fields).
+
+    `line_by_line` reads every row the reference way, and every file whole (see clean_file).
+    """
     out_dir = Path(out_dir)
     scratch = out_dir / "_scratch"
     action_files = sum(len(raw_files[source]) for source in ACTION_SOURCES)
     buckets = min(64, max(1, action_files // 8))  # few enough that bucket pieces are not tiny
+    parts = {} if line_by_line else split_large_files(client, raw_files, split_bytes)
     futures = [
-        client.submit(clean_file, str(path), source, index, str(out_dir), buckets,
-                      key=f"clean-{source}-{index}", pure=False)
+        client.submit(clean_file, str(path), source, index, str(out_dir), buckets, line_by_line, part,
+                      key=f"clean-{source}-{index}" + ("" if part is None else f"-{part.number}"), pure=False)
         for source in SOURCES
         for index, path in enumerate(raw_files[source])
+        for part in parts.get((source, index), [None])
     ]
     reports = wait_with_progress(futures, "cleaning raw files")
+    if parts:
+        workers = {report["worker"] for report in reports if "part" in report}
+        print(f"the {sum(map(len, parts.values()))} ranges were read by {len(workers)} "
+              f"worker{'s' if len(workers) > 1 else ''}", flush=True)
     by_source = collections.defaultdict(list)
     for report in reports:
         by_source[report["source"]].append(report)
@@ -59,16 +95,17 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
 
     days = sorted({day for report in by_source["impressions"] for day in report["days"]})
     splits = split_days(days, test_days, val_days, train_days)
-    futures = [
+    # Both halves of pass 2 are submitted at once: the workers take the second's tasks as the first's run out.
+    day_futures = [
         client.submit(finish_impression_day, str(scratch / "impressions" / day.isoformat()), day.isoformat(),
                       splits[day], str(out_dir), key=f"impressions-{day}", pure=False)
         for day in days
     ]
-    day_reports = wait_with_progress(futures, "deduplicating impressions by day")
-    futures = [client.submit(count_exact_duplicate_actions, str(bucket_dir), key=f"duplicates-{bucket_dir.name}",
-                             pure=False)
-               for bucket_dir in sorted((scratch / "actions").glob("*"))]
-    exact_duplicates = _sum_counters(wait_with_progress(futures, "counting exact duplicate actions"))
+    bucket_futures = [client.submit(count_exact_duplicate_actions, str(scratch / "actions"), bucket,
+                                    key=f"duplicates-{bucket:03d}", pure=False)
+                      for bucket in sorted({bucket for report in reports for bucket in report.get("buckets", [])})]
+    day_reports = wait_with_progress(day_futures, "deduplicating impressions by day")
+    exact_duplicates = _sum_counters(wait_with_progress(bucket_futures, "counting exact duplicate actions"))
     if scratch.exists():  # absent when every row was set aside
         shutil.rmtree(scratch)
     accounting = {}
@@ -98,35 +135,114 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days)
     return accounting, impression_days, extra_fields
 
 
-def clean_file(path, source, index, out_dir, buckets):
-    """Pass 1 for one raw file (runs on a worker). Returns its accounting."""
+def split_large_files(client, raw_files, split_bytes):
+    """{(source, index): [Part, ...]} for the raw files read in byte ranges (none for the others)."""
+    counted = {}
+    for source in SOURCES:
+        for index, path in enumerate(raw_files[source]):
+            if can_split(path) and path.stat().st_size > split_bytes:
+                counted[(source, index)] = [
+                    (start, end, client.submit(count_rows, str(path), start, end, pure=False))
+                    for start, end in byte_ranges(path.stat().st_size, split_bytes)]
+    if not counted:
+        return {}
+    counts = wait_with_progress([future for ranges in counted.values() for _, _, future in ranges],
+                                "counting the lines of large files")
+    counts = iter(counts)
+    parts = {}
+    for (source, index), ranges in counted.items():
+        path = raw_files[source][index]
+        file_counts = [next(counts) for _ in ranges]
+        header = file_counts[0]["first_line"]
+        is_csv = file_format(path) == ".csv"
+        if is_csv and (any(count["quote"] or count["cr"] for count in file_counts)
+                       or not header.strip() or header[:1].isspace()):
+            continue  # a quoted value may hold a line end, and blank lines may precede the header: read it whole
+        before = 0
+        parts[(source, index)] = []
+        for number, ((start, end, _), count) in enumerate(zip(ranges, file_counts)):
+            parts[(source, index)].append(Part(number, start, end, before + 1, header if is_csv and number else None))
+            before += count["rows" if is_csv else "lines"]
+    if parts:
+        print(f"reading {len(parts)} large file{'s' if len(parts) > 1 else ''} in "
+              f"{sum(map(len, parts.values()))} ranges of {split_bytes / 2**20:g} MiB", flush=True)
+    return parts
+
+
+def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None):
+    """Pass 1 for one raw file, or one Part of it (runs on a worker). Returns its accounting.
+
+    `line_by_line` reads every row the reference way (raw.read_rows) instead of Arrow's blocks
+    first; the output is the same, which a test checks.
+    """
     out_dir = Path(out_dir)
-    rows = read_rows(path, source)
-    report = {"source": source, "file": path, "rows_in": len(rows.frame), "extra_fields": rows.extra_fields}
+    rows_in, extra_fields, cleaned = _clean_rows(path, source, line_by_line, part)
+    name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
+    report = {"source": source, "file": path, "rows_in": rows_in, "extra_fields": extra_fields}
+    if part is not None:
+        report["part"], report["worker"] = part.number, _worker_address()
     if source == "impressions":
-        shown, rankings_set_aside, items_set_aside = clean_impressions(rows.frame, path)
+        shown, rankings_set_aside, items_set_aside = cleaned
         report["days"] = sorted(set(shown["dt"]))
         for day, of_day in shown.groupby("dt", sort=True):
-            write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{index:05d}.parquet",
+            write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{name}.parquet",
                         SCRATCH_IMPRESSIONS)
-        report["kept"] = len(rows.frame) - len(rankings_set_aside)
+        report["kept"] = rows_in - len(rankings_set_aside)
         report["shown_items_in"] = len(shown) + len(items_set_aside)
         report["set_aside"] = dict(collections.Counter(rankings_set_aside["reason"]))
         report["shown_items_set_aside"] = dict(collections.Counter(items_set_aside["reason"]))
         set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
         set_aside = set_aside.sort_values("row", kind="stable")
     else:
-        actions, set_aside = clean_actions(rows.frame, source, path)
+        actions, set_aside = cleaned
         if len(actions):
-            name = f"{source}-{index:05d}.parquet"
-            write_table(actions, out_dir / "actions" / name, schemas.ACTIONS)
-            for bucket, of_bucket in actions.groupby(actions["customer_id"] % buckets, sort=True):
-                write_table(of_bucket, out_dir / "_scratch" / "actions" / f"{bucket:03d}" / name, schemas.ACTIONS)
+            write_table(actions, out_dir / "actions" / f"{source}-{name}.parquet", schemas.ACTIONS)
+            report["buckets"] = _write_by_bucket(actions, buckets,
+                                                 out_dir / "_scratch" / "actions" / f"{source}-{name}.parquet")
         report["kept"] = len(actions)
         report["set_aside"] = dict(collections.Counter(set_aside["reason"]))
     if len(set_aside):
-        write_table(set_aside, out_dir / "_quarantine" / source / f"part-{index:05d}.parquet", schemas.QUARANTINE)
+        write_table(set_aside, out_dir / "_quarantine" / source / f"part-{name}.parquet", schemas.QUARANTINE)
     return report
+
+
+def _worker_address():
+    try:
+        return get_worker().address
+    except ValueError:  # not on a worker: called in-process
+        return "this process"
+
+
+def _clean_rows(path, source, line_by_line, part):
+    """(rows in, extra fields, cleaned): clean_impressions' or clean_actions' result for one raw file."""
+    if line_by_line:
+        rows = read_rows(path, source)
+        if source == "impressions":
+            return len(rows.frame), rows.extra_fields, clean_impressions(rows.frame, path)
+        return len(rows.frame), rows.extra_fields, clean_actions(rows.frame, source, path)
+    block = read_block(path, source) if part is None else read_block(
+        path, source, part.start, part.end, part.first_row, part.header)
+    if source == "impressions":
+        plain, shown = typed_impressions(block.table, block.rows)
+        shown_rest, rankings_set_aside, items_set_aside = clean_impressions(_rest(block, plain), path)
+        shown = _in_row_order(shown, shown_rest)
+        return block.rows_in, block.extra_fields, (shown, rankings_set_aside, items_set_aside)
+    plain, actions, rows = typed_actions(block.table, block.rows, source)
+    actions_rest, rows_rest, set_aside = clean_action_rows(_rest(block, plain), source, path)
+    order = np.argsort(np.concatenate([rows, rows_rest]), kind="stable")
+    actions = pd.concat([actions, actions_rest], ignore_index=True).take(order).reset_index(drop=True)
+    return block.rows_in, block.extra_fields, (actions, set_aside)
+
+
+def _rest(block, plain):
+    """RawRows frame of every row of `block` the typed rules did not take, in row order."""
+    return pd.concat([block.rest, block.as_rows(~plain)], ignore_index=True).sort_values(
+        "row", kind="stable", ignore_index=True)
+
+
+def _in_row_order(shown, shown_rest):
+    shown = pd.concat([shown, shown_rest], ignore_index=True)
+    return shown.take(np.argsort(shown["row"].to_numpy(), kind="stable")).reset_index(drop=True)
 
 
 def finish_impression_day(pieces_dir, day, split, out_dir):
@@ -140,9 +256,31 @@ def finish_impression_day(pieces_dir, day, split, out_dir):
     return {"day": day, "split": split, "kept": len(shown), "duplicates_dropped": duplicates}
 
 
-def count_exact_duplicate_actions(bucket_dir):
+def _write_by_bucket(actions, buckets, path):
+    """Write `actions` to one file, a row group per customer bucket (named in the file's metadata); return
+    the buckets written. One file per raw file, not one per bucket: opening and closing hundreds of small
+    files cost more than cleaning their rows."""
+    bucket_of = actions["customer_id"].to_numpy() % buckets
+    order = np.argsort(bucket_of, kind="stable")
+    table = pa.Table.from_pandas(actions.take(order), schema=schemas.ACTIONS, preserve_index=False)
+    present, firsts = np.unique(bucket_of[order], return_index=True)
+    bounds = [*firsts.tolist(), len(order)]
+    folders.make_parents(path)
+    with pq.ParquetWriter(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())})) as writer:
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            writer.write_table(table.slice(first, last - first), row_group_size=last - first)
+    return present.tolist()
+
+
+def count_exact_duplicate_actions(scratch_dir, bucket):
     """Exact repeats among one customer bucket's actions, {action_type: count} (runs on a worker)."""
-    actions = pq.read_table(bucket_dir, schema=schemas.ACTIONS).to_pandas()
+    pieces = []
+    for path in sorted(Path(scratch_dir).glob("*.parquet")):
+        file = pq.ParquetFile(path)
+        written = json.loads(file.schema_arrow.metadata[BUCKETS_KEY.encode()])
+        if bucket in written:
+            pieces.append(file.read_row_group(written.index(bucket)))
+    actions = pa.concat_tables(pieces).to_pandas()
     repeats = actions[exact_duplicate_actions(actions)]
     return {int(action_type): int(n) for action_type, n in repeats.groupby("action_type").size().items()}
 
