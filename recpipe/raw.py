@@ -1,9 +1,14 @@
-"""Reading raw sources (SPEC section 2) into rows, one file at a time.
+"""Reading raw sources (SPEC section 2) into rows, one file, or one byte range of a file, at a time.
 
-Every format is turned into the same shape, a `RawRows` frame of plain Python values
-(object columns), so that the SPEC's validation rules exist once, in cleaning.py,
-whatever the file format was. A line that does not even decode is marked `malformed`
-here; everything else is judged there.
+Two ways, one result:
+
+- `read_rows`, the reference: every format turned into the same shape, a `RawRows` frame of
+  plain Python values (object columns), so that the validation rules exist once, in
+  cleaning.py, whatever the file format was. A JSON line is decoded on its own, so a line
+  that does not decode is marked `malformed` here and loses only itself.
+- `read_block`, the fast path merge_and_clean uses: Arrow decodes whole blocks into typed
+  columns, and only the rows it cannot read, or that cleaning's typed rules do not plainly
+  take, are turned into RawRows frames the reference way (`Block`).
 """
 
 import codecs
