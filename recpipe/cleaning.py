@@ -403,9 +403,8 @@ class _Text:
         data = column.buffers()[2]
         data = np.frombuffer(data, np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
         # Bytes past a value's end are its neighbours': every layout checks the length first.
-        places = np.arange(width, dtype=np.int32)
-        self.bytes = np.take(data, starts.astype(np.int32)[:, None] + places, mode="clip") \
-            if len(data) < 2**31 else data[np.minimum(starts[:, None] + places, len(data) - 1)]
+        padded = np.concatenate([data, np.zeros(width, np.uint8)])
+        self.bytes = np.lib.stride_tricks.sliding_window_view(padded, width)[starts]
         self.width = width
         self.rows = np.arange(len(starts))
 
@@ -536,12 +535,16 @@ def typed_impressions(table, rows):
     position = np.arange(taken.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     owner = np.repeat(np.arange(plain.sum()), lengths)
     dates = (days[plain] // US_PER_DAY).astype("datetime64[D]").astype(object)
+    taken_rankings = pa.array(np.flatnonzero(plain)[owner])
+
+    def per_item(column):  # text per shown item, without a Python object per value
+        return pc.take(column, taken_rankings).to_pandas()
+
     shown = pd.DataFrame({
         "dt": dates[owner],
-        "ranking_id": np.asarray(table.column("ranking_id").filter(pa.array(plain)).to_pylist(), dtype=object)[owner],
+        "ranking_id": per_item(table.column("ranking_id")),
         "customer_id": customers[plain][owner],
-        "user_agent": np.asarray(pc.fill_null(user_agents, "").filter(pa.array(plain)).to_pylist(),
-                                 dtype=object)[owner],
+        "user_agent": per_item(pc.fill_null(user_agents, "")),
         "item_id": item_ids[taken],
         "is_order": _mask(entries.field("is_order"))[taken],
         "position": position.astype(np.int32),

@@ -33,9 +33,13 @@ from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, 
                               drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
                               typed_impressions)
 from recpipe.cli import UserError
-from recpipe.cluster import wait_with_progress
+from recpipe.cluster import task_key, wait_with_progress
 from recpipe.raw import SOURCES, byte_ranges, can_split, count_rows, file_format, read_block, read_rows
 from recpipe.stage import write_table
+
+# Scratch files live for one run and are read once: compressing and describing them cost a fifth of
+# the first pass's writing, and saved nothing.
+SCRATCH_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
 
 # The key of a scratch action file's metadata that names the customer bucket of each of its row groups.
 BUCKETS_KEY = "recpipe.buckets"
@@ -75,7 +79,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
     parts = {} if line_by_line else split_large_files(client, raw_files, split_bytes)
     futures = [
         client.submit(clean_file, str(path), source, index, str(out_dir), buckets, line_by_line, part,
-                      key=f"clean-{source}-{index}" + ("" if part is None else f"-{part.number}"), pure=False)
+                      key=task_key(f"clean-{source}-{index}" + ("" if part is None else f"-{part.number}")), pure=False)
         for source in SOURCES
         for index, path in enumerate(raw_files[source])
         for part in parts.get((source, index), [None])
@@ -98,11 +102,11 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
     # Both halves of pass 2 are submitted at once: the workers take the second's tasks as the first's run out.
     day_futures = [
         client.submit(finish_impression_day, str(scratch / "impressions" / day.isoformat()), day.isoformat(),
-                      splits[day], str(out_dir), key=f"impressions-{day}", pure=False)
+                      splits[day], str(out_dir), key=task_key(f"impressions-{day}"), pure=False)
         for day in days
     ]
     bucket_futures = [client.submit(count_exact_duplicate_actions, str(scratch / "actions"), bucket,
-                                    key=f"duplicates-{bucket:03d}", pure=False)
+                                    key=task_key(f"duplicates-{bucket:03d}"), pure=False)
                       for bucket in sorted({bucket for report in reports for bucket in report.get("buckets", [])})]
     day_reports = wait_with_progress(day_futures, "deduplicating impressions by day")
     exact_duplicates = _sum_counters(wait_with_progress(bucket_futures, "counting exact duplicate actions"))
@@ -186,7 +190,7 @@ def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=N
         report["days"] = sorted(set(shown["dt"]))
         for day, of_day in shown.groupby("dt", sort=True):
             write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{name}.parquet",
-                        SCRATCH_IMPRESSIONS)
+                        SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
         report["kept"] = rows_in - len(rankings_set_aside)
         report["shown_items_in"] = len(shown) + len(items_set_aside)
         report["set_aside"] = dict(collections.Counter(rankings_set_aside["reason"]))
@@ -266,7 +270,8 @@ def _write_by_bucket(actions, buckets, path):
     present, firsts = np.unique(bucket_of[order], return_index=True)
     bounds = [*firsts.tolist(), len(order)]
     folders.make_parents(path)
-    with pq.ParquetWriter(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())})) as writer:
+    with pq.ParquetWriter(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())}),
+                          **SCRATCH_OPTIONS) as writer:
         for first, last in zip(bounds[:-1], bounds[1:]):
             writer.write_table(table.slice(first, last - first), row_group_size=last - first)
     return present.tolist()

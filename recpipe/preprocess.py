@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recpipe import encoders, folders, schemas
-from recpipe.cluster import wait_with_progress
+from recpipe.cluster import task_key, wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
 from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, history_windows,
                                padded, timelines, window_indices)
@@ -76,7 +76,7 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     cleaned_dir, out_dir = Path(cleaned_dir), Path(out_dir)
     buckets = sorted(path.name for path in (cleaned_dir / "impressions").glob("bucket=*"))
     futures = [client.submit(summarize_bucket, str(cleaned_dir), bucket, params,
-                             key=f"histories-{bucket}", pure=False) for bucket in buckets]
+                             key=task_key(f"histories-{bucket}"), pure=False) for bucket in buckets]
     summaries = wait_with_progress(futures, "computing the sample's statistics")
 
     counts = {name: pd.Series(dtype="int64") for name in CATEGORICAL}
@@ -97,7 +97,7 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     encoders.save(Path(preprocessors_dir), fitted, scaler, fit_record)
 
     futures = [client.submit(write_bucket, str(cleaned_dir), bucket, str(out_dir), str(preprocessors_dir), params,
-                             key=f"write-{bucket}", pure=False)
+                             key=task_key(f"write-{bucket}"), pure=False)
                for bucket in buckets]
     written = wait_with_progress(futures, f"computing histories, writing the {params['layout']} layout")
 

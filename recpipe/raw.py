@@ -469,9 +469,10 @@ def _json_block(data, source, first_row):
     candidate = np.ones(len(lines), dtype=bool)
     if not data.isascii() and not _is_utf8(data):
         candidate = np.array([_is_utf8(data[starts[i]:stops[i]]) for i in lines], dtype=bool)
-    long_lines = np.flatnonzero(stops[lines] - starts[lines] > _MAX_BRACKETS)
-    candidate[long_lines[[data.count(b"[", starts[i], stops[i]) + data.count(b"{", starts[i], stops[i])
-                          > _MAX_BRACKETS for i in lines[long_lines]]]] = False
+    if (stops[lines] - starts[lines] > _MAX_BRACKETS).any():  # only a long line can nest that deep
+        brackets = np.flatnonzero((buffer == ord("[")) | (buffer == ord("{")))
+        candidate &= np.searchsorted(brackets, stops[lines]) - np.searchsorted(brackets, starts[lines]) \
+            <= _MAX_BRACKETS
     chosen = np.flatnonzero(candidate)
     text = _strings(*_gather(data, starts[lines[chosen]], stops[lines[chosen]]))
     candidate[chosen[_mask(pc.match_substring_regex(text, _NOT_FOR_ARROW))]] = False

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recpipe import folders, schemas
-from recpipe.cluster import wait_with_progress
+from recpipe.cluster import task_key, wait_with_progress
 from recpipe.stage import write_sized
 
 TABLES = {
@@ -69,14 +69,14 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
     scratch = out_dir / "_scratch"
     files = [(table, path) for table in TABLES for path in sorted((merged_dir / table).glob("*.parquet"))]
     futures = [client.submit(cut_by_bucket, str(path), table, str(scratch), buckets,
-                             key=f"cut-{table}-{path.stem}", pure=False)
+                             key=task_key(f"cut-{table}-{path.stem}"), pure=False)
                for table, path in files]
     rows_in = {table: 0 for table in TABLES}
     for (table, _), rows in zip(files, wait_with_progress(futures, "cutting merged files by customer bucket")):
         rows_in[table] += rows
 
     futures = [client.submit(write_bucket, str(pieces), table, str(out_dir / table / pieces.name), row_group_mb,
-                             key=f"write-{table}-{pieces.name}", pure=False)
+                             key=task_key(f"write-{table}-{pieces.name}"), pure=False)
                for table in TABLES for pieces in sorted((scratch / table).glob("bucket=*"))]
     rows_out = {table: 0 for table in TABLES}
     group_sizes = {table: [] for table in TABLES}

@@ -330,15 +330,16 @@ def check_accounting(accounting):
             )
 
 
-def write_table(frame, path, schema, row_group_size=None):
+def write_table(frame, path, schema, row_group_size=None, **options):
     """Write a pandas frame as Parquet with exactly `schema`: no inferred or object dtypes reach disk.
 
     Casting here fails loudly on a column of the wrong type instead of writing a file
     whose types differ from its neighbours' (what breaks Dask reads and shuffles later).
+    `options` go to pyarrow.parquet.write_table.
     """
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     folders.make_parents(path)
-    pq.write_table(table, path, row_group_size=row_group_size)
+    pq.write_table(table, path, row_group_size=row_group_size, **options)
     return table.num_rows
 
 

@@ -35,7 +35,7 @@ import ua_parser
 
 from recpipe import folders, schemas
 from recpipe.cli import UserError
-from recpipe.cluster import wait_with_progress
+from recpipe.cluster import task_key, wait_with_progress
 from recpipe.stage import read_parts, write_sized
 
 FIELDS = [name for name, _ in schemas.USER_AGENT_FIELDS]
@@ -183,9 +183,9 @@ def parse_ua_strings(client, in_dir, out_dir, row_group_mb, expected_rows=None):
 
     # Both kinds of task go in at once: copies are disk-bound, parsing is CPU-bound.
     futures = [client.submit(clean_impressions_bucket, str(bucket), str(out_dir), row_group_mb,
-                             key=f"parse-user-agents-{bucket.name}", pure=False) for bucket in buckets]
+                             key=task_key(f"parse-user-agents-{bucket.name}"), pure=False) for bucket in buckets]
     futures += [client.submit(copy_actions_folder, str(folder), str(in_dir), str(out_dir),
-                              key=f"copy-actions-{folder.relative_to(in_dir).as_posix()}", pure=False)
+                              key=task_key(f"copy-actions-{folder.relative_to(in_dir).as_posix()}"), pure=False)
                 for folder in action_folders]
     results = wait_with_progress(futures, "parsing user agents and copying actions")
     reports, action_rows = results[:len(buckets)], sum(results[len(buckets):])
