@@ -1,4 +1,4 @@
-"""Write a synthetic raw dataset in the SPEC's input contract (section 2).
+"""Write a synthetic raw dataset as docs/data.md (Raw input) describes it.
 
     python generate_data.py --out data/raw --customers 2000 --items 5000 --days 18 \
         --actions-per-customer 60 --seed 0
@@ -13,7 +13,7 @@ when it is empty or a folder this script wrote, whose _generated.json lists its 
     previous_orders/  one .parquet per week, plus backfill.jsonl
     _generated.json   the parameters, the exact accounting the cleaning stage must report, the files
 
-About 2% of the rows of every source are bad (SPEC section 4), and the impressions
+About 2% of the rows of every source are bad (docs/data.md, Cleaning), and the impressions
 carry a learnable signal; see recpipe/synthetic.py. The same arguments give the same
 bytes on every run.
 """

@@ -1,4 +1,4 @@
-"""Stage 1: read every raw source, clean it to the SPEC's rules, write merged/.
+"""Stage 1: read every raw source, clean it by the rules of docs/data.md, write merged/.
 
     python merge_and_clean.py --raw data/raw --data data
 

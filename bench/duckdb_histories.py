@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--max-history", type=int, default=1000)
     args = parser.parse_args()
     connection = duckdb.connect()
-    connection.execute("SET TimeZone = 'UTC'")  # dates become midnight UTC, as the SPEC says
+    connection.execute("SET TimeZone = 'UTC'")  # dates become midnight UTC (docs/data.md)
     connection.execute(QUERY.format(cleaned=f"{args.data}/cleaned", lookback=args.lookback_days,
                                     max_history=args.max_history, out=args.out))
 

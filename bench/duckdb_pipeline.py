@@ -4,9 +4,10 @@
         [--max-history 1000] [--test-days 1] [--val-days 1] [--train-days 14]
 
 Reads RAW/{impressions,clicks,add_to_carts,previous_orders}/ (JSON Lines, CSV, Parquet, any of them
-gzipped; names starting with '_' or '.' are skipped), applies the SPEC's cleaning rules (section 4)
-and the README's decisions for merge_and_clean.py, splits the impression days (section 5), builds every
-(customer, day)'s history (section 6) and writes one row per kept shown item of a train/val/test day:
+gzipped; names starting with '_' or '.' are skipped), applies the cleaning rules (docs/data.md,
+Cleaning) and the README's decisions for merge_and_clean.py, splits the impression days (docs/data.md,
+The split), builds every (customer, day)'s history (docs/data.md, The action stream and histories) and
+writes one row per kept shown item of a train/val/test day:
 
     OUT/dt=YYYY-MM-DD/*.parquet
         customer_id BIGINT, ranking_id VARCHAR, item_id BIGINT, position BIGINT, is_order BOOLEAN,
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import duckdb
 
-FIELDS = {  # required fields, and the optional ones, per source (SPEC section 2)
+FIELDS = {  # required fields, and the optional ones, per source (docs/data.md, Raw input)
     "impressions": ("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
     "clicks": ("dt", "customer_id", "item_id", "click_time"),
     "add_to_carts": ("dt", "customer_id", "config_id", "simple_id", "occur_at"),

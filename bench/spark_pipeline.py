@@ -7,9 +7,9 @@ The competitor of the benchmarks: "the PySpark pipeline that builds histories wi
 window function over a join of impressions and actions", written with the DataFrame
 API only (no Python UDFs; nothing from recpipe). It reads RAW as generate_data.py
 writes it (impressions/, clicks/, add_to_carts/, previous_orders/; JSON Lines, CSV and
-Parquet, optionally .gz; names starting with '_' or '.' skipped), applies the SPEC's
-cleaning rules (section 4, with the README's decisions for merge_and_clean.py), the
-split (section 5) and the history rule (section 6), and writes one row per kept shown
+Parquet, optionally .gz; names starting with '_' or '.' skipped), applies the
+cleaning rules (docs/data.md, Cleaning, with the README's decisions for merge_and_clean.py),
+the split and the history rule (docs/data.md), and writes one row per kept shown
 item of a train/val/test day to OUT/dt=YYYY-MM-DD/*.parquet:
 
     customer_id long, ranking_id string, item_id long (raw id), position long,
@@ -338,7 +338,7 @@ def parse_timestamp_us(text):
 
 
 def validated(df, source):
-    """(kept rows, parsed columns): a row is kept when it breaks none of the SPEC's rules."""
+    """(kept rows, parsed columns): a row is kept when it breaks none of the cleaning rules (docs/data.md)."""
     from pyspark.sql import functions as F
 
     ok = ~F.col("malformed")

@@ -8,7 +8,7 @@ One module per concern; the top-level scripts only wire them together:
     folders   what the project may replace or delete, staging markers, locks on folders in use
     schemas   the explicit PyArrow schema of every table a stage writes
     raw       reading raw sources (JSON Lines, CSV, Parquet, gzip) into rows
-    cleaning  the SPEC's validation rules and the canonical action stream
+    cleaning  the validation rules (docs/data.md) and the canonical action stream
     merge     merge_and_clean's work on the cluster
     synthetic generated raw data for demos, tests and benchmarks
 """

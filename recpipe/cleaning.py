@@ -1,4 +1,5 @@
-"""The SPEC's cleaning rules (section 4), the canonical action stream (section 6) and the split (section 5).
+"""The cleaning rules, the canonical action stream and the split (docs/data.md: Cleaning, The action stream
+and histories, The split).
 
 Input is RawRows from raw.py (object columns of plain Python values); output is
 typed frames ready for stage.write_table, plus the quarantined rows with their
@@ -6,7 +7,7 @@ reason. All rules are evaluated on whole columns.
 
 When a row has several problems it is set aside for the first one in this order:
 malformed, missing:<field>, bad_id:<field>, bad_time:<field>, bad_impressions, with
-fields in the SPEC's order — so a row always has exactly one reason.
+fields in raw.FIELDS's order (docs/data.md, Cleaning) — so a row always has exactly one reason.
 """
 
 import itertools
@@ -40,7 +41,7 @@ QUARANTINE_COLUMNS = ["source_file", "row", "reason", "raw"]
 
 
 def strip_text(values):
-    """Text values stripped (the SPEC strips text fields); other values untouched."""
+    """Text values stripped (text fields are stripped: docs/data.md, Cleaning); other values untouched."""
     if is_all_text(values):
         to_strip = may_need_stripping(values)
     else:
@@ -318,7 +319,7 @@ def clean_impressions(frame, source_file):
 
 
 def drop_duplicate_impressions(shown):
-    """Drop exact duplicate shown items (SPEC: same dt, ranking_id, customer_id, item_id, position).
+    """Drop exact duplicate shown items, same (dt, ranking_id, customer_id, item_id, position): docs/data.md, Cleaning.
 
     `shown` must already be in the raw files' order; the first occurrence is kept.
     """
@@ -327,7 +328,7 @@ def drop_duplicate_impressions(shown):
 
 
 def split_days(days, test_days=1, val_days=1, train_days=14):
-    """Map each impression day to 'test', 'val', 'train' or 'unused' (SPEC section 5).
+    """Map each impression day to 'test', 'val', 'train' or 'unused' (docs/data.md, The split).
 
     The windows are calendar days counted back from the latest impression day, so a
     day with no data (an outage) does not shift train days into val.

@@ -1,4 +1,4 @@
-"""Categorical encoders and the standard scaler (SPEC section 7), saved as readable JSON.
+"""Categorical encoders and the standard scaler (docs/data.md, Features), saved as readable JSON.
 
 Index convention: 0 is padding / missing, 1 is unknown (not in the sample, or seen
 fewer than `min_frequency` times), known values take 2, 3, … by descending

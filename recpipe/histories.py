@@ -1,4 +1,5 @@
-"""The history rule (SPEC section 6) and the activity features (section 7), for one customer bucket.
+"""The history rule and the activity features (docs/data.md: The action stream and histories, Features),
+for one customer bucket.
 
 For a customer shown items on day D, the history is every action of that customer
 with D − lookback ≤ occurred_at < D (both bounds at midnight UTC), most recent first
@@ -10,7 +11,7 @@ No join of impressions to actions: the bucket's actions arrive sorted ascending 
 before one midnight form a prefix of that customer's run, and the window of a
 (customer, day) is a slice found by binary search. Because both bounds are
 midnights, `t < D` is the same as `day(t) < day(D)`, so one integer key per action,
-(customer rank, day), is enough to search on. The slice read backwards is the SPEC's
+(customer rank, day), is enough to search on. The slice read backwards is the history's
 order; counts per window come from cumulative sums. Cost: O((actions + keys) log
 actions) and memory linear in the bucket.
 
@@ -29,7 +30,7 @@ from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
 US_PER_DAY = 86_400 * 10**6
 COUNT_WINDOWS = (7, 30)
 ACTION_NAMES = {CLICK: "clicks", ADD_TO_CART: "atc", ORDER: "orders"}
-# In the order preprocess writes them (SPEC section 7).
+# In the order preprocess writes them (docs/data.md, Features).
 NUMERIC_FEATURES = [f"num_{ACTION_NAMES[t]}_{k}d" for k in COUNT_WINDOWS for t in (CLICK, ADD_TO_CART, ORDER)] + [
     "num_actions_lookback", "num_history_len", "num_days_since_last"]
 COUNT_FEATURES = NUMERIC_FEATURES[:-1]  # log1p-ed before scaling; days_since_last is not a count
@@ -138,7 +139,7 @@ def window_indices(windows):
 
 
 def timelines(windows):
-    """Each customer's actions once, oldest first, and every key's window into them (SPEC section 8).
+    """Each customer's actions once, oldest first, and every key's window into them (docs/data.md, Layouts).
 
     A customer's timeline is its run of the bucket's sorted actions, cut to what its keys'
     windows reach (from the earliest window's start to the latest window's end). Returns

@@ -1,4 +1,4 @@
-"""train.py's input: processed/ streamed as whole batches (SPEC sections 8 and 9), from the timeline
+"""train.py's input: processed/ streamed as whole batches (docs/data.md: Layouts, Training input), from the timeline
 layout (the default) or the compact one.
 
     timelines = Timelines.load(processed)            # the timeline layout: every customer's actions, once
@@ -49,7 +49,7 @@ LAYOUTS = ("timeline", "compact")
 
 
 class Timelines:
-    """Every customer's timeline (SPEC section 8), loaded once: one flat array of items and one of
+    """Every customer's timeline (docs/data.md, Layouts), loaded once: one flat array of items and one of
     action types, oldest first, and where each customer's timeline starts in them.
 
     `index` (customers and starts, small) is what the DataLoader workers need to place an

@@ -1,4 +1,4 @@
-"""The transformer recommender (SPEC section 9's batches in, one logit per shown item out).
+"""The transformer recommender: batches in (docs/data.md, Training input), one logit per shown item out.
 
 One item embedding table serves the shown item and the history (the encoder fitted
 them as one vocabulary). The history — items plus action types plus positions — goes

@@ -11,7 +11,7 @@ their sums, then applied to partitions.
 3. One task per bucket computes the history windows and activity features of every
    (customer, day) with impressions (recpipe.histories), checks them with the leak
    guard, transforms examples and histories, and writes them in one of three layouts
-   (SPEC section 8), which share everything but the writer:
+   (docs/data.md, Layouts), which share everything but the writer:
    - timeline (the default): each customer's actions once, in
      timelines/bucket=NNNNN/, and per example the window (history_end, history_length)
      into them, in <split>/examples/dt=YYYY-MM-DD/;
@@ -41,7 +41,7 @@ from recpipe.repartition import splitmix64
 from recpipe.stage import read_parts
 
 SPLITS = ("train", "val", "test")
-# Categorical feature -> the cleaned impressions column it encodes (SPEC section 7).
+# Categorical feature -> the cleaned impressions column it encodes (docs/data.md, Features).
 CATEGORICAL = {"cat_item": "item_id", "cat_position": "position", "cat_browser": "browser_family",
                "cat_os": "os_family", "cat_device": "device_family"}
 # What an example is made of; the raw user agent and its versions, brand and model are not read.
@@ -323,7 +323,7 @@ def _write_wide(examples, actions, action_types, key_rows, path, max_history):
     folders.make_parents(path)
     # Encoding the 2 x max_history values of every row is nearly all of this stage's time (py-spy, 10 M
     # actions: 81%). Dictionaries and min/max statistics on mostly-zero padding cost more than they save;
-    # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (README, issue 7).
+    # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (README, Benchmarks).
     example_columns = examples.schema.names
     with pq.ParquetWriter(path, schema, use_dictionary=example_columns, write_statistics=example_columns,
                           compression="zstd", compression_level=1) as writer:

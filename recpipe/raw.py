@@ -1,4 +1,4 @@
-"""Reading raw sources (SPEC section 2) into rows, one file, or one byte range of a file, at a time.
+"""Reading raw sources (docs/data.md, Raw input) into rows, one file, or one byte range of a file, at a time.
 
 Two ways, one result:
 
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from recpipe.cli import UserError
 
-# Required fields first, in the SPEC's order; validation reports the first failing field.
+# Each source's fields, in the order of docs/data.md (Raw input); validation reports the first failing field.
 FIELDS = {
     "impressions": ("dt", "ranking_id", "customer_id", "user_agent", "impressions"),
     "clicks": ("dt", "customer_id", "item_id", "click_time"),
@@ -113,14 +113,7 @@ class RawRows:
 def read_rows(path, source):
     """Read one raw file of `source` into RawRows; a file that cannot be read at all is a UserError."""
     fields = FIELDS[source]
-    try:
-        data = Path(path).read_bytes()
-        if Path(path).name.lower().endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
-    if data.startswith(codecs.BOM_UTF8):  # a byte order mark names the encoding; it is not part of the first row
-        data = data[len(codecs.BOM_UTF8):]
+    data = _read_whole(path)
     fmt = file_format(path)
     if fmt == ".jsonl":
         return _read_json_lines(data, fields)
@@ -412,15 +405,15 @@ def _subset(decoded, mask):
 
 
 def _read_whole(path):
+    """The bytes of a raw file, gunzipped, without a leading byte order mark (it names the encoding; it is
+    not part of the first row)."""
     try:
         data = Path(path).read_bytes()
         if Path(path).name.lower().endswith(".gz"):
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    return data
+    return data.removeprefix(codecs.BOM_UTF8)
 
 
 def _read_lines(path, start, end):

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-# Action types of the canonical stream (SPEC section 6).
+# Action types of the canonical stream (docs/data.md, The action stream and histories).
 CLICK, ADD_TO_CART, ORDER = 1, 2, 3
 
 ACTIONS = pa.schema([

@@ -1,7 +1,7 @@
-"""Generated raw data in the SPEC's input contract (section 2), for demos, tests and benchmarks.
+"""Generated raw data as docs/data.md (Raw input) describes it, for demos, tests and benchmarks.
 
 `generate(out_dir, ...)` writes one sub-directory per source, in a mix of formats, with
-a learnable signal and a known set of bad rows planted (section 4), and
+a learnable signal and a known set of bad rows planted (docs/data.md, Cleaning), and
 `<out_dir>/_generated.json` holding the parameters and the exact accounting that the
 cleaning stage must reproduce. The same parameters give the same bytes on every run:
 every random draw comes from `numpy.random.default_rng(seed)` (one spawned child per
@@ -81,7 +81,7 @@ BAD_FRACTION = 0.02
 DUPLICATE_FRACTION = 0.005
 BACKFILL_ORDERS = 300
 
-# The defect kinds each source's formats can express (SPEC section 4). Parquet has
+# The defect kinds each source's formats can express (docs/data.md, Cleaning). Parquet has
 # types, so it cannot hold a malformed line, nor an `impressions` that is not a list.
 _IMPRESSION_KINDS = ["missing:dt", "missing:ranking_id", "missing:customer_id", "missing:impressions",
                      "bad_id:customer_id", "bad_time:dt", "bad_item"]

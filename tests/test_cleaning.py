@@ -1,4 +1,4 @@
-"""The SPEC's cleaning rules on tiny literal frames."""
+"""The cleaning rules (docs/data.md) on tiny literal frames."""
 
 import datetime as dt
 import random

@@ -1,4 +1,4 @@
-"""Encoders and scaler: the SPEC's index convention, JSON round trips."""
+"""Encoders and scaler: the index convention of docs/data.md, JSON round trips."""
 
 import json
 

@@ -43,7 +43,7 @@ TIMES = {"dt", "order_date", "click_time", "occur_at"}
 
 
 def allowed_reasons(source):
-    """The SPEC's reasons for a row of `source` (section 4)."""
+    """The reasons a row of `source` may be set aside for (docs/data.md, Cleaning)."""
     reasons = {"malformed"} | set().union(*(field_reasons(name) - {KEPT} for name in FIELDS[source]))
     return reasons | {"bad_item"} if source == "impressions" else reasons
 
@@ -114,7 +114,7 @@ class Rows:
         return self.next_id[kind]
 
     def record(self, source, customer_id):
-        """A valid row as {field: JSON text}, in the SPEC's field order."""
+        """A valid row as {field: JSON text}, in the order docs/data.md lists the fields."""
         rng = self.rng
         day = rng.choice(DAYS)
         time = f"{day}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}"
@@ -406,7 +406,7 @@ def test_merge_fuzz_stage_never_crashes_and_accounts_for_every_row(tmp_path):
     assert accounting["impressions.shown_items"]["duplicates_dropped"] >= 2
     assert accounting["clicks"]["exact_duplicates_kept"] >= 1
 
-    # every quarantined row has a reason of the SPEC's list, its raw text, and the counts match the manifest
+    # every quarantined row has a reason of docs/data.md's list, its raw text, and the counts match the manifest
     paths, quarantine = read_all(merged / "_quarantine")
     assert all(pq.read_schema(path).equals(schemas.QUARANTINE) for path in paths)
     for source in FIELDS:
@@ -591,37 +591,37 @@ def merged_files(directory):
             if path.is_file()}
 
 
-def test_merge_fuzz_arrow_blocks_write_byte_for_byte_what_line_by_line_reading_writes(tmp_path):
-    """The fuzz corpus through both paths: every file merged/ would hold, compared byte by byte."""
+def merge_corpus_ways(tmp_path, ways):
+    """The fuzz corpus merged once per `ways` entry (merge_and_clean's keyword arguments), on one in-process
+    client: {way: (accounting, impression days, extra fields, the output folder)}."""
     raw = tmp_path / "raw"
     build_raw(raw, SEED)
     raw_files = {source: list_source_files(raw, source) for source in FIELDS}
     results = {}
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        for line_by_line in (True, False):
-            out = tmp_path / f"line_by_line={line_by_line}"
-            results[line_by_line] = merge_and_clean(client, raw_files, out, 1, 1, 14, line_by_line=line_by_line)
-            results[line_by_line, "files"] = merged_files(out)
-    assert results[True] == results[False]
-    assert results[True, "files"].keys() == results[False, "files"].keys()
-    assert [name for name, data in results[True, "files"].items() if results[False, "files"][name] != data] == []
+        for number, way in enumerate(ways):
+            out = tmp_path / f"out-{number}"
+            results[number] = (*merge_and_clean(client, raw_files, out, 1, 1, 14, **way), out)
+    return [results[number] for number in range(len(ways))]
+
+
+def test_merge_fuzz_arrow_blocks_write_byte_for_byte_what_line_by_line_reading_writes(tmp_path):
+    """The fuzz corpus through both paths: every file merged/ would hold, compared byte by byte."""
+    by_line, by_block = merge_corpus_ways(tmp_path, [{"line_by_line": True}, {"line_by_line": False}])
+    assert by_line[:3] == by_block[:3]
+    by_line_files, by_block_files = merged_files(by_line[3]), merged_files(by_block[3])
+    assert by_line_files.keys() == by_block_files.keys()
+    assert [name for name, data in by_line_files.items() if by_block_files[name] != data] == []
 
 
 def test_merge_fuzz_a_file_read_in_byte_ranges_gives_the_rows_of_the_whole_file(tmp_path):
     """Every JSON Lines and CSV file of the corpus cut into 64 KiB ranges: the same rows kept and set aside."""
-    raw = tmp_path / "raw"
-    build_raw(raw, SEED)
-    raw_files = {source: list_source_files(raw, source) for source in FIELDS}
-    results = {}
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        for split_bytes in (SPLIT_BYTES, 65536):
-            out = tmp_path / f"split={split_bytes}"
-            accounting, days, extra = merge_and_clean(client, raw_files, out, 1, 1, 14, split_bytes=split_bytes)
-            tables = {name: read_all(out / name)[1] for name in ("actions", "impressions", "_quarantine")}
-            results[split_bytes] = accounting, days, extra, tables
-    assert results[SPLIT_BYTES][:3] == results[65536][:3]
+    whole, cut = merge_corpus_ways(tmp_path, [{"split_bytes": SPLIT_BYTES}, {"split_bytes": 65536}])
+    assert whole[:3] == cut[:3]
+    assert len(list(cut[3].glob("actions/*.*.parquet"))) > 0  # some files were cut
     for name in ("actions", "impressions", "_quarantine"):
-        whole, cut = results[SPLIT_BYTES][3][name], results[65536][3][name]
-        key = list(whole.columns)
-        assert len(cut) > 0
-        pd.testing.assert_frame_equal(whole.sort_values(key, ignore_index=True), cut.sort_values(key, ignore_index=True))
+        whole_rows, cut_rows = read_all(whole[3] / name)[1], read_all(cut[3] / name)[1]
+        key = list(whole_rows.columns)
+        assert len(cut_rows) > 0
+        pd.testing.assert_frame_equal(whole_rows.sort_values(key, ignore_index=True),
+                                      cut_rows.sort_values(key, ignore_index=True))

@@ -1,4 +1,4 @@
-"""The synthetic raw data: deterministic, in the SPEC's layout, with its signal and its accounting.
+"""The synthetic raw data: deterministic, as docs/data.md (Raw input) lays it out, with its signal and its accounting.
 
 The checks read the written files back with their own small reader (json, csv, pyarrow),
 not with recpipe's, so that they hold the generator to the contract independently.
@@ -24,7 +24,7 @@ from recpipe.synthetic import generate
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("impressions", "clicks", "add_to_carts", "previous_orders")
 
-# Every defect kind each source must carry (SPEC section 4); bad_item is counted per shown item.
+# Every defect kind each source must carry (docs/data.md, Cleaning); bad_item is counted per shown item.
 KINDS = {
     "impressions": {"malformed", "missing:dt", "missing:ranking_id", "missing:customer_id", "missing:impressions",
                     "bad_id:customer_id", "bad_time:dt", "bad_impressions"},
