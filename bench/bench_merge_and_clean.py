@@ -4,7 +4,7 @@
 
 Generates raw data with generate_data.py into --work (reused when its parameters
 match), runs merge_and_clean.py on it as a user would (LocalCluster defaults), and
-prints and saves (bench/results/merge_and_clean.json) the figures the README quotes.
+prints and saves (bench/results/merge_and_clean.json) the figures docs/benchmarks.md quotes.
 """
 
 import argparse

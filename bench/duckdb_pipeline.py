@@ -5,7 +5,7 @@
 
 Reads RAW/{impressions,clicks,add_to_carts,previous_orders}/ (JSON Lines, CSV, Parquet, any of them
 gzipped; names starting with '_' or '.' are skipped), applies the cleaning rules (docs/data.md,
-Cleaning) and the README's decisions for merge_and_clean.py, splits the impression days (docs/data.md,
+Cleaning) and docs/decisions.md's decisions for merge_and_clean.py, splits the impression days (docs/data.md,
 The split), builds every (customer, day)'s history (docs/data.md, The action stream and histories) and
 writes one row per kept shown item of a train/val/test day:
 
@@ -161,7 +161,7 @@ def prefix(field):
 
 
 def cleaned_rows(con, source, files):
-    """SQL of one source's kept rows (README, merge_and_clean.py: which rows are set aside), with
+    """SQL of one source's kept rows (docs/decisions.md, merge_and_clean.py: which rows are set aside), with
     file_index, row_index, each field parsed once as p_<field>, and f_impressions."""
     parsed, kept = [], []
     for f in FIELDS[source]:

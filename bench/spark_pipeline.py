@@ -8,7 +8,7 @@ window function over a join of impressions and actions", written with the DataFr
 API only (no Python UDFs; nothing from recpipe). It reads RAW as generate_data.py
 writes it (impressions/, clicks/, add_to_carts/, previous_orders/; JSON Lines, CSV and
 Parquet, optionally .gz; names starting with '_' or '.' skipped), applies the
-cleaning rules (docs/data.md, Cleaning, with the README's decisions for merge_and_clean.py),
+cleaning rules (docs/data.md, Cleaning, with docs/decisions.md's decisions for merge_and_clean.py),
 the split and the history rule (docs/data.md), and writes one row per kept shown
 item of a train/val/test day to OUT/dt=YYYY-MM-DD/*.parquet:
 

@@ -325,7 +325,7 @@ def _lock(folder, kind, action):
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                 os.close(fd)
                 raise
-            return fd  # a file system without flock (some network mounts): unlocked, as the README says
+            return fd  # a file system without flock (some network mounts): unlocked, as docs/operations.md says
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

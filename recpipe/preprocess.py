@@ -323,7 +323,7 @@ def _write_wide(examples, actions, action_types, key_rows, path, max_history):
     folders.make_parents(path)
     # Encoding the 2 x max_history values of every row is nearly all of this stage's time (py-spy, 10 M
     # actions: 81%). Dictionaries and min/max statistics on mostly-zero padding cost more than they save;
-    # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (README, Benchmarks).
+    # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (docs/benchmarks.md).
     example_columns = examples.schema.names
     with pq.ParquetWriter(path, schema, use_dictionary=example_columns, write_statistics=example_columns,
                           compression="zstd", compression_level=1) as writer:
