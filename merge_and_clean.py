@@ -13,7 +13,7 @@ Writes  --data/merged/ (default data/merged), atomically, with _stage.json:
 import argparse
 from pathlib import Path
 
-from recpipe import cluster, pipeline, stage
+from recpipe import cluster, pipeline, stage, summary
 from recpipe.cli import entrypoint
 from recpipe.merge import merge_and_clean
 from recpipe.raw import SOURCES, list_source_files
@@ -44,7 +44,7 @@ def main(argv=None):
         run.accounting = accounting
         run.extra["impression_days"] = impression_days
 
-    stage.print_summary(run.published)
+    summary.print_summary(run.published)
     print(f"rows set aside are in {Path(args.data) / 'merged' / '_quarantine'}/")
 
 

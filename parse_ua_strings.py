@@ -12,7 +12,7 @@ Each distinct user agent of a bucket is parsed once, with ua-parser's native res
 
 import argparse
 
-from recpipe import cluster, stage, user_agents
+from recpipe import cluster, stage, summary, user_agents
 from recpipe.cli import entrypoint
 
 
@@ -36,17 +36,17 @@ def main(argv=None):
         expected_rows = {table: described["rows"] for table, described in manifest["tables"].items()}
         with stage.publish(args.data, "cleaned", parameters, [repartitioned.entry()]) as run, \
                 cluster.connect(args) as client:
-            run.accounting, summary, group_sizes = user_agents.parse_ua_strings(
+            run.accounting, parsed, group_sizes = user_agents.parse_ua_strings(
                 client, repartitioned.path, run.path, row_group_mb, expected_rows)
-            run.extra["user_agents"] = summary
+            run.extra["user_agents"] = parsed
             if group_sizes:
                 run.extra["row_group_mib_in_memory"] = {"impressions": stage.size_stats(group_sizes)}
-            rate = f"{summary['parsed_per_second']:,}/s per core" if summary["parsed_per_second"] else "-"
-            print(f"user agents: {summary['distinct']:,} distinct strings parsed (once per bucket, "
-                  f"{summary['buckets']} buckets; {rate}); {summary['bots']:,} rows flagged as bots, "
-                  f"{summary['missing']:,} rows without a user agent")
+            rate = f"{parsed['parsed_per_second']:,}/s per core" if parsed["parsed_per_second"] else "-"
+            print(f"user agents: {parsed['distinct']:,} distinct strings parsed (once per bucket, "
+                  f"{parsed['buckets']} buckets; {rate}); {parsed['bots']:,} rows flagged as bots, "
+                  f"{parsed['missing']:,} rows without a user agent")
 
-    stage.print_summary(run.published)
+    summary.print_summary(run.published)
 
 
 if __name__ == "__main__":

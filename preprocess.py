@@ -16,7 +16,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from recpipe import cluster, encoders, folders, pipeline, stage
+from recpipe import cluster, encoders, folders, pipeline, stage, summary
 from recpipe.cli import OutputError, UserError, entrypoint
 from recpipe.preprocess import preprocess
 
@@ -56,7 +56,7 @@ def main(argv=None):
             run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
         replace_preprocessors(Path(args.data) / "processed" / "_preprocessors", target, args.data)
 
-    stage.print_summary(run.published)
+    summary.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
           f"sampled train rows, saved in {target}/")
     print(f"{parameters['layout']} layout: {run.published['history_entries_per_example']} history entries stored per "

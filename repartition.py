@@ -11,7 +11,7 @@ A customer's bucket is splitmix64(customer_id) % --buckets: the same on every ru
 
 import argparse
 
-from recpipe import cluster, pipeline, stage
+from recpipe import cluster, pipeline, stage, summary
 from recpipe.cli import entrypoint
 from recpipe.repartition import BUCKET_HASH, repartition
 
@@ -36,7 +36,7 @@ def main(argv=None):
         run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
                                                 for table, sizes in group_sizes.items() if sizes}
 
-    stage.print_summary(run.published)
+    summary.print_summary(run.published)
 
 
 if __name__ == "__main__":

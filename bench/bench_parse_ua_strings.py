@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import ua_parser  # noqa: E402
 
-from recpipe import schemas, stage, synthetic, user_agents  # noqa: E402
+from recpipe import schemas, stage, synthetic, tables, user_agents  # noqa: E402
 from recpipe.repartition import BUCKET_HASH, bucket_of, bucket_name  # noqa: E402
 
 ITEMS_PER_RANKING = 10
@@ -107,7 +107,7 @@ def fabricate(data_dir, rows, buckets, customers, action_rows, seed):
                 "position": (np.arange(n) % ITEMS_PER_RANKING).astype(np.int32),
                 "split": pa.array(["train"] * n),
             }, schema=schemas.IMPRESSIONS)
-            stage.write_sized(impressions, run.path / "impressions" / bucket_name(number), schemas.IMPRESSIONS, 64)
+            tables.write_sized(impressions, run.path / "impressions" / bucket_name(number), schemas.IMPRESSIONS, 64)
             written += int(n)
             m = action_rows // buckets
             actions = pa.table({
@@ -117,7 +117,7 @@ def fabricate(data_dir, rows, buckets, customers, action_rows, seed):
                 "occurred_at": pa.array(rng.integers(1_700_000_000, 1_711_000_000, m) * 1_000_000).cast(
                     schemas.TIMESTAMP),
             }, schema=schemas.ACTIONS)
-            stage.write_sized(actions, run.path / "actions" / bucket_name(number), schemas.ACTIONS, 64)
+            tables.write_sized(actions, run.path / "actions" / bucket_name(number), schemas.ACTIONS, 64)
         run.accounting = {"impressions": {"rows_in": written, "kept": written},
                           "actions": {"rows_in": m * buckets, "kept": m * buckets}}
         run.extra["fabricated_by"] = {"script": "bench/bench_parse_ua_strings.py", "pool": len(pool)}

@@ -2,7 +2,7 @@
 and histories, The split).
 
 Input is RawRows from raw.py (object columns of plain Python values); output is
-typed frames ready for stage.write_table, plus the quarantined rows with their
+typed frames ready for tables.write_table, plus the quarantined rows with their
 reason. All rules are evaluated on whole columns.
 
 When a row has several problems it is set aside for the first one in this order:

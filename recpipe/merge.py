@@ -35,7 +35,7 @@ from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, 
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.raw import SOURCES, byte_ranges, can_split, count_rows, file_format, read_block, read_rows
-from recpipe.stage import write_table
+from recpipe.tables import write_table
 
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
 # the first pass's writing, and saved nothing.

@@ -38,7 +38,7 @@ from recpipe.encoders import CategoryEncoder, StandardScaler
 from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, history_windows,
                                padded, timelines, window_indices)
 from recpipe.repartition import splitmix64
-from recpipe.stage import read_parts
+from recpipe.tables import read_parts
 
 SPLITS = ("train", "val", "test")
 # Categorical feature -> the cleaned impressions column it encodes (docs/data.md, Features).

@@ -12,7 +12,7 @@ bucket is a range of row groups that Parquet statistics on `dt` can skip to.
 
 Two passes, the same shuffle through disk as merge_and_clean: one task per merged
 file cuts it by bucket into a scratch folder; one task per (table, bucket) gathers
-its pieces, sorts them with PyArrow and writes them with stage.write_sized.
+its pieces, sorts them with PyArrow and writes them with tables.write_sized.
 """
 
 import shutil
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from recpipe import folders, schemas
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.stage import write_sized
+from recpipe.tables import write_sized
 
 TABLES = {
     "actions": (schemas.ACTIONS, [("customer_id", "ascending"), ("occurred_at", "ascending"),

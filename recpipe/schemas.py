@@ -1,6 +1,6 @@
 """The explicit PyArrow schema of every table a stage writes.
 
-Writing with these (stage.write_table) instead of letting pandas infer keeps every
+Writing with these (tables.write_table) instead of letting pandas infer keeps every
 file of a table identical in type, whatever its partition happened to contain.
 """
 

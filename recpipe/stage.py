@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recpipe import folders
@@ -330,68 +329,6 @@ def check_accounting(accounting):
             )
 
 
-def write_table(frame, path, schema, row_group_size=None, **options):
-    """Write a pandas frame as Parquet with exactly `schema`: no inferred or object dtypes reach disk.
-
-    Casting here fails loudly on a column of the wrong type instead of writing a file
-    whose types differ from its neighbours' (what breaks Dask reads and shuffles later).
-    `options` go to pyarrow.parquet.write_table.
-    """
-    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    folders.make_parents(path)
-    pq.write_table(table, path, row_group_size=row_group_size, **options)
-    return table.num_rows
-
-
-def write_sized(table, directory, schema, row_group_mb, basename="part"):
-    """Write an Arrow table with PyArrow's dataset writer: row groups near `row_group_mb` of
-    uncompressed data, files of whole row groups (at most 16), rows in their given order.
-    Returns the in-memory size in bytes of each row group written.
-
-    "Uncompressed" means as a reader holds it in memory (Arrow), which is what bounds a
-    Dask worker; Parquet's own "uncompressed" size is after dictionary and run-length
-    encoding, often several times smaller.
-    """
-    table = table.cast(schema)
-    directory = Path(directory)
-    folders.make_parents(directory / "part")
-    if table.num_rows == 0:  # the dataset writer writes no file for no rows; keep the folder readable
-        pq.write_table(table, directory / f"{basename}-00000.parquet")
-        return []
-    bytes_per_row = max(1.0, table.nbytes / table.num_rows)
-    rows_per_group = max(1, int(row_group_mb * 2**20 / bytes_per_row))
-    ds.write_dataset(
-        table, directory, format="parquet", basename_template=f"{basename}-{{i}}.unnumbered",
-        min_rows_per_group=rows_per_group, max_rows_per_group=rows_per_group,
-        max_rows_per_file=16 * rows_per_group, preserve_order=True,
-        existing_data_behavior="overwrite_or_ignore", create_dir=False,  # made above, inside its staging folder
-    )
-    # pyarrow numbers files 0, 1, … 10 unpadded; padded names sort in write order (part-2 before part-10).
-    for written in directory.glob(f"{basename}-*.unnumbered"):
-        number = int(written.name[len(basename) + 1:-len(".unnumbered")])
-        written.rename(directory / f"{basename}-{number:05d}.parquet")
-    return [table.slice(start, rows_per_group).nbytes for start in range(0, table.num_rows, rows_per_group)]
-
-
-def read_parts(directory, schema, columns=None):
-    """Every Parquet file of a folder, in name order (write order), as one table of exactly `schema`
-    (or of its `columns` only: Parquet then reads nothing else).
-
-    A missing or empty folder is an empty table: a bucket may have no rows of a table.
-    """
-    if columns is not None:
-        schema = pa.schema([schema.field(name) for name in columns])
-    files = sorted(path for path in Path(directory).glob("*.parquet") if not path.name.startswith((".", "_")))
-    tables = []
-    for path in files:
-        try:
-            tables.append(pq.read_table(path, schema=schema, columns=schema.names))
-        except (OSError, pa.ArrowException) as error:
-            raise UserError(f"{path}: not a readable table of {', '.join(schema.names)} ({error}); "
-                            "run the stage that wrote it again") from None
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
 def size_stats(sizes):
     """min / median / max in MiB, and how many, of a list of sizes in bytes."""
     sizes = [size / 2**20 for size in sizes]
@@ -479,29 +416,3 @@ def _sha256_file(path):
         while chunk := f.read(8 * 2**20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def print_summary(manifest):
-    """The closing one-screen summary: rows in / out / set aside by reason, bytes, seconds."""
-    print(f"\n{manifest['script']} -> {manifest['stage']}/ done in {manifest['seconds']:.1f}s")
-    accounting = manifest["accounting"]
-    if accounting:
-        print(f"  {'rows of':<28}{'in':>12}{'kept':>12}{'set aside':>12}{'dup dropped':>13}")
-        for source, counts in accounting.items():
-            set_aside = sum(counts.get("set_aside", {}).values())
-            print(f"  {source:<28}{counts['rows_in']:>12,}{counts['kept']:>12,}{set_aside:>12,}"
-                  f"{counts.get('duplicates_dropped', 0):>13,}")
-            for reason, count in sorted(counts.get("set_aside", {}).items()):
-                print(f"  {'':<28}{'':>12}{'':>12}{count:>12,}  {reason}")
-            if counts.get("exact_duplicates_kept"):
-                print(f"  {'':<28}exact duplicates kept (repeated actions are signal): "
-                      f"{counts['exact_duplicates_kept']:,}")
-    total_bytes = 0
-    for table, described in manifest["tables"].items():
-        total_bytes += described["bytes"]
-        print(f"  wrote {table:<26}{described['rows']:>12,} rows {described['files']:>6} files "
-              f"{described['bytes'] / 2**20:>10.1f} MiB")
-    for table, groups in manifest.get("row_group_mib_in_memory", {}).items():
-        print(f"  {table} row groups in memory: {groups['min']:.1f} / {groups['median']:.1f} / {groups['max']:.1f} MiB "
-              f"(min / median / max of {groups['count']})")
-    print(f"  {total_bytes / 2**20:.1f} MiB written in {manifest['seconds']:.1f}s", flush=True)

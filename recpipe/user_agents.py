@@ -36,7 +36,7 @@ import ua_parser
 from recpipe import folders, schemas
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.stage import read_parts, write_sized
+from recpipe.tables import read_parts, write_sized
 
 FIELDS = [name for name, _ in schemas.USER_AGENT_FIELDS]
 TYPES = dict(schemas.USER_AGENT_FIELDS)

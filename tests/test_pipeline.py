@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script, temporary_folder
-from recpipe import pipeline, stage
+from recpipe import pipeline, stage, tables
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
 
@@ -36,7 +36,7 @@ def make_stage(data, name, rows, parameters=None, raw=None):
     else:
         inputs = [stage.open_stage(data, pipeline.STAGES[pipeline.STAGES.index(name) - 1]).entry()]
     with stage.publish(data, name, parameters or DEFAULTS[name], inputs) as run:
-        stage.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "table" / "part.parquet", SCHEMA)
+        tables.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "table" / "part.parquet", SCHEMA)
     return run.published
 
 

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import run_script
-from recpipe import schemas
+from recpipe import schemas, stage, tables
 from recpipe.repartition import bucket_of
-from recpipe.stage import read_parts, write_sized
+from recpipe.tables import read_parts, write_sized
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
 
@@ -97,12 +97,11 @@ def test_repartition_refuses_when_merged_is_missing(tmp_path):
 
 
 def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(tmp_path):
-    from recpipe import stage
     data = tmp_path / "data"
     with stage.publish(data, "merged", {}, []) as run:
         for table in ("actions", "impressions"):
-            stage.write_table(getattr(schemas, table.upper()).empty_table().to_pandas(),
-                              run.path / table / "part-0.parquet", getattr(schemas, table.upper()))
+            tables.write_table(getattr(schemas, table.upper()).empty_table().to_pandas(),
+                               run.path / table / "part-0.parquet", getattr(schemas, table.upper()))
     run_script("repartition.py", "--data", data, *CLUSTER)
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
     assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0}, "impressions": {"rows_in": 0, "kept": 0}}

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import BREAKAGES, DEAD_PID, break_stage, broken_stage_line, listing, one_line, run_main, temporary_folder
-from recpipe import stage
+from recpipe import stage, tables
 from recpipe.cli import UserError
 
 SCHEMA = pa.schema([("customer_id", pa.int64())])
@@ -16,7 +16,7 @@ SCHEMA = pa.schema([("customer_id", pa.int64())])
 
 def publish_rows(data_dir, n, parameters=None):
     with stage.publish(data_dir, "merged", parameters or {}, []) as run:
-        stage.write_table(pd.DataFrame({"customer_id": range(n)}), run.path / "actions" / "part.parquet", SCHEMA)
+        tables.write_table(pd.DataFrame({"customer_id": range(n)}), run.path / "actions" / "part.parquet", SCHEMA)
         run.accounting = {"clicks": {"rows_in": n, "kept": n}}
     return run
 
@@ -35,7 +35,7 @@ def test_stage_failure_leaves_previous_output(tmp_path):
     publish_rows(tmp_path, 3)
     with pytest.raises(ValueError):
         with stage.publish(tmp_path, "merged", {}, []) as run:
-            stage.write_table(pd.DataFrame({"customer_id": [1]}), run.path / "actions" / "part.parquet", SCHEMA)
+            tables.write_table(pd.DataFrame({"customer_id": [1]}), run.path / "actions" / "part.parquet", SCHEMA)
             raise ValueError("boom")
     assert stage.read_manifest(tmp_path / "merged")["tables"]["actions"]["rows"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
@@ -66,27 +66,27 @@ def test_stage_removes_staging_left_by_a_killed_run_and_nothing_without_its_mark
 
 def test_stage_write_table_refuses_a_column_of_the_wrong_type(tmp_path):
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
-        stage.write_table(pd.DataFrame({"customer_id": ["abc"]}), tmp_path / "t.parquet", SCHEMA)
+        tables.write_table(pd.DataFrame({"customer_id": ["abc"]}), tmp_path / "t.parquet", SCHEMA)
 
 
 def test_stage_write_sized_files_read_back_in_write_order(tmp_path):
     table = pa.table({"customer_id": list(range(4000))})
-    stage.write_sized(table, tmp_path / "t", table.schema, row_group_mb=0.0001)  # 13 rows a group, 16 a file
+    tables.write_sized(table, tmp_path / "t", table.schema, row_group_mb=0.0001)  # 13 rows a group, 16 a file
     names = sorted(p.name for p in (tmp_path / "t").glob("*.parquet"))
     assert len(names) > 10 and names[:2] == ["part-00000.parquet", "part-00001.parquet"]
-    assert stage.read_parts(tmp_path / "t", table.schema).equals(table)
+    assert tables.read_parts(tmp_path / "t", table.schema).equals(table)
 
 
 def test_stage_write_sized_keeps_an_empty_table_as_an_empty_file(tmp_path):
-    stage.write_sized(SCHEMA.empty_table(), tmp_path / "t", SCHEMA, row_group_mb=64)
-    assert stage.read_parts(tmp_path / "t", SCHEMA).num_rows == 0
+    tables.write_sized(SCHEMA.empty_table(), tmp_path / "t", SCHEMA, row_group_mb=64)
+    assert tables.read_parts(tmp_path / "t", SCHEMA).num_rows == 0
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["part-00000.parquet"]
 
 
 def test_stage_read_parts_names_an_unreadable_file(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(UserError, match="part-00000.parquet: not a readable table"):
-        stage.read_parts(tmp_path, SCHEMA)
+        tables.read_parts(tmp_path, SCHEMA)
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -113,13 +113,13 @@ def test_stage_read_manifest_names_a_broken_manifest_and_the_fix(tmp_path, text,
 def test_stage_damage_names_missing_changed_and_unlisted_files(tmp_path):
     with stage.publish(tmp_path, "merged", {}, []) as run:
         for name in ("a", "b", "c"):
-            stage.write_table(pd.DataFrame({"customer_id": range(3)}), run.path / "actions" / f"{name}.parquet", SCHEMA)
+            tables.write_table(pd.DataFrame({"customer_id": range(3)}), run.path / "actions" / f"{name}.parquet", SCHEMA)
     folder = tmp_path / "merged"
     manifest = stage.read_manifest(folder)
     assert stage.damage(folder, manifest) is None and stage.damage(folder, manifest, full=True) is None
     assert manifest["files"]["actions/a.parquet"]["rows"] == 3
     (folder / "actions" / "a.parquet").unlink()
-    stage.write_table(pd.DataFrame({"customer_id": range(4)}), folder / "actions" / "b.parquet", SCHEMA)
+    tables.write_table(pd.DataFrame({"customer_id": range(4)}), folder / "actions" / "b.parquet", SCHEMA)
     (folder / "notes.txt").write_text("mine")
     assert stage.damage(folder, manifest) == ("1 file missing: actions/a.parquet; 1 file changed (size or rows): "
                                               "actions/b.parquet; 1 file not written by the stage: notes.txt")

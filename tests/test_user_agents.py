@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GOOD_UA, run_script
-from recpipe import schemas, stage, user_agents
+from recpipe import schemas, stage, tables, user_agents
 from recpipe.cli import UserError
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
@@ -125,11 +125,11 @@ def fabricate_repartitioned(data_dir):
             name = f"bucket={bucket:05d}"
             table = impressions([AGENTS[i] for i in rng.integers(0, len(AGENTS), n)])
             table = table.set_column(1, "ranking_id", pa.array([f"{name}-r{i:05d}" for i in range(n)]))
-            stage.write_sized(table, run.path / "impressions" / name, schemas.IMPRESSIONS, ROW_GROUP_MB)
+            tables.write_sized(table, run.path / "impressions" / name, schemas.IMPRESSIONS, ROW_GROUP_MB)
             actions = pa.table({"customer_id": rng.integers(1, 50, 200), "item_id": rng.integers(1, 999, 200),
                                 "action_type": pa.array(rng.integers(1, 4, 200), pa.int8()),
                                 "occurred_at": pa.array(rng.integers(0, 10**15, 200)).cast(schemas.TIMESTAMP)})
-            stage.write_sized(actions, run.path / "actions" / name, schemas.ACTIONS, ROW_GROUP_MB)
+            tables.write_sized(actions, run.path / "actions" / name, schemas.ACTIONS, ROW_GROUP_MB)
             written[name] = table
         rows = sum(table.num_rows for table in written.values())
         run.accounting = {"impressions": {"rows_in": rows, "kept": rows},
