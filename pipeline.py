@@ -22,7 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from recpipe import cluster, pipeline, stage
+from recpipe import cli, cluster, pipeline, stage
 from recpipe.cli import UserError, entrypoint
 
 
@@ -74,7 +74,7 @@ def stage_arguments(args, states, name):
     arguments += pipeline.parameter_flags(pipeline.parameters_to_run(states, name, asked))
     for flag in ("scheduler", "workers", "memory_limit"):
         if getattr(args, flag) is not None:
-            arguments += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+            arguments += [cli.flag(flag), str(getattr(args, flag))]
     return arguments + ["--threads-per-worker", str(args.threads_per_worker)]
 
 

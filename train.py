@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from recpipe import encoders, folders, stage
+from recpipe import cli, encoders, folders, stage
 from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader
 from recpipe.model import Recommender
@@ -75,7 +75,7 @@ def parse_args(argv=None):
                                                      "with --resume, the checkpoint's folder)")
     parser.add_argument("--resume", default=None, help="the checkpoint.pt of a run folder, to continue that run")
     for name, (default, words) in config.items():
-        flag = "--" + name.replace("_", "-")
+        flag = cli.flag(name)
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=words)
         else:

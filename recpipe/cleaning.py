@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recpipe.raw import FIELDS
-from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
+from recpipe.schemas import ADD_TO_CART, CLICK, ORDER, QUARANTINE, US_PER_DAY
 
 INT64_MAX = 2**63 - 1
 # Dates and times must lie in years 1 … 9999, the range every downstream tool (Python's datetime) can hold.
@@ -37,7 +37,6 @@ ACTION_SOURCES = {
     "previous_orders": (ORDER, "config_id", "order_date"),  # midnight UTC of the order's date
 }
 DUPLICATE_KEY = ["dt", "ranking_id", "customer_id", "item_id", "position"]
-QUARANTINE_COLUMNS = ["source_file", "row", "reason", "raw"]
 
 
 def strip_text(values):
@@ -228,7 +227,7 @@ def validate(frame, source):
 
 def quarantine(source_file, rows, reasons, raw):
     return pd.DataFrame({"source_file": source_file, "row": np.asarray(rows, dtype=np.int64),
-                         "reason": list(reasons), "raw": list(raw)}, columns=QUARANTINE_COLUMNS)
+                         "reason": list(reasons), "raw": list(raw)}, columns=QUARANTINE.names)
 
 
 def _raw_text(frame, source):
@@ -327,7 +326,7 @@ def drop_duplicate_impressions(shown):
     return shown[~duplicated].reset_index(drop=True), int(duplicated.sum())
 
 
-def split_days(days, test_days=1, val_days=1, train_days=14):
+def split_days(days, test_days, val_days, train_days):
     """Map each impression day to 'test', 'val', 'train' or 'unused' (docs/data.md, The split).
 
     The windows are calendar days counted back from the latest impression day, so a
@@ -357,7 +356,6 @@ def split_days(days, test_days=1, val_days=1, train_days=14):
 PYTHON_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
                      "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _YEARS = (1678, 2261)
-US_PER_DAY = 86_400_000_000
 
 
 def _array(column):

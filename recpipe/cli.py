@@ -32,6 +32,11 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def flag(name):
+    """The command-line flag of a parameter or option name: max_history -> --max-history."""
+    return "--" + name.replace("_", "-")
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing input, unreadable source).
 

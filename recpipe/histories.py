@@ -25,9 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
+from recpipe.schemas import ADD_TO_CART, CLICK, ORDER, US_PER_DAY
 
-US_PER_DAY = 86_400 * 10**6
 COUNT_WINDOWS = (7, 30)
 ACTION_NAMES = {CLICK: "clicks", ADD_TO_CART: "atc", ORDER: "orders"}
 # In the order preprocess writes them (docs/data.md, Features).
@@ -53,7 +52,7 @@ class Windows:
         self.__dict__.update(fields)
 
 
-def history_windows(actions, keys, lookback_days=365, max_history=1000):
+def history_windows(actions, keys, lookback_days, max_history):
     """The history rule and the activity features for every (customer_id, dt) in `keys`.
 
     actions: DataFrame customer_id int64, item_id int64, action_type int8, occurred_at
@@ -105,7 +104,7 @@ def history_windows(actions, keys, lookback_days=365, max_history=1000):
                    item_id=actions["item_id"].to_numpy(np.int64))
 
 
-def compute_histories(actions, keys, lookback_days=365, max_history=1000):
+def compute_histories(actions, keys, lookback_days, max_history):
     """Histories and activity features for every (customer_id, dt) in `keys` (see history_windows).
 
     Returns an Arrow table, one row per key in the keys' order: customer_id, dt, the

@@ -25,7 +25,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from recpipe import encoders, folders, stage
+from recpipe import cli, encoders, folders, stage
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES, list_source_files
 
@@ -48,7 +48,7 @@ class Parameter:
 
     @property
     def flag(self):
-        return "--" + self.name.replace("_", "-")
+        return cli.flag(self.name)
 
     def parse(self, text):
         try:
@@ -129,7 +129,7 @@ def parameters_to_run(states, name, asked):
 
 def parameter_flags(parameters):
     """Parameters back as command-line flags, to run a stage's script with them."""
-    return [text for name, value in parameters.items() for text in ("--" + name.replace("_", "-"), str(value))]
+    return [text for name, value in parameters.items() for text in (cli.flag(name), str(value))]
 
 
 @dataclasses.dataclass
@@ -223,7 +223,7 @@ def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
     recorded = manifest.get("parameters", {})
     for name, value in asked.items():
         if recorded.get(name) != value:
-            flag = "--" + name.replace("_", "-")
+            flag = cli.flag(name)
             reasons.append(f"made with {flag} {recorded.get(name)}, asked {flag} {value}")
     return reasons
 

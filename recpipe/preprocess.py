@@ -33,9 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recpipe import encoders, folders, schemas
+from recpipe.schemas import US_PER_DAY
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
-from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, US_PER_DAY, compute_histories, history_windows,
+from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, compute_histories, history_windows,
                                padded, timelines, window_indices)
 from recpipe.repartition import splitmix64
 from recpipe.tables import read_parts

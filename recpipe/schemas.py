@@ -7,6 +7,7 @@ file of a table identical in type, whatever its partition happened to contain.
 import pyarrow as pa
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+US_PER_DAY = 86_400 * 10**6  # a day in TIMESTAMP's unit
 
 # Action types of the canonical stream (docs/data.md, The action stream and histories).
 CLICK, ADD_TO_CART, ORDER = 1, 2, 3

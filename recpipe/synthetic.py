@@ -62,11 +62,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recpipe import folders
+from recpipe.repartition import splitmix64
+from recpipe.schemas import ADD_TO_CART, CLICK, ORDER, US_PER_DAY
 
 FIRST_IMPRESSION_DAY = np.datetime64("2024-03-01", "D")
 DAYS_BEFORE = 28  # action days before the first impression day
 SIGNAL_DAYS = 14
-US_PER_DAY = 86_400 * 10**6
 
 ZIPF_EXPONENT = 1.1
 ACTIVITY_SIGMA = 1.5
@@ -226,15 +227,17 @@ class _World:
 
 
 def _actions(rng, world):
-    """Every click, add-to-cart and order: customer_id, item_id, action_type (1, 2, 3), day, time_us (UTC)."""
+    """Every click, add-to-cart and order: customer_id, item_id, action_type (CLICK, ADD_TO_CART, ORDER), day,
+    time_us (UTC)."""
     per_customer = rng.poisson(world.activity)
     customer = np.repeat(np.arange(1, world.customers + 1, dtype=np.int64), per_customer)
     n = len(customer)
     item = world.popular_items(rng, n)
     favourite = rng.random(n) < FAVOURITE_P
     item[favourite] = world.favourites[customer[favourite] - 1, rng.integers(FAVOURITES, size=int(favourite.sum()))]
-    action_type = (np.searchsorted(np.cumsum(ACTION_MIX), rng.random(n) * sum(ACTION_MIX), side="right") + 1)
-    action_type = np.minimum(action_type, 3).astype(np.int8)
+    # ACTION_MIX weighs CLICK, ADD_TO_CART and ORDER, whose codes are 1, 2, 3: the index drawn, plus one.
+    action_type = (np.searchsorted(np.cumsum(ACTION_MIX), rng.random(n) * sum(ACTION_MIX), side="right") + CLICK)
+    action_type = np.minimum(action_type, ORDER).astype(np.int8)
     day = world.first_action_day + rng.integers(0, world.action_days, n)
     # Shopping peaks in the evening; a fifth of the traffic is spread over the whole day.
     evening = (rng.normal(19.5 * 3600, 4 * 3600, n) % 86_400) * 1e6
@@ -263,7 +266,7 @@ def _rankings(rng, world, actions):
     owner = np.repeat(np.arange(n), length)
     shown_customer, shown_day = customer[owner], day[owner]
     # Each customer's clicks and carts, sorted by (customer, day): a window is one searchsorted away.
-    engaged = actions["action_type"] <= 2
+    engaged = np.isin(actions["action_type"], [CLICK, ADD_TO_CART])
     by_customer_day = actions["customer_id"][engaged] * (world.first_action_day + world.action_days) \
         + actions["day"][engaged]
     sort = np.argsort(by_customer_day, kind="stable")
@@ -516,10 +519,9 @@ def _ranking_ids(rng, n):
 
 def _session_ids(customer_id, day):
     """16 hex digits that are the same for one customer's day (a splitmix64 hash, no random draws)."""
-    x = (customer_id.astype(np.uint64) * np.uint64(1_000_003) + day.astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        x = splitmix64((customer_id.astype(np.uint64) * np.uint64(1_000_003) + day.astype(np.uint64))
+                       * np.uint64(0x9E3779B97F4A7C15))
     nibbles = (x[:, None] >> (np.uint64(4) * np.arange(15, -1, -1, dtype=np.uint64))) & np.uint64(15)
     return _strings(_HEX[nibbles.astype(np.uint8)])
 
@@ -837,7 +839,7 @@ class _Actions(_Source):
 
 class _Clicks(_Actions):
     name = "clicks"
-    action_type = 1
+    action_type = CLICK
 
     def _set_files(self, world):
         self.file_formats = ["jsonl"] * world.action_days
@@ -877,7 +879,7 @@ class _Clicks(_Actions):
 
 class _AddToCarts(_Actions):
     name = "add_to_carts"
-    action_type = 2
+    action_type = ADD_TO_CART
     columns = ["dt", "customer_id", "config_id", "simple_id", "occur_at"]
 
     def _set_files(self, world):
@@ -920,7 +922,7 @@ class _PreviousOrders(_Source):
     name = "previous_orders"
 
     def __init__(self, rng, world, actions, rankings, shown):
-        ordered = actions["action_type"] == 3
+        ordered = actions["action_type"] == ORDER
         shown_ordered = shown["is_order"]
         day = np.concatenate([actions["day"][ordered], rankings["day"][shown["owner"]][shown_ordered]])
         customer = np.concatenate([actions["customer_id"][ordered],

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from recpipe import folders
+from recpipe import cli, folders
 from recpipe.cli import UserError
 
 CHECKPOINT, CONFIG, METRICS, TRAIN_LOSS, FINAL, CURVES = (
@@ -442,7 +442,7 @@ def changed_model_flags(checkpoint, asked):
 
 
 def _flag(name, value):
-    flag = "--" + name.replace("_", "-")
+    flag = cli.flag(name)
     if isinstance(value, bool):
         return flag if value else f"no {flag}"
     return f"{flag} {value}"

@@ -19,9 +19,10 @@ def actions_frame(*rows):
     return frame.sort_values(["customer_id", "occurred_at", "action_type", "item_id"], ignore_index=True)
 
 
-def histories_of(actions, keys, **kwargs):
+def histories_of(actions, keys, lookback_days=365, max_history=1000):
+    """compute_histories at literal parameters (preprocess.py's defaults unless a test says otherwise)."""
     keys = pd.DataFrame(keys, columns=["customer_id", "dt"])
-    return compute_histories(actions, keys, **kwargs).to_pandas()
+    return compute_histories(actions, keys, lookback_days, max_history).to_pandas()
 
 
 def test_histories_exclude_midnight_of_d_and_include_midnight_of_d_minus_lookback():
