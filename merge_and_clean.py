@@ -16,7 +16,7 @@ from pathlib import Path
 from recpipe import cluster, pipeline, stage, summary
 from recpipe.cli import entrypoint
 from recpipe.merge import merge_and_clean
-from recpipe.raw import SOURCES, list_source_files
+from recpipe.raw import list_raw_files
 
 
 def parse_args(argv=None):
@@ -31,7 +31,7 @@ def parse_args(argv=None):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
-    raw_files = {source: list_source_files(args.raw, source) for source in SOURCES}
+    raw_files = list_raw_files(args.raw)
     parameters = pipeline.asked_parameters(args, "merged")
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 

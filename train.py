@@ -28,7 +28,7 @@ import torch
 
 from recpipe import cli, encoders, folders, stage
 from recpipe.cli import UserError, entrypoint
-from recpipe.loader import Prepare, ProcessedDataset, Timelines, make_loader
+from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
 from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Progress, append_jsonl, bce,
                                check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
@@ -135,7 +135,7 @@ def main(argv=None):
         max_history = min(args.max_history or made_with, made_with)
         categorical = [name for name in fit["categorical"] if name != "cat_item"]
         # The timeline layout: every customer's actions, loaded once, and kept on the model's device.
-        timelines = Timelines.load(processed) if manifest["parameters"].get("layout") == "timeline" else None
+        timelines = Timelines.load(processed) if layout_of(processed) == "timeline" else None
 
         def dataset(split, empty_histories=args.empty_histories):
             return ProcessedDataset(processed.path, split, batch_size=args.batch_size, max_history=max_history,

@@ -123,8 +123,8 @@ class ProcessedDataset(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.empty_histories = empty_histories
         checked = checked or stage.open_stage(None, "processed", stage_dir=self.processed_dir)
-        manifest, self._version = _manifest(checked)
-        self.layout = manifest["parameters"].get("layout", "compact")
+        manifest, self._version = checked.manifest, checked.manifest_sha256
+        self.layout = layout_of(checked)
         self.max_history = int(max_history or manifest["parameters"]["max_history"])
         self.days = _days(self.processed_dir, split, manifest, self.layout)  # [(date, example files, history files)]
         self._day_rows = [sum(_num_rows(path) for path in examples) for _, examples, _ in self.days]
@@ -326,13 +326,14 @@ class _Loader(DataLoader):
 
 # --- reading processed/ ---------------------------------------------------------------------------
 
-def _manifest(checked):
-    """processed/'s manifest (from a stage.StageInput: checked against the folder) and its digest."""
+def layout_of(checked):
+    """The layout of processed/ (a stage.StageInput: checked against the folder), one the loader reads; a
+    manifest older than the layouts is compact's."""
     layout = checked.manifest["parameters"].get("layout", "compact")
     if layout not in LAYOUTS:
         raise UserError(f"{checked.path}/ holds the {layout} layout; the loader reads the timeline and the compact "
                         "ones: run preprocess.py again without --layout")
-    return checked.manifest, checked.manifest_sha256
+    return layout
 
 
 def _days(processed_dir, split, manifest, layout):

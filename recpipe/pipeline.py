@@ -27,7 +27,7 @@ from pathlib import Path
 
 from recpipe import cli, encoders, folders, stage
 from recpipe.cli import UserError
-from recpipe.raw import SOURCES, list_source_files
+from recpipe.raw import list_raw_files
 
 STAGES = list(stage.SCRIPTS)  # merged, repartitioned, cleaned, processed: the order they run in
 FINAL = STAGES[-1]
@@ -155,7 +155,7 @@ class StageState:
 def raw_fingerprint(raw_dir):
     """(the raw files' fingerprint as merge_and_clean.py records it, None) or (None, why they cannot be listed)."""
     try:
-        files = [path for source in SOURCES for path in list_source_files(raw_dir, source)]
+        files = [path for files in list_raw_files(raw_dir).values() for path in files]
     except UserError as error:
         return None, str(error)
     return stage.raw_input(raw_dir, files)["fingerprint_sha256"], None

@@ -102,6 +102,11 @@ def list_source_files(raw_dir, source):
     return files
 
 
+def list_raw_files(raw_dir):
+    """{source: its data files, sorted} for every source under `raw_dir`; a UserError names an unusable one."""
+    return {source: list_source_files(raw_dir, source) for source in SOURCES}
+
+
 @dataclass
 class RawRows:
     """One raw file's rows: `frame` has `row` (1-based), `raw`, `malformed` and one object column per field."""
