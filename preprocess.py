@@ -46,7 +46,7 @@ def main(argv=None):
         with stage.publish(args.data, "processed", parameters, [cleaned.entry()]) as run, \
                 cluster.connect(args) as client:
             # Fitted into the stage first: processed/ keeps the copy it was made with.
-            fitted_dir = run.path / "_preprocessors"
+            fitted_dir = run.path / encoders.FITTED
             run.accounting, fit_record, rows_per_split, history_entries = preprocess(
                 client, cleaned.path, run.path, fitted_dir, parameters)
             run.extra["rows_per_split"] = rows_per_split
@@ -54,7 +54,7 @@ def main(argv=None):
             run.extra["history_entries_per_example"] = round(history_entries / examples, 2) if examples else None
             run.extra["sample_rows"] = fit_record["sample_rows"]
             run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
-        replace_preprocessors(Path(args.data) / "processed" / "_preprocessors", target, args.data)
+        replace_preprocessors(Path(args.data) / "processed" / encoders.FITTED, target, args.data)
 
     summary.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
@@ -75,7 +75,7 @@ def replace_preprocessors(fitted_dir, target, data_dir):
             folders.discard(staging)
         raise OutputError(
             f"{data_dir}/processed/ was published, but {target}/ could not be replaced ({error}); train.py "
-            f"refuses the old one. Copy {data_dir}/processed/_preprocessors/ to {target}/, or make room and run "
+            f"refuses the old one. Copy {data_dir}/processed/{encoders.FITTED}/ to {target}/, or make room and run "
             "`python pipeline.py run --from processed`") from None
 
 

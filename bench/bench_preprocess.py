@@ -64,7 +64,7 @@ def histories_agree(processed, duckdb_file):
                          ("action_types", pa.list_(pa.int8()))]))
         for split in ("train", "val", "test")]))
     theirs = sorted_by_key(ds.dataset(duckdb_file).to_table(columns=columns))
-    item_encoder = encoders.load(processed / "_preprocessors")[0]["cat_item"]
+    item_encoder = encoders.load(processed / encoders.FITTED)[0]["cat_item"]
 
     def flat(table, name):
         return pc.list_flatten(table.column(name)).to_numpy()

@@ -93,7 +93,7 @@ def day_histories(folder, item_encoder=None):
 
 def histories_agree(work):
     """Whether every system has the same days, rows per day, and history for every (day, customer)."""
-    item_encoder = encoders.load(work / "ours" / "processed" / "_preprocessors")[0]["cat_item"]
+    item_encoder = encoders.load(work / "ours" / "processed" / encoders.FITTED)[0]["cat_item"]
     days = {system: day_folders(system, work) for system in SYSTEMS}
     report = {"days": len(days["ours"]), "disagreements": []}
     if any(days[system].keys() != days["ours"].keys() for system in SYSTEMS):

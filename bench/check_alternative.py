@@ -80,7 +80,7 @@ def check(raw, out, data, max_history):
         FROM read_parquet('{processed}/*/histories/*/*.parquet', hive_partitioning = true,
                           hive_types = {{'dt': DATE}})
         ORDER BY customer_id, dt""").to_arrow_table()
-    item_encoder = encoders.load(processed / "_preprocessors")[0]["cat_item"]
+    item_encoder = encoders.load(processed / encoders.FITTED)[0]["cat_item"]
 
     def flat(table, name):
         return pc.list_flatten(table.column(name)).to_numpy()

@@ -20,6 +20,8 @@ from recpipe import folders
 from recpipe.cli import UserError
 
 MISSING, UNKNOWN = 0, 1
+# processed/ keeps the encoders and scaler it was made with in this folder; --preprocessors gets a copy.
+FITTED = "_preprocessors"
 
 
 class CategoryEncoder:
