@@ -388,11 +388,16 @@ def task_key(name):
     return f"{name}-{uuid.uuid4().hex}"
 
 
+# In a log, a long phase says it is alive this often; a short one prints only its closing line.
+LOG_PROGRESS_SECONDS = 30
+
+
 def wait_with_progress(futures, label):
     """Block until every future is done, showing progress; return their results in order.
 
-    On a terminal this is Dask's progress bar; in a log (CI, nohup) it prints a line
-    per tenth of the tasks, since a bar redrawn with carriage returns is unreadable there.
+    On a terminal this is Dask's progress bar; in a log (CI, nohup) it prints a line when
+    the phase ends and, while it runs, one every LOG_PROGRESS_SECONDS: a bar redrawn with
+    carriage returns is unreadable there, and a line per task buries everything else.
     """
     futures = list(futures)
     if not futures:
@@ -403,10 +408,12 @@ def wait_with_progress(futures, label):
         progress(futures)
         print()
     else:
-        step = max(1, len(futures) // 10)
+        said = started
         for done, _ in enumerate(as_completed(futures), start=1):
-            if done % step == 0 or done == len(futures):
-                print(f"{label}: {done}/{len(futures)} tasks done ({time.monotonic() - started:.1f}s)", flush=True)
+            now = time.monotonic()
+            if done == len(futures) or now - said >= LOG_PROGRESS_SECONDS:
+                print(f"{label}: {done}/{len(futures)} tasks done ({now - started:.1f}s)", flush=True)
+                said = now
     # Every task has ended before a failure is raised here: the stage then removes its
     # staging folder, and a task still running (one whose finished result was lost with a
     # dead worker is run again) would write into it again. Future.exception() waits for
