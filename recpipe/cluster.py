@@ -46,6 +46,9 @@ HANDSHAKE_TIMEOUT = 10
 # logs; it stays on this machine unless --dashboard-address opens it.
 DEFAULT_DASHBOARD = ("127.0.0.1", 8787)
 
+# The schedulers whose dashboard link this process has printed: each is said once.
+_ANNOUNCED = set()
+
 
 def add_arguments(parser):
     group = parser.add_argument_group("cluster")
@@ -177,9 +180,11 @@ def _start(args, stack):
     if args.scheduler:
         client = stack.enter_context(_join(args.scheduler))
         _ship_package(client)
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
-        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        if client.scheduler.address not in _ANNOUNCED:  # pipeline.py run: its stages join the cluster it started
+            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            print(f"Dask: joined scheduler {args.scheduler} ({workers} workers)")
+            print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+            _ANNOUNCED.add(client.scheduler.address)
         return client
 
     workers, memory_limit = local_cluster_size(args.workers, args.memory_limit)
@@ -211,6 +216,7 @@ def _start(args, stack):
     scheduler_log.addFilter(_not_reported_by_client)
     stack.callback(scheduler_log.removeFilter, _not_reported_by_client)
     client.register_plugin(QuietLocalWorkers())
+    _ANNOUNCED.add(client.scheduler.address)
     print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
           f"{memory_limit / 2**30:.1f} GiB each")
     if args.dashboard_address:  # it may be open to other machines: say so where the link is

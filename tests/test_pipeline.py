@@ -334,6 +334,7 @@ def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     # Re-running one stage with the same input and parameters changes nothing after it.
     rerun = run_script("pipeline.py", "run", "--from", "repartitioned", *where).stdout
     assert "=== repartitioned/ (asked with --from)" in rerun and "=== cleaned/" not in rerun
+    assert rerun.count("Dask dashboard: ") == 1 and "joined scheduler" not in rerun  # one cluster, said once
     assert stage.read_manifest(data / "repartitioned")["parameters"]["buckets"] == 3  # kept, not the default
 
     # Asking for another history length remakes processed/ alone.
@@ -371,7 +372,8 @@ def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(extern
     result = run_script("pipeline.py", "run", "--data", data, "--raw", cleaned_data / "raw",
                         "--preprocessors", tmp_path / "preprocessors", "--buckets", "3", "--max-history", "60",
                         "--scheduler", external_cluster.address)
-    assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 4
+    assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 1  # said once
+    assert result.stdout.count("Dask dashboard: ") == 1
     local = processed_data[0]
     for name in pipeline.STAGES:
         assert stage.read_manifest(data / name)["output_sha256"] == stage.read_manifest(local / name)["output_sha256"]
