@@ -33,7 +33,8 @@ def parse_args(argv=None):
     common.add_argument("--preprocessors", default="preprocessors", help="where preprocess.py saves encoders")
     for name in pipeline.STAGES:
         pipeline.add_parameters(common, name, defaults=False)
-    cluster.add_arguments(common)
+    computing = argparse.ArgumentParser(add_help=False)  # only `run` starts or joins a cluster
+    cluster.add_arguments(computing)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean}")
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     status.add_argument("--verify", action="store_true",
                         help="also hash every file of every stage and compare with its manifest's output_sha256 "
                              "(reads all of them; without it, names, sizes and row counts are checked)")
-    run = commands.add_parser("run", parents=[common], help="run the stages that are missing or stale, in order")
+    run = commands.add_parser("run", parents=[common, computing],
+                              help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=pipeline.STAGES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")

@@ -199,7 +199,7 @@ def inspect(data_dir, raw_dir, asked, verify=False):
         reasons = _stale_reasons(manifest, states, manifests, raw, raw_dir, asked.get(name, {}))
         state = "stale" if reasons else "complete"
         if not reasons and raw_problem and "raw" in manifest.get("lineage", {}):
-            state, reasons = "unchecked", [f"could not check the raw files it was made from: {raw_problem}"]
+            state, reasons = "unchecked", [f"the raw files it was made from could not be checked: {raw_problem}"]
         states.append(StageState(name, state, reasons, path, manifest, stage.folder_bytes(path)))
     return states
 
@@ -207,24 +207,25 @@ def inspect(data_dir, raw_dir, asked, verify=False):
 def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
     made_of = manifest.get("lineage")
     if made_of is None or not manifest.get("output_sha256"):
-        return ["made by an older version of the pipeline that recorded no fingerprints: run it again"]
+        return ["it was made by an older version of the pipeline that recorded no fingerprints: run it again."]
     reasons = []
     if "raw" in made_of and raw is not None and raw != made_of["raw"]["fingerprint_sha256"]:
-        reasons.append(f"the raw files under {raw_dir}/ changed (names, sizes or modification times) since")
+        reasons.append(f"the raw files under {raw_dir}/ changed (names, sizes or modification times) since it "
+                       "was made.")
     for earlier in earlier_states:
         # The first earlier stage that differs is the cause; every stage after it says the same.
         if earlier.state == "stale":
-            reasons.append(f"{earlier.name}/ is stale")
+            reasons.append(f"{earlier.name}/, which it was made from, is stale.")
             break
         if earlier.name in manifests and (manifests[earlier.name]["output_sha256"]
                                           != made_of.get(earlier.name, {}).get("output_sha256")):
-            reasons.append(f"{earlier.name}/ was re-run since, with a different result")
+            reasons.append(f"{earlier.name}/, which it was made from, was re-run since, with a different result.")
             break
     recorded = manifest.get("parameters", {})
     for name, value in asked.items():
         if recorded.get(name) != value:
             flag = cli.flag(name)
-            reasons.append(f"made with {flag} {recorded.get(name)}, asked {flag} {value}")
+            reasons.append(f"it was made with {flag} {recorded.get(name)}, and {flag} {value} was asked.")
     return reasons
 
 
@@ -328,10 +329,14 @@ def format_status(states, leftovers, preprocessors_line):
         lines.append(f"{state.name + '/':<16}{state.state:<14}{size:>13}  {finished:<18}{state.script}")
         if state.rows:
             lines.append(" " * 16 + "rows: " + ", ".join(f"{table} {rows:,}" for table, rows in state.rows.items()))
-        if state.manifest and "layout" in state.manifest["parameters"]:
-            entries = state.manifest.get("history_entries_per_example")
-            lines.append(" " * 16 + f"layout: {state.manifest['parameters']['layout']}"
-                         + (f", {entries:,} history entries stored per example" if entries is not None else ""))
+        made_with = {parameter.name: state.manifest["parameters"][parameter.name]
+                     for parameter in PARAMETERS.get(state.name, [])
+                     if state.manifest and parameter.name in state.manifest.get("parameters", {})}
+        if made_with:
+            lines.append(" " * 16 + "made with: " + " ".join(parameter_flags(made_with)))
+        if state.manifest and state.manifest.get("history_entries_per_example") is not None:
+            lines.append(" " * 16 + f"{state.manifest['history_entries_per_example']:,g} history entries stored "
+                         "per example")
         for reason in state.reasons:
             lines.append(" " * 16 + f"why: {reason}")
         if state.name in stages_to_run(states):

@@ -83,8 +83,8 @@ def test_pipeline_rerun_with_a_different_result_marks_every_later_stage_stale(ch
     make_stage(data, "merged", 4, raw=raw)
     states = states_of(data, raw)
     assert states["merged"].state == "complete"
-    assert states["repartitioned"].reasons == ["merged/ was re-run since, with a different result"]
-    assert states["cleaned"].reasons == ["merged/ was re-run since, with a different result"]
+    assert states["repartitioned"].reasons == ["merged/, which it was made from, was re-run since, with a different result."]
+    assert states["cleaned"].reasons == ["merged/, which it was made from, was re-run since, with a different result."]
     assert states["processed"].state == "stale"
     assert pipeline.stages_to_run(list(states.values())) == ["repartitioned", "cleaned", "processed"]
 
@@ -101,7 +101,7 @@ def test_pipeline_parameters_asked_differ_from_those_used_is_stale(chain):
     data, raw = chain
     states = states_of(data, raw, {"processed": {"max_history": 50}, "repartitioned": {"buckets": 16}})
     assert states["repartitioned"].state == "complete"  # asked what it was made with
-    assert states["processed"].reasons == ["made with --max-history 1000, asked --max-history 50"]
+    assert states["processed"].reasons == ["it was made with --max-history 1000, and --max-history 50 was asked."]
     assert pipeline.stages_to_run(list(states.values())) == ["processed"]
 
 
@@ -114,7 +114,7 @@ def test_pipeline_changed_raw_files_are_seen_after_merged_is_cleaned_away(chain)
     (raw / "clicks" / "more.jsonl").write_text("{}\n")
     states = states_of(data, raw)
     assert states["cleaned"].reasons == [
-        f"the raw files under {raw}/ changed (names, sizes or modification times) since"]
+        f"the raw files under {raw}/ changed (names, sizes or modification times) since it was made."]
     assert states["processed"].state == "stale"
     assert pipeline.stages_to_run(list(states.values())) == pipeline.STAGES
 
@@ -267,7 +267,7 @@ def test_pipeline_says_when_it_cannot_check_the_raw_files(chain, capsys, breakag
     assert run_main("pipeline.py", "status", "--data", data, "--raw", where) == 0
     out = capsys.readouterr().out
     assert list(printed_states(out).values()) == ["unchecked"] * 4
-    assert f"why: could not check the raw files it was made from: {problem}" in out
+    assert f"why: the raw files it was made from could not be checked: {problem}" in out
     assert run_main("pipeline.py", "run", "--data", data, "--raw", where) == 2
     assert one_line(capsys.readouterr().err).startswith(f"error: {problem}")
     assert listing(data.parent) == before
@@ -322,23 +322,26 @@ def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
     shutil.copytree(processed_data[0], data)
     shutil.copytree(processed_data[1], preprocessors)
-    where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", preprocessors, "--workers", "2"]
+    where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", preprocessors]
+    computing = [*where, "--workers", "2"]  # only `run` takes the cluster flags
 
     status = run_script("pipeline.py", "status", *where).stdout
     assert [line.split()[1] for line in status.splitlines() if line.endswith(".py") and "/" in line] == \
         ["complete"] * 4
+    assert "made with: --buckets 3 --row-group-mb 64.0" in status  # each stage's parameters
+    assert "--max-history 60" in status and "--layout timeline" in status
     assert "was fitted with processed/: train.py can run" in status
     assert "python pipeline.py clean merged" in status
-    assert "ran nothing" in run_script("pipeline.py", "run", *where).stdout
+    assert "ran nothing" in run_script("pipeline.py", "run", *computing).stdout
 
     # Re-running one stage with the same input and parameters changes nothing after it.
-    rerun = run_script("pipeline.py", "run", "--from", "repartitioned", *where).stdout
+    rerun = run_script("pipeline.py", "run", "--from", "repartitioned", *computing).stdout
     assert "=== repartitioned/ (asked with --from)" in rerun and "=== cleaned/" not in rerun
     assert rerun.count("Dask dashboard: ") == 1 and "joined scheduler" not in rerun  # one cluster, said once
     assert stage.read_manifest(data / "repartitioned")["parameters"]["buckets"] == 3  # kept, not the default
 
     # Asking for another history length remakes processed/ alone.
-    changed = run_script("pipeline.py", "run", "--max-history", "20", *where).stdout
+    changed = run_script("pipeline.py", "run", "--max-history", "20", *computing).stdout
     assert [line.split()[1] for line in changed.splitlines() if line.startswith("=== ") and "/ (" in line] == \
         ["processed/"]
     assert stage.read_manifest(data / "processed")["parameters"]["max_history"] == 20
@@ -357,7 +360,7 @@ def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     run_script("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, "--test-days", "2",
                "--workers", "2")
     states = {state.name: state for state in pipeline.inspect(data, cleaned_data / "raw", {})}
-    assert states["cleaned"].reasons == ["merged/ was re-run since, with a different result"]
+    assert states["cleaned"].reasons == ["merged/, which it was made from, was re-run since, with a different result."]
     assert states["processed"].state == "stale"
     refused = run_script("pipeline.py", "clean", "cleaned", *where, check=False)
     assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/ after it" in refused.stderr
