@@ -69,6 +69,8 @@ def replace_preprocessors(fitted_dir, target, data_dir):
     try:
         staging = folders.make_staging(target)
         shutil.copytree(fitted_dir, staging, dirs_exist_ok=True)
+        if (Path(target) / encoders.README_FILE).is_file():
+            shutil.copy2(Path(target) / encoders.README_FILE, staging / encoders.README_FILE)
         folders.replace(staging, target)
     except OSError as error:
         if staging is not None:

@@ -102,6 +102,7 @@ def _plain(value):
 
 
 ENCODERS_FILE, SCALER_FILE, FIT_FILE = "encoders.json", "scaler.json", "fit.json"
+README_FILE = "README.md"  # the repository's preprocessors/README.md: a person's, carried over
 
 
 def save(directory, encoders, scaler, fit_record):
@@ -115,9 +116,11 @@ def save(directory, encoders, scaler, fit_record):
 
 
 def not_a_preprocessors_folder(directory):
-    """None when a folder holds nothing but what preprocess.py writes there (so it may replace it);
-    otherwise what else it holds."""
-    unexpected = folders.unexpected_entries(directory, {ENCODERS_FILE, SCALER_FILE, FIT_FILE, folders.MARKER})
+    """None when a folder holds nothing but what preprocess.py writes there, and perhaps the README.md that
+    says what the folder is for (kept when the folder is replaced), so it may replace it; otherwise what
+    else it holds."""
+    unexpected = folders.unexpected_entries(directory, {ENCODERS_FILE, SCALER_FILE, FIT_FILE, README_FILE,
+                                                        folders.MARKER})
     if unexpected:
         return f"it holds {folders.listing(unexpected)}, which preprocess.py does not write"
     return None

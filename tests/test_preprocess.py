@@ -71,10 +71,15 @@ def test_preprocess_twice_gives_identical_output_and_preprocessors(cleaned_data,
     shutil.copytree(cleaned_data / "data", data)  # a copy: cleaned_data is the whole session's
     run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a", *CLUSTER)
     first = processed_content(data)
+    (tmp_path / "b").mkdir()  # as in a clone: preprocessors/ holds the README saying what lands there
+    (tmp_path / "b" / "README.md").write_text("What preprocess.py fits lands here.\n")
     run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
     assert processed_content(data) == first
     for name in ("encoders.json", "scaler.json", "fit.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
+        "README.md", "encoders.json", "fit.json", "scaler.json"]
+    assert (tmp_path / "b" / "README.md").read_text() == "What preprocess.py fits lands here.\n"
 
 
 def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
