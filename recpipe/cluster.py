@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -15,6 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from concurrent.futures import CancelledError
 from pathlib import Path
 
@@ -430,14 +430,26 @@ def wait_with_progress(futures, label):
     return [future.result() for future in futures]
 
 
+# Modules only generate_data.py and the tests use: the workers never run them.
+NOT_SHIPPED = {"synthetic.py"}
+
+
 def _ship_package(client):
     """Send this checkout's recpipe to the cluster's workers, which may have been started anywhere.
 
     Registered as a plugin, so workers that join later get it too. The workers still
     need the packages of requirements.txt installed.
     """
-    package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        archive = shutil.make_archive(str(Path(tmp) / package.name), "zip", root_dir=package.parent,
-                                      base_dir=package.name)
-        client.upload_file(archive)
+        client.upload_file(str(package_archive(tmp)))
+
+
+def package_archive(folder):
+    """A zip of recpipe's modules as the workers get them (not NOT_SHIPPED, no caches), written in `folder`."""
+    package = Path(__file__).resolve().parent
+    archive = Path(folder) / f"{package.name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for source in sorted(package.glob("*.py")):
+            if source.name not in NOT_SHIPPED:
+                zipped.write(source, f"{package.name}/{source.name}")
+    return archive

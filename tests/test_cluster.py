@@ -11,6 +11,8 @@ import sys
 import types
 import urllib.parse
 import urllib.request
+import zipfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -202,3 +204,11 @@ def test_cluster_dashboard_address_flag_opens_it_and_the_link_serves(capsys):
     out = capsys.readouterr().out
     assert f"Dask dashboard: {link} (--dashboard-address :{port}: listening on every interface)" in out
     assert "squaring: 5/5 tasks done" in out and out.count("squaring:") == 1  # in a log, a quick phase: one line
+
+
+def test_cluster_ships_the_package_without_what_only_the_generator_uses(tmp_path):
+    with zipfile.ZipFile(cluster.package_archive(tmp_path)) as archive:
+        names = archive.namelist()
+    modules = {path.name for path in Path(cluster.__file__).parent.glob("*.py")}
+    assert sorted(names) == sorted(f"recpipe/{name}" for name in modules - cluster.NOT_SHIPPED)
+    assert "recpipe/synthetic.py" not in names and "recpipe/merge.py" in names
