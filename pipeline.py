@@ -150,10 +150,10 @@ def run_stages(args, forced, ran):
         if name in ran:
             state = states[pipeline.STAGES.index(name)]
             raise RuntimeError(f"{name}/ is still {state.state} after running {state.script} "
-                               f"({'; '.join(state.reasons)}): this is a bug")
+                               f"({' '.join(state.reasons)}): this is a bug")
         state = states[pipeline.STAGES.index(name)]
         why = "asked with --from" if name == forced else f"{state.state}" + (
-            f": {'; '.join(state.reasons)}" if state.reasons else "")
+            f": {' '.join(state.reasons).removesuffix('.')}" if state.reasons else "")
         print(f"\n=== {name}/ ({why}): python {state.script}", flush=True)
         status = run_stage(name, stage_arguments(args, states, name))
         if status != 0:
