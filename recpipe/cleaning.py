@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recpipe.raw import FIELDS
+from recpipe.raw import FIELDS, true_where
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER, QUARANTINE, US_PER_DAY
 
 INT64_MAX = 2**63 - 1
@@ -362,15 +362,11 @@ def _array(column):
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _mask(array):
-    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
-
-
 def _typed_ids(column):
     """(ids, valid): like parse_ids, for the values that need no judgement (others are not valid here)."""
     column = _array(column)
     if pa.types.is_string(column.type):
-        digits = _mask(pc.match_substring_regex(column, r"^[0-9]{1,18}$"))
+        digits = true_where(pc.match_substring_regex(column, r"^[0-9]{1,18}$"))
         column = pc.if_else(pa.array(digits), column, None).cast(pa.int64())
     ids = pc.fill_null(column, 0).to_numpy(zero_copy_only=False)
     return ids, ids >= 1
@@ -378,14 +374,14 @@ def _typed_ids(column):
 
 def _plain_text(column):
     """Mask of the values that are text, not empty, and unchanged by stripping."""
-    return _mask(pc.and_(pc.not_equal(column, ""), pc.equal(pc.utf8_trim(column, PYTHON_WHITESPACE), column)))
+    return true_where(pc.and_(pc.not_equal(column, ""), pc.equal(pc.utf8_trim(column, PYTHON_WHITESPACE), column)))
 
 
 def _absent(column):
     """Mask of the values an optional field may have without a word: none, or empty text (CSV)."""
     missing = pc.is_null(column).to_numpy(zero_copy_only=False)
     if pa.types.is_string(column.type):
-        missing |= _mask(pc.equal(column, ""))
+        missing |= true_where(pc.equal(column, ""))
     return missing
 
 
@@ -545,7 +541,7 @@ def typed_impressions(table, rows):
         "customer_id": customers[plain][owner],
         "user_agent": per_item(pc.fill_null(user_agents, "")),
         "item_id": item_ids[taken],
-        "is_order": _mask(entries.field("is_order"))[taken],
+        "is_order": true_where(entries.field("is_order"))[taken],
         "position": position.astype(np.int32),
         "row": rows[plain][owner],
     })

@@ -473,7 +473,7 @@ def _json_block(data, source, first_row):
             <= _MAX_BRACKETS
     chosen = np.flatnonzero(candidate)
     text = _strings(*_gather(data, starts[lines[chosen]], stops[lines[chosen]]))
-    candidate[chosen[_mask(pc.match_substring_regex(text, _NOT_FOR_ARROW))]] = False
+    candidate[chosen[true_where(pc.match_substring_regex(text, _NOT_FOR_ARROW))]] = False
     chosen = np.flatnonzero(candidate)
     tables, decoded = _decode_json(data, starts[lines[chosen]], stops[lines[chosen]], TYPES[source])
     in_table = np.zeros(len(lines), dtype=bool)
@@ -493,7 +493,8 @@ def _json_block(data, source, first_row):
                  lambda mask: line_rows(table_lines[mask]).frame)
 
 
-def _mask(array):
+def true_where(array):
+    """A NumPy mask of an Arrow boolean array, null read as False."""
     return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
 
 
