@@ -14,7 +14,7 @@ when it is empty or a folder this script wrote, whose _generated.json lists its 
     _generated.json   the parameters, the exact accounting the cleaning stage must report, the files
 
 About 2% of the rows of every source are bad (docs/data.md, Cleaning), and the impressions
-carry a learnable signal; see recpipe/synthetic.py. The same arguments give the same
+carry a learnable signal; see recpipe/synthetic/. The same arguments give the same
 bytes on every run.
 """
 

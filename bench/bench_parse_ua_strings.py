@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import ua_parser  # noqa: E402
 
-from recpipe import schemas, stage, synthetic, tables, user_agents  # noqa: E402
+from recpipe import schemas, stage, tables, user_agents  # noqa: E402
+from recpipe.synthetic.user_agents import _UA_TEMPLATES, _ua_values  # noqa: E402
 from recpipe.repartition import BUCKET_HASH, bucket_of, bucket_name  # noqa: E402
 
 ITEMS_PER_RANKING = 10
@@ -52,11 +53,11 @@ DAYS = 18
 
 def user_agent_pool(rng, target=3000):
     """~`target` distinct real-looking user agents from synthetic's templates, in template weight."""
-    weights = np.array([weight for weight, _ in synthetic._UA_TEMPLATES])
+    weights = np.array([weight for weight, _ in _UA_TEMPLATES])
     pool = []
-    for weight, template in synthetic._UA_TEMPLATES:
+    for weight, template in _UA_TEMPLATES:
         variants = max(3, round(target * weight / weights.sum()))
-        pool.extend(dict.fromkeys(template.format(**synthetic._ua_values(rng)) for _ in range(variants)))
+        pool.extend(dict.fromkeys(template.format(**_ua_values(rng)) for _ in range(variants)))
     return list(dict.fromkeys(pool))
 
 

@@ -430,8 +430,9 @@ def wait_with_progress(futures, label):
     return [future.result() for future in futures]
 
 
-# Modules only generate_data.py and the tests use: the workers never run them.
-NOT_SHIPPED = {"synthetic.py"}
+# What only generate_data.py and the tests use, the workers never run: names in recpipe/,
+# a module's file or a subpackage's folder (all of it).
+NOT_SHIPPED = {"synthetic"}
 
 
 def _ship_package(client):
@@ -449,7 +450,9 @@ def package_archive(folder):
     package = Path(__file__).resolve().parent
     archive = Path(folder) / f"{package.name}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
-        for source in sorted(package.glob("*.py")):
-            if source.name not in NOT_SHIPPED:
-                zipped.write(source, f"{package.name}/{source.name}")
+        # Recursive, so that a subpackage the workers need is not silently left out.
+        for source in sorted(package.rglob("*.py")):
+            relative = source.relative_to(package)
+            if relative.parts[0] not in NOT_SHIPPED:
+                zipped.write(source, f"{package.name}/{relative.as_posix()}")
     return archive
