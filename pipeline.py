@@ -9,30 +9,28 @@
 
 Reads   --data (default data): merged/, repartitioned/, cleaned/, processed/ and their _stage.json;
         --raw (default data/raw), to tell whether the raw files changed; --preprocessors (default preprocessors)
-Writes  `run`: what the stage scripts write (run in this process, on one LocalCluster that `run` starts,
-        or --scheduler's cluster); `clean`: deletes one folder.
+Writes  `run`: what the stage scripts write (each stage run in this process, on one LocalCluster that `run`
+        starts, or --scheduler's cluster); `clean`: deletes one folder.
 Stage parameters (--buckets, --max-history, ...) are the stage scripts' flags. Given, a stage made with other
 values is stale and `run` remakes it with them; not given, a stage keeps what it was made with.
 """
 
 import argparse
 import contextlib
-import importlib
 import sys
 import traceback
 from pathlib import Path
 
-from recpipe import cli, cluster, pipeline, stage
+from recpipe import cli, cluster, pipeline, stages
 from recpipe.cli import UserError, entrypoint
 
 
 def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default="data", help="folder holding the stage folders")
-    common.add_argument("--raw", default="data/raw", help="the raw files merge_and_clean.py reads")
-    common.add_argument("--preprocessors", default="preprocessors", help="where preprocess.py saves encoders")
-    for name in pipeline.STAGES:
-        pipeline.add_parameters(common, name, defaults=False)
+    for folder in stages.FOLDERS:
+        folder.add_to(common)
+    for definition in stages.STAGES:
+        definition.add_parameters(common, defaults=False)
     computing = argparse.ArgumentParser(add_help=False)  # only `run` starts or joins a cluster
     cluster.add_arguments(computing)
 
@@ -44,16 +42,16 @@ def parse_args(argv=None):
                              "(reads all of them; without it, names, sizes and row counts are checked)")
     run = commands.add_parser("run", parents=[common, computing],
                               help="run the stages that are missing or stale, in order")
-    run.add_argument("--from", dest="start", choices=pipeline.STAGES, default=None,
+    run.add_argument("--from", dest="start", choices=stages.NAMES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
-    clean.add_argument("target", choices=[*pipeline.STAGES[:-1], "leftovers"], metavar="STAGE",
-                       help=f"one of {', '.join(pipeline.STAGES[:-1])}, or leftovers (temporary folders of killed runs)")
+    clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
+                       help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
     return parser.parse_args(argv)
 
 
 def inspect(args):
-    asked = {name: pipeline.asked_parameters(args, name) for name in pipeline.STAGES}
+    asked = {definition.name: definition.asked(args) for definition in stages.STAGES}
     return pipeline.inspect(args.data, args.raw, asked, verify=getattr(args, "verify", False))
 
 
@@ -66,38 +64,29 @@ def print_status(args):
 
 
 def stage_arguments(args, states, name):
-    """The command-line arguments that run one stage's script with its parameters and the pipeline's cluster."""
-    arguments = ["--data", str(args.data)]
-    if name == "merged":
-        arguments += ["--raw", str(args.raw)]
-    if name == "processed":
-        arguments += ["--preprocessors", str(args.preprocessors)]
-    asked = pipeline.asked_parameters(args, name)
-    arguments += pipeline.parameter_flags(pipeline.parameters_to_run(states, name, asked))
-    for flag in ("scheduler", "workers", "memory_limit"):
-        if getattr(args, flag) is not None:
-            arguments += [cli.flag(flag), str(getattr(args, flag))]
-    return arguments + ["--threads-per-worker", str(args.threads_per_worker)]
+    """What one stage runs with: the pipeline's folders and cluster, and its parameters (pipeline.parameters_to_run)."""
+    asked = stages.BY_NAME[name].asked(args)
+    return argparse.Namespace(**{**vars(args), **pipeline.parameters_to_run(states, name, asked)})
 
 
-def run_stage(name, arguments):
-    """Run a stage script's main() in this process, as `python <script> <arguments>` would; its exit status.
+def run_stage(name, args):
+    """Run a stage in this process, as its script would; its exit status.
 
     Not a child process: each one spent 1.5-2 s importing pandas, PyArrow and distributed,
     a sixth of a whole run at 2.5M actions. The stage's errors still end in its own one
     line and exit status; Ctrl-C and SIGTERM unwind through its `finally`, which removes
     its staging folder, and then stop the pipeline.
     """
-    script = importlib.import_module(Path(stage.SCRIPTS[name]).stem)
     try:
-        script.main(arguments)
-    except SystemExit as stopped:
-        if stopped.code in (130, 143):  # interrupted or terminated: the pipeline stops too
-            raise
-        return stopped.code or 0
-    except Exception:  # a bug in the stage: its traceback, then the pipeline's line on which stage failed
-        traceback.print_exc()
-        return 1
+        stages.BY_NAME[name].run(args)
+    except Exception as error:
+        failed = cli.failure(error)
+        if failed is None:  # a bug in the stage: its traceback, then the pipeline's line on which stage failed
+            traceback.print_exc()
+            return 1
+        status, message = failed
+        cli.print_error(message)
+        return status
     return 0
 
 
@@ -105,7 +94,7 @@ def run_stage(name, arguments):
 def shared_cluster(args):
     """One LocalCluster for every stage this run runs, unless --scheduler names a cluster already.
 
-    Each stage script joins it with --scheduler instead of starting its own: a cluster
+    Each stage joins it as --scheduler instead of starting its own: a cluster
     start costs about 5 s a stage on 2 cores, and one dashboard then shows the whole run.
     """
     if args.scheduler:
@@ -133,8 +122,8 @@ def run(args):
             # cluster's workers still may; the next run removes what they leave.)
             pipeline.remove_leftovers(args.data, args.preprocessors)
             raise
-    skipped = [name for name in pipeline.STAGES if name not in ran]
-    print(f"\n=== ran {', '.join(ran_name + '/' for ran_name in pipeline.STAGES if ran_name in ran) or 'nothing'}"
+    skipped = [name for name in stages.NAMES if name not in ran]
+    print(f"\n=== ran {', '.join(ran_name + '/' for ran_name in stages.NAMES if ran_name in ran) or 'nothing'}"
           f"; up to date or not needed: {', '.join(name + '/' for name in skipped) or 'none'}\n")
     print_status(args)
 
@@ -148,10 +137,10 @@ def run_stages(args, forced, ran):
             break
         name = to_run[0]
         if name in ran:
-            state = states[pipeline.STAGES.index(name)]
+            state = states[stages.NAMES.index(name)]
             raise RuntimeError(f"{name}/ is still {state.state} after running {state.script} "
                                f"({' '.join(state.reasons)}): this is a bug")
-        state = states[pipeline.STAGES.index(name)]
+        state = states[stages.NAMES.index(name)]
         why = "asked with --from" if name == forced else f"{state.state}" + (
             f": {' '.join(state.reasons).removesuffix('.')}" if state.reasons else "")
         print(f"\n=== {name}/ ({why}): python {state.script}", flush=True)

@@ -66,31 +66,39 @@ def entrypoint(main):
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return main(*args, **kwargs)
-        except UserError as error:
-            _fail(error, EXIT_USER_ERROR)
-        except OutputError as error:
-            _fail(error, EXIT_CANNOT_WRITE)
-        except ClusterError as error:
-            _fail(error, EXIT_CLUSTER_FAILED)
         except KeyboardInterrupt:
             print("interrupted: the previous output, if any, is left as it was", file=sys.stderr)
             sys.exit(130)
         except Exception as error:
-            # Outside a stage's cluster block (cluster.connect explains failures inside it,
-            # naming --data): e.g. preprocess.py replacing preprocessors/ after publishing.
-            message = output_failure(error)
-            if message is None:
+            failed = failure(error)
+            if failed is None:
                 raise
-            _fail(f"{message}; the script stopped there", EXIT_CANNOT_WRITE)
+            status, message = failed
+            print_error(message)
+            sys.exit(status)
 
     return wrapper
 
 
-def _fail(message, status):
-    # One line whatever the message holds: libraries' texts (a corrupt Parquet file's, a
-    # worker's) can run over several.
+def failure(error):
+    """(exit status, message) for an error a script stops on with one line; None for a bug, which
+    keeps its traceback."""
+    for kind, status in ((UserError, EXIT_USER_ERROR), (OutputError, EXIT_CANNOT_WRITE),
+                         (ClusterError, EXIT_CLUSTER_FAILED)):
+        if isinstance(error, kind):
+            return status, str(error)
+    # Outside a stage's cluster block (cluster.connect explains failures inside it, naming
+    # --data): e.g. preprocess.py replacing preprocessors/ after publishing.
+    message = output_failure(error)
+    if message is None:
+        return None
+    return EXIT_CANNOT_WRITE, f"{message}; the script stopped there"
+
+
+def print_error(message):
+    """`error: <message>` on stderr, on one line whatever the message holds: libraries' texts (a corrupt
+    Parquet file's, a worker's) can run over several."""
     print("error: " + re.sub(r"\s*\n\s*", " ", str(message).strip()), file=sys.stderr, flush=True)
-    sys.exit(status)
 
 
 def _exit_on_sigterm(signum, frame):

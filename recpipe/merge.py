@@ -28,13 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from distributed import get_worker
 
-from recpipe import folders, schemas
+from recpipe import cluster, folders, schemas, stage, stages, summary
 from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, clean_impressions,
                               drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
                               typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.raw import SOURCES, byte_ranges, can_split, count_rows, file_format, read_block, read_rows
+from recpipe.raw import (SOURCES, byte_ranges, can_split, count_rows, file_format, list_raw_files, read_block,
+                         read_rows)
 from recpipe.tables import write_table
 
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
@@ -64,6 +65,25 @@ class Part:
     end: int
     first_row: int
     header: bytes = None
+
+
+def run_stage(args):
+    """merge_and_clean.py: publish merged/ from the raw files under args.raw (see stages.STAGES)."""
+    this = stages.BY_NAME["merged"]
+    raw_files = list_raw_files(args.raw)
+    inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
+
+    with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args) as client:
+        accounting, impression_days, extra_fields = merge_and_clean(
+            client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
+        for source, fields in extra_fields.items():
+            if fields:
+                print(f"ignored unknown fields of {source}: {', '.join(fields)}")
+        run.accounting = accounting
+        run.extra["impression_days"] = impression_days
+
+    summary.print_summary(run.published)
+    print(f"rows set aside are in {Path(args.data) / this.name / '_quarantine'}/")
 
 
 def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days, split_bytes=SPLIT_BYTES,

@@ -19,93 +19,14 @@ Staleness is judged by content: a stage re-run on the same input with the same
 parameters writes the same bytes, so everything made from it stays complete.
 """
 
-import argparse
 import dataclasses
 import datetime as dt
 import shutil
 from pathlib import Path
 
-from recpipe import cli, encoders, folders, stage
+from recpipe import cli, encoders, folders, stage, stages
 from recpipe.cli import UserError
 from recpipe.raw import list_raw_files
-
-STAGES = list(stage.SCRIPTS)  # merged, repartitioned, cleaned, processed: the order they run in
-FINAL = STAGES[-1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Parameter:
-    """A flag of a stage that decides its output, and so is recorded in its manifest."""
-
-    name: str
-    type: type
-    default: object
-    help: str
-    low: float = None      # smallest allowed
-    above: float = None    # exclusive lower bound
-    high: float = None     # largest allowed
-    choices: tuple = None
-
-    @property
-    def flag(self):
-        return cli.flag(self.name)
-
-    def parse(self, text):
-        try:
-            value = self.type(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.type is int else ' number'}")
-        for bound, broken, words in ((self.low, lambda b: value < b, "at least"),
-                                     (self.above, lambda b: value <= b, "more than"),
-                                     (self.high, lambda b: value > b, "at most")):
-            if bound is not None and broken(bound):
-                raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {text}")
-        return value
-
-
-# Every stage's parameters, in one place: its script's flags, and what `pipeline.py` asks for.
-PARAMETERS = {
-    "merged": [
-        Parameter("test_days", int, 1, "latest impression days labelled test", low=0),
-        Parameter("val_days", int, 1, "days before those labelled val", low=0),
-        Parameter("train_days", int, 14, "days before those labelled train", low=0),
-    ],
-    "repartitioned": [
-        Parameter("buckets", int, 16, "customer buckets; size them so that one bucket fits a worker many times over",
-                  low=1, high=99999),
-        Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size", above=0),
-    ],
-    "cleaned": [],
-    "processed": [
-        Parameter("lookback_days", int, 365, "history window before the impression day", low=1),
-        Parameter("max_history", int, 1000, "most recent actions kept per history", low=1),
-        Parameter("sample_frac", float, 0.2, "share of train examples to fit on, in (0, 1]", above=0, high=1),
-        Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1),
-        Parameter("seed", int, 0, "seed of the fitting sample"),
-        Parameter("layout", str, "timeline", "timeline (each customer's actions once), compact (a history per "
-                  "customer and day) or wide (padded histories per example)", choices=("timeline", "compact", "wide")),
-    ],
-}
-
-
-def add_parameters(parser, name, defaults=True):
-    """Add one stage's parameter flags to a parser, as a group titled by its script.
-
-    defaults=False leaves a flag that is not given as None: pipeline.py then compares
-    and changes only what was asked, and otherwise keeps what a stage was made with.
-    """
-    group = parser.add_argument_group(f"{stage.SCRIPTS[name]} parameters")
-    for parameter in PARAMETERS[name]:
-        kind = str if parameter.choices else parameter.parse
-        default = f"{parameter.default}" if defaults else f"what the stage was made with, else {parameter.default}"
-        group.add_argument(parameter.flag, type=kind, default=parameter.default if defaults else None,
-                           choices=parameter.choices, help=f"{parameter.help} (default: {default})")
-
-
-def asked_parameters(args, name):
-    """One stage's parameters that were given (all of them in a stage script, which has defaults)."""
-    return {parameter.name: getattr(args, parameter.name) for parameter in PARAMETERS[name]
-            if getattr(args, parameter.name) is not None}
 
 
 def parameters_to_run(states, name, asked):
@@ -114,7 +35,7 @@ def parameters_to_run(states, name, asked):
     "Last made with" is its own manifest, or, once it was cleaned away, the lineage
     recorded by a later stage: a re-run after a fix does not quietly change parameters.
     """
-    index = STAGES.index(name)
+    index = stages.NAMES.index(name)
     recorded = {}
     if states[index].manifest:
         recorded = states[index].manifest.get("parameters", {})
@@ -123,12 +44,12 @@ def parameters_to_run(states, name, asked):
             if later.manifest and name in later.manifest.get("lineage", {}):
                 recorded = later.manifest["lineage"][name].get("parameters", {})
                 break
-    defaults = {parameter.name: parameter.default for parameter in PARAMETERS[name]}
+    defaults = {parameter.name: parameter.default for parameter in stages.BY_NAME[name].parameters}
     return {**defaults, **{key: value for key, value in recorded.items() if key in defaults}, **asked}
 
 
 def parameter_flags(parameters):
-    """Parameters back as command-line flags, to run a stage's script with them."""
+    """Parameters as the command-line flags that ask for them: --buckets 16 --row-group-mb 64.0."""
     return [text for name, value in parameters.items() for text in (cli.flag(name), str(value))]
 
 
@@ -143,7 +64,7 @@ class StageState:
 
     @property
     def script(self):
-        return stage.SCRIPTS[self.name]
+        return stages.BY_NAME[self.name].script
 
     @property
     def rows(self):
@@ -169,7 +90,7 @@ def inspect(data_dir, raw_dir, asked, verify=False):
     """
     data_dir = Path(data_dir)
     manifests, broken = {}, {}
-    for name in STAGES:
+    for name in stages.NAMES:
         if (data_dir / name / stage.MANIFEST).is_file():
             try:
                 manifests[name] = stage.read_manifest(data_dir / name)
@@ -177,13 +98,13 @@ def inspect(data_dir, raw_dir, asked, verify=False):
                 broken[name] = str(error)
     raw, raw_problem = raw_fingerprint(raw_dir)
     states = []
-    for index, name in enumerate(STAGES):
+    for index, name in enumerate(stages.NAMES):
         path = data_dir / name
         if name in broken:
             states.append(StageState(name, "damaged", [broken[name]], path, bytes=stage.folder_bytes(path)))
             continue
         if name not in manifests:
-            later_made_from_it = any(name in manifests[later].get("lineage", {}) for later in STAGES[index + 1:]
+            later_made_from_it = any(name in manifests[later].get("lineage", {}) for later in stages.NAMES[index + 1:]
                                      if later in manifests)
             state = ("incomplete" if path.exists() else "cleaned away" if later_made_from_it else "missing")
             reasons = ([f"a folder without {stage.MANIFEST}: not the output of a finished stage, so this project will "
@@ -231,8 +152,8 @@ def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
 
 def needed_by(states, name):
     """Why a stage folder must be kept (a later stage would be rebuilt from it), or None if it may go."""
-    index = STAGES.index(name)
-    if name == FINAL:
+    index = stages.NAMES.index(name)
+    if name == stages.FINAL:
         return f"{name}/ is the pipeline's output: train.py reads it"
     for later in states[index + 1:]:
         if later.state == "cleaned away":
@@ -259,25 +180,25 @@ def stages_to_run(states, forced=None):
     """The stages `run` must run, in order: the last stage unless complete, the forced one, and, walking
     back from each, every input of theirs that is not complete (missing, cleaned away or stale)."""
     must = set()
-    for target in [FINAL] + ([forced] if forced else []):
-        index = STAGES.index(target)
-        while index >= 0 and (states[index].state != "complete" or STAGES[index] == forced):
-            must.add(STAGES[index])
+    for target in [stages.FINAL] + ([forced] if forced else []):
+        index = stages.NAMES.index(target)
+        while index >= 0 and (states[index].state != "complete" or stages.NAMES[index] == forced):
+            must.add(stages.NAMES[index])
             index -= 1
-    return [name for name in STAGES if name in must]
+    return [name for name in stages.NAMES if name in must]
 
 
 def all_leftovers(data_dir, preprocessors_dir):
     """Temporary folders of stage runs and of preprocess.py's preprocessors folder (folders.Leftover)."""
     preprocessors_dir = Path(preprocessors_dir)
-    return [*(leftover for name in STAGES for leftover in folders.leftovers(data_dir, name)),
+    return [*(leftover for name in stages.NAMES for leftover in folders.leftovers(data_dir, name)),
             *folders.leftovers(preprocessors_dir.parent, preprocessors_dir.name)]
 
 
 def remove_leftovers(data_dir, preprocessors_dir):
     """Delete the temporary folders killed runs left behind (those proven ours); return what was deleted."""
     preprocessors_dir = Path(preprocessors_dir)
-    return [*(path for name in STAGES for path in folders.remove_abandoned(data_dir, name)),
+    return [*(path for name in stages.NAMES for path in folders.remove_abandoned(data_dir, name)),
             *folders.remove_abandoned(preprocessors_dir.parent, preprocessors_dir.name)]
 
 
@@ -299,9 +220,9 @@ def preprocessors_state(states, preprocessors_dir):
 def remove(states, name):
     """Delete an intermediate stage folder, refusing (UserError, with the reason) when it is still needed,
     in use by another command, or not a folder a stage published (recpipe.folders)."""
-    if name not in STAGES:
-        raise UserError(f"clean {name}: not a stage; choose one of {', '.join(STAGES)} (or `leftovers`)")
-    state = states[STAGES.index(name)]
+    if name not in stages.NAMES:
+        raise UserError(f"clean {name}: not a stage; choose one of {', '.join(stages.NAMES)} (or `leftovers`)")
+    state = states[stages.NAMES.index(name)]
     if not state.path.exists():
         raise UserError(f"{state.path}/ does not exist: nothing to delete")
     with folders.claiming(state.path, lambda folder: stage.not_a_stage_folder(folder, name), "delete",
@@ -330,7 +251,7 @@ def format_status(states, leftovers, preprocessors_line):
         if state.rows:
             lines.append(" " * 16 + "rows: " + ", ".join(f"{table} {rows:,}" for table, rows in state.rows.items()))
         made_with = {parameter.name: state.manifest["parameters"][parameter.name]
-                     for parameter in PARAMETERS.get(state.name, [])
+                     for parameter in stages.BY_NAME[state.name].parameters
                      if state.manifest and parameter.name in state.manifest.get("parameters", {})}
         if made_with:
             lines.append(" " * 16 + "made with: " + " ".join(parameter_flags(made_with)))

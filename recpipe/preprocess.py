@@ -24,6 +24,7 @@ writing and re-reading them took 0.95 s per bucket, computing them 0.34 s.
 A worker holds one bucket at a time: its actions, impressions and histories.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recpipe import encoders, folders, schemas
+from recpipe import cluster, encoders, folders, schemas, stage, stages, summary
+from recpipe.cli import OutputError, UserError
 from recpipe.schemas import US_PER_DAY
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
@@ -54,6 +56,58 @@ WIDE_CHUNK = 10_000      # examples padded at once: 10k x 1000 x 9 bytes ~ 90 MB
 
 class LeakError(RuntimeError):
     """A history holds an action from its own day or later, or is too long: a bug, never published."""
+
+
+def run_stage(args):
+    """preprocess.py: publish processed/ from cleaned/, and the fitted preprocessors to args.preprocessors
+    (see stages.STAGES)."""
+    this = stages.BY_NAME["processed"]
+    parameters = this.asked(args)
+    target = Path(args.preprocessors)
+    for name in stages.NAMES:
+        if target.resolve().is_relative_to((Path(args.data) / name).resolve()):
+            raise UserError(f"--preprocessors {target} lies inside {Path(args.data) / name}/, a stage folder that "
+                            "its stage replaces as a whole: choose a folder outside the stage folders")
+
+    with stage.reading(args.data, this.reads) as cleaned, \
+            folders.claiming(target, encoders.not_a_preprocessors_folder, "replace",
+                             "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"):
+        with stage.publish(args.data, this.name, parameters, [cleaned.entry()]) as run, \
+                cluster.connect(args) as client:
+            # Fitted into the stage first: processed/ keeps the copy it was made with.
+            fitted_dir = run.path / encoders.FITTED
+            run.accounting, fit_record, rows_per_split, history_entries = preprocess(
+                client, cleaned.path, run.path, fitted_dir, parameters)
+            run.extra["rows_per_split"] = rows_per_split
+            examples = sum(rows_per_split.values())
+            run.extra["history_entries_per_example"] = round(history_entries / examples, 2) if examples else None
+            run.extra["sample_rows"] = fit_record["sample_rows"]
+            run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
+        replace_preprocessors(Path(args.data) / this.name / encoders.FITTED, target, args.data)
+
+    summary.print_summary(run.published)
+    print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
+          f"sampled train rows, saved in {target}/")
+    print(f"{parameters['layout']} layout: {run.published['history_entries_per_example']} history entries stored per "
+          "example")
+
+
+def replace_preprocessors(fitted_dir, target, data_dir):
+    """Copy what processed/ was made with to --preprocessors, through a staging folder beside it."""
+    staging = None
+    try:
+        staging = folders.make_staging(target)
+        shutil.copytree(fitted_dir, staging, dirs_exist_ok=True)
+        if (Path(target) / encoders.README_FILE).is_file():
+            shutil.copy2(Path(target) / encoders.README_FILE, staging / encoders.README_FILE)
+        folders.replace(staging, target)
+    except OSError as error:
+        if staging is not None:
+            folders.discard(staging)
+        raise OutputError(
+            f"{data_dir}/processed/ was published, but {target}/ could not be replaced ({error}); train.py "
+            f"refuses the old one. Copy {data_dir}/processed/{encoders.FITTED}/ to {target}/, or make room and run "
+            "`python pipeline.py run --from processed`") from None
 
 
 def examples_schema(layout="compact"):
@@ -82,14 +136,14 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
 
     counts = {name: pd.Series(dtype="int64") for name in CATEGORICAL}
     moments = {name: np.zeros(3) for name in NUMERIC_FEATURES}
-    for summary in summaries:
-        for name, bucket_counts in summary["counts"].items():
+    for of_bucket in summaries:
+        for name, bucket_counts in of_bucket["counts"].items():
             counts[name] = counts[name].add(bucket_counts, fill_value=0)
-        for name, bucket_moments in summary["moments"].items():
+        for name, bucket_moments in of_bucket["moments"].items():
             moments[name] += bucket_moments
     fitted = {name: CategoryEncoder(params["min_frequency"]).fit(counts[name]) for name in CATEGORICAL}
     scaler = StandardScaler().fit({name: tuple(values) for name, values in moments.items()})
-    sample_rows = sum(summary["sample_rows"] for summary in summaries)
+    sample_rows = sum(of_bucket["sample_rows"] for of_bucket in summaries)
     fit_record = {"fitted_on": "train", "sample_rows": sample_rows,
                   "parameters": {name: params[name] for name in
                                  ("seed", "sample_frac", "min_frequency", "lookback_days", "max_history")},

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recpipe import folders, schemas
+from recpipe import cluster, folders, schemas, stage, stages, summary
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.tables import write_sized
 
@@ -34,6 +34,21 @@ TABLES = {
                                           ("item_id", "ascending")]),
 }
 BUCKET_HASH = "splitmix64(customer_id) % buckets"
+
+
+def run_stage(args):
+    """repartition.py: publish repartitioned/ from merged/ (see stages.STAGES)."""
+    this = stages.BY_NAME["repartitioned"]
+    parameters = {**this.asked(args), "bucket_hash": BUCKET_HASH}
+
+    with stage.reading(args.data, this.reads) as merged, \
+            stage.publish(args.data, this.name, parameters, [merged.entry()]) as run, \
+            cluster.connect(args) as client:
+        run.accounting, group_sizes = repartition(client, merged.path, run.path, args.buckets, args.row_group_mb)
+        run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
+                                                for table, sizes in group_sizes.items() if sizes}
+
+    summary.print_summary(run.published)
 
 
 def bucket_of(customer_ids, buckets):

@@ -38,18 +38,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recpipe import folders
+from recpipe import folders, stages
 from recpipe.cli import OutputError, UserError, output_failure
 
 MANIFEST = "_stage.json"
-
-# Each stage folder under --data, and the script that makes it.
-SCRIPTS = {
-    "merged": "merge_and_clean.py",
-    "repartitioned": "repartition.py",
-    "cleaned": "parse_ua_strings.py",
-    "processed": "preprocess.py",
-}
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -69,9 +61,9 @@ def read_manifest(stage_dir, name=None):
     else:
         problem = _manifest_problem(manifest, name)
     if problem:
-        raise UserError(f"{path}: not a manifest that {SCRIPTS.get(name, 'a stage')} wrote ({problem}); this "
+        raise UserError(f"{path}: not a manifest that {stages.script(name, 'a stage')} wrote ({problem}); this "
                         f"project does not delete a folder it cannot prove it wrote, so delete {stage_dir}/ "
-                        f"yourself and run {SCRIPTS.get(name, 'the stage')} again")
+                        f"yourself and run {stages.script(name, 'the stage')} again")
     return manifest
 
 
@@ -147,7 +139,7 @@ def _file_differs(path, described):
 
 
 def damage_message(stage_dir, name, problem):
-    script = SCRIPTS.get(name, "the stage that wrote it")
+    script = stages.script(name, "the stage that wrote it")
     fix = (f"move out or delete what the stage did not write, then run `python pipeline.py run --from {name}` "
            f"(or {script})" if "not written by the stage" in problem
            else f"run `python pipeline.py run --from {name}` (or {script}) to make it again")
@@ -175,7 +167,7 @@ def open_stage(data_dir, name, stage_dir=None, full=False):
     stage_dir = Path(stage_dir) if stage_dir is not None else Path(data_dir) / name
     if not (stage_dir / MANIFEST).is_file():
         state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
-        raise UserError(f"{stage_dir}/ {state}: run {SCRIPTS[name]} first")
+        raise UserError(f"{stage_dir}/ {state}: run {stages.script(name, 'the stage')} first")
     digest = manifest_digest(stage_dir)
     manifest = read_manifest(stage_dir, name)
     problem = damage(stage_dir, manifest, full)
@@ -238,7 +230,7 @@ class StageRun:
         files, tables = describe(self.path)
         return {
             "stage": self.name,
-            "script": SCRIPTS.get(self.name),
+            "script": stages.script(self.name, None),
             "code_version": code_version(),
             "inputs": self.inputs,
             "parameters": self.parameters,
@@ -271,7 +263,7 @@ def not_a_stage_folder(folder, name):
         return f"its {MANIFEST} lists no files and its contents differ from its fingerprint"
     unexpected = folders.unexpected_entries(folder, {*listed, MANIFEST, folders.MARKER})
     if unexpected:
-        return f"it holds what {SCRIPTS.get(name, 'the stage')} did not write: {folders.listing(unexpected)}"
+        return f"it holds what {stages.script(name, 'the stage')} did not write: {folders.listing(unexpected)}"
     return None
 
 

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ua_parser
 
-from recpipe import folders, schemas
+from recpipe import cluster, folders, schemas, stage, stages, summary
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.tables import read_parts, write_sized
@@ -45,6 +45,32 @@ MISSING = (None, None, None, None, None, None, None, False)  # an empty user age
 
 _resolver = None
 _resolver_lock = threading.Lock()  # a worker may run several tasks in threads
+
+
+def run_stage(args):
+    """parse_ua_strings.py: publish cleaned/ from repartitioned/ (see stages.STAGES)."""
+    this = stages.BY_NAME["cleaned"]
+    require_native_resolver()
+
+    with stage.reading(args.data, this.reads) as repartitioned:
+        manifest = repartitioned.manifest
+        # Row groups as repartition.py sized them, so that readers of cleaned/ get the same bound.
+        row_group_mb = manifest["parameters"].get("row_group_mb", 64)
+        parameters = {"row_group_mb": row_group_mb, **parser_version()}
+        expected_rows = {table: described["rows"] for table, described in manifest["tables"].items()}
+        with stage.publish(args.data, this.name, parameters, [repartitioned.entry()]) as run, \
+                cluster.connect(args) as client:
+            run.accounting, parsed, group_sizes = parse_ua_strings(
+                client, repartitioned.path, run.path, row_group_mb, expected_rows)
+            run.extra["user_agents"] = parsed
+            if group_sizes:
+                run.extra["row_group_mib_in_memory"] = {"impressions": stage.size_stats(group_sizes)}
+            rate = f"{parsed['parsed_per_second']:,}/s per core" if parsed["parsed_per_second"] else "-"
+            print(f"user agents: {parsed['distinct']:,} distinct strings parsed (once per bucket, "
+                  f"{parsed['buckets']} buckets; {rate}); {parsed['bots']:,} rows flagged as bots, "
+                  f"{parsed['missing']:,} rows without a user agent")
+
+    summary.print_summary(run.published)
 
 
 def require_native_resolver():

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pytest
 
 from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script, temporary_folder
-from recpipe import pipeline, stage, tables
+from recpipe import pipeline, stage, stages, tables
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
 
 SCHEMA = pa.schema([("customer_id", pa.int64())])
-DEFAULTS = {name: {p.name: p.default for p in parameters} for name, parameters in pipeline.PARAMETERS.items()}
+DEFAULTS = {stage.name: {p.name: p.default for p in stage.parameters} for stage in stages.STAGES}
 
 
 def make_raw(root):
@@ -34,7 +34,7 @@ def make_stage(data, name, rows, parameters=None, raw=None):
     if name == "merged":
         inputs = [stage.raw_input(raw, sorted(raw.rglob("*.jsonl")))]
     else:
-        inputs = [stage.open_stage(data, pipeline.STAGES[pipeline.STAGES.index(name) - 1]).entry()]
+        inputs = [stage.open_stage(data, stages.NAMES[stages.NAMES.index(name) - 1]).entry()]
     with stage.publish(data, name, parameters or DEFAULTS[name], inputs) as run:
         tables.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "table" / "part.parquet", SCHEMA)
     return run.published
@@ -44,7 +44,7 @@ def make_stage(data, name, rows, parameters=None, raw=None):
 def chain(tmp_path):
     """Every stage published from the one before it, with default parameters: (data, raw)."""
     raw, data = make_raw(tmp_path), tmp_path / "data"
-    for name in pipeline.STAGES:
+    for name in stages.NAMES:
         make_stage(data, name, 3, raw=raw)
     return data, raw
 
@@ -62,7 +62,7 @@ def states_of(data, raw, asked=None):
 def test_pipeline_fresh_chain_is_complete_and_intermediates_can_go(chain):
     data, raw = chain
     states = states_of(data, raw)
-    assert {name: state.state for name, state in states.items()} == dict.fromkeys(pipeline.STAGES, "complete")
+    assert {name: state.state for name, state in states.items()} == dict.fromkeys(stages.NAMES, "complete")
     assert states["merged"].rows == {"table": 3}
     assert states["merged"].bytes == stage.folder_bytes(data / "merged") > 0
     deletable = [state.name for state in pipeline.deletable(list(states.values()))]
@@ -116,13 +116,13 @@ def test_pipeline_changed_raw_files_are_seen_after_merged_is_cleaned_away(chain)
     assert states["cleaned"].reasons == [
         f"the raw files under {raw}/ changed (names, sizes or modification times) since it was made."]
     assert states["processed"].state == "stale"
-    assert pipeline.stages_to_run(list(states.values())) == pipeline.STAGES
+    assert pipeline.stages_to_run(list(states.values())) == list(stages.NAMES)
 
 
 def test_pipeline_missing_stages_all_run_and_never_made_ones_are_missing(tmp_path):
     states = list(states_of(tmp_path / "data", make_raw(tmp_path)).values())
     assert [state.state for state in states] == ["missing"] * 4
-    assert pipeline.stages_to_run(states) == pipeline.STAGES
+    assert pipeline.stages_to_run(states) == list(stages.NAMES)
     assert pipeline.deletable(states) == []
 
 
@@ -378,7 +378,7 @@ def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(extern
     assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 1  # said once
     assert result.stdout.count("Dask dashboard: ") == 1
     local = processed_data[0]
-    for name in pipeline.STAGES:
+    for name in stages.NAMES:
         assert stage.read_manifest(data / name)["output_sha256"] == stage.read_manifest(local / name)["output_sha256"]
     assert (tmp_path / "preprocessors" / "encoders.json").read_bytes() == \
         (processed_data[1] / "encoders.json").read_bytes()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import BREAKAGES, DEAD_PID, break_stage, broken_stage_line, listing, one_line, run_main, temporary_folder
-from recpipe import stage, tables
+from recpipe import stage, stages, tables
 from recpipe.cli import UserError
 
 SCHEMA = pa.schema([("customer_id", pa.int64())])
@@ -162,6 +162,6 @@ def test_stage_every_stage_refuses_a_broken_or_damaged_input_in_one_line(cleaned
     status = run_main(script, "--data", data, *(["--preprocessors", tmp_path / "pre"] if script == "preprocess.py" else []))
     line = one_line(capsys.readouterr().err)
     assert status == 2
-    start, end = broken_stage_line(data / input_stage, breakage, stage.SCRIPTS[input_stage])
+    start, end = broken_stage_line(data / input_stage, breakage, stages.BY_NAME[input_stage].script)
     assert line.startswith(start) and line.endswith(end), line
     assert listing(tmp_path) == before

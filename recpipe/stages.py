@@ -1,0 +1,142 @@
+"""The pipeline's stages, each declared once: its folder, script, inputs, flags, and what runs it.
+
+A stage script (`merge_and_clean.py`, ...) and `pipeline.py` both read their flags from here,
+and both run a stage the same way: `Stage.run(args)`, which calls `run_stage(args)` of the
+stage's module in this package (its publishing, on the cluster that `args` names).
+
+Adding a stage is one entry in STAGES, in the order the stages run, one module holding its
+`run_stage`, and a thin script that parses its flags and calls it.
+"""
+
+import argparse
+import dataclasses
+import importlib
+
+from recpipe import cli
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A flag of a stage that decides its output, and so is recorded in its manifest."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    low: float = None      # smallest allowed
+    above: float = None    # exclusive lower bound
+    high: float = None     # largest allowed
+    choices: tuple = None
+
+    @property
+    def flag(self):
+        return cli.flag(self.name)
+
+    def parse(self, text):
+        try:
+            value = self.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.type is int else ' number'}")
+        for bound, broken, words in ((self.low, lambda b: value < b, "at least"),
+                                     (self.above, lambda b: value <= b, "more than"),
+                                     (self.high, lambda b: value > b, "at most")):
+            if bound is not None and broken(bound):
+                raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {text}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """A folder flag: --data, which every stage takes, or one that a stage reads or writes beyond it."""
+
+    name: str
+    default: str
+    help: str
+
+    def add_to(self, parser):
+        parser.add_argument(cli.flag(self.name), default=self.default,
+                            help=f"{self.help} (default: {self.default})")
+
+
+DATA = Folder("data", "data", "folder holding the stage folders")
+RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source")
+PREPROCESSORS = Folder("preprocessors", "preprocessors", "where the fitted encoders and scaler go")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str                # its folder under --data
+    script: str              # the script that runs it alone
+    module: str              # recpipe.<module>.run_stage(args) runs it
+    reads: str               # the stage folder it is made from; None: the raw files
+    folders: tuple = ()      # folder flags beyond --data
+    parameters: tuple = ()   # flags that decide its output
+
+    def add_parameters(self, parser, defaults=True):
+        """Add the parameter flags to a parser, as a group titled by the script.
+
+        defaults=False leaves a flag that is not given as None: pipeline.py then compares
+        and changes only what was asked, and otherwise keeps what a stage was made with.
+        """
+        group = parser.add_argument_group(f"{self.script} parameters")
+        for parameter in self.parameters:
+            kind = str if parameter.choices else parameter.parse
+            default = f"{parameter.default}" if defaults else f"what the stage was made with, else {parameter.default}"
+            group.add_argument(parameter.flag, type=kind, default=parameter.default if defaults else None,
+                               choices=parameter.choices, help=f"{parameter.help} (default: {default})")
+
+    def parse_args(self, argv, description):
+        """The script's flags: its folders, its parameters and the cluster's."""
+        from recpipe import cluster  # here: it imports Dask, and train.py reads these declarations without it
+
+        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for folder in (DATA, *self.folders):
+            folder.add_to(parser)
+        self.add_parameters(parser)
+        cluster.add_arguments(parser)
+        return parser.parse_args(argv)
+
+    def asked(self, args):
+        """The parameters that were given (all of them in the stage's script, which has defaults)."""
+        return {parameter.name: getattr(args, parameter.name) for parameter in self.parameters
+                if getattr(args, parameter.name) is not None}
+
+    def run(self, args):
+        """Run the stage as its script would, on the cluster `args` names (or a LocalCluster it starts).
+
+        The module is imported here, not above: it imports this one for its declaration.
+        """
+        importlib.import_module(f"recpipe.{self.module}").run_stage(args)
+
+
+STAGES = (
+    Stage("merged", "merge_and_clean.py", "merge", reads=None, folders=(RAW,), parameters=(
+        Parameter("test_days", int, 1, "latest impression days labelled test", low=0),
+        Parameter("val_days", int, 1, "days before those labelled val", low=0),
+        Parameter("train_days", int, 14, "days before those labelled train", low=0),
+    )),
+    Stage("repartitioned", "repartition.py", "repartition", reads="merged", parameters=(
+        Parameter("buckets", int, 16, "customer buckets; size them so that one bucket fits a worker many times over",
+                  low=1, high=99999),
+        Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size", above=0),
+    )),
+    Stage("cleaned", "parse_ua_strings.py", "user_agents", reads="repartitioned"),
+    Stage("processed", "preprocess.py", "preprocess", reads="cleaned", folders=(PREPROCESSORS,), parameters=(
+        Parameter("lookback_days", int, 365, "history window before the impression day", low=1),
+        Parameter("max_history", int, 1000, "most recent actions kept per history", low=1),
+        Parameter("sample_frac", float, 0.2, "share of train examples to fit on, in (0, 1]", above=0, high=1),
+        Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1),
+        Parameter("seed", int, 0, "seed of the fitting sample"),
+        Parameter("layout", str, "timeline", "timeline (each customer's actions once), compact (a history per "
+                  "customer and day) or wide (padded histories per example)", choices=("timeline", "compact", "wide")),
+    )),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+NAMES = tuple(BY_NAME)  # in the order they run
+FINAL = NAMES[-1]
+FOLDERS = tuple({folder.name: folder for stage in STAGES for folder in (DATA, *stage.folders)}.values())
+
+
+def script(name, otherwise):
+    """The script that makes stage folder `name`, or `otherwise` for a folder no stage makes."""
+    return BY_NAME[name].script if name in BY_NAME else otherwise
