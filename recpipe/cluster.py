@@ -26,6 +26,7 @@ from distributed.comm import connect as open_comm
 from distributed.comm.addressing import parse_address, parse_host_port, unparse_address
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
+from distributed.scheduler import Scheduler
 from distributed.security import Security
 
 from recpipe.cli import ClusterError, OutputError, UserError, output_failure
@@ -440,7 +441,13 @@ def _ship_package(client):
 
     Registered as a plugin, so workers that join later get it too. The workers still
     need the packages of requirements.txt installed.
+
+    Not to a scheduler that runs in this process (`pipeline.py run`'s LocalCluster, whose
+    stages join it): Dask would put the archive first on this process's sys.path and reload
+    recpipe from it, and that cluster's workers import recpipe from this checkout already.
     """
+    if any(scheduler.address == client.scheduler.address for scheduler in Scheduler._instances):
+        return
     with tempfile.TemporaryDirectory() as tmp:
         client.upload_file(str(package_archive(tmp)))
 

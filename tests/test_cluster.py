@@ -215,3 +215,16 @@ def test_cluster_ships_the_package_without_what_only_the_generator_uses(tmp_path
     assert "recpipe/synthetic/__init__.py" in modules and "recpipe/synthetic/sources.py" in modules
     assert sorted(names) == sorted(name for name in modules if not name.startswith("recpipe/synthetic/"))
     assert "recpipe/merge.py" in names
+
+
+def test_cluster_joining_a_scheduler_of_this_process_leaves_its_imports_alone(session_cluster):
+    """As pipeline.py run's stages join its LocalCluster: recpipe is not shipped there, since Dask would put
+    the archive first on this process's sys.path and reload recpipe from it (without synthetic/)."""
+    import recpipe
+    package_path = list(recpipe.__path__)
+    with cluster.connect(parse("--scheduler", session_cluster)) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert list(recpipe.__path__) == package_path
+    assert not [entry for entry in sys.path if Path(entry).name == "recpipe.zip"]
+    from recpipe import synthetic  # still importable: the checkout's package, whole
+    assert Path(synthetic.__file__).parent.parent == Path(recpipe.__file__).parent
