@@ -1,8 +1,11 @@
 """Tiny raw datasets the tests write themselves, with one row of every bad kind planted;
+one LocalCluster for the session's in-process stage runs (`session_cluster`, `run_joined`);
 an external Dask cluster (`external_cluster`)."""
 
+import argparse
 import contextlib
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -172,6 +175,36 @@ def one_line(stderr):
     return lines[0]
 
 
+def run_in_process(script, *args, check=True):
+    """Run a top-level script's main(argv) in this process, as pipeline.py runs a stage: a
+    CompletedProcess with its exit status and what it printed. For tests that put no signal or
+    process boundary under test: it saves the 1.5-2 s a fresh interpreter spends on imports."""
+    argv = [str(arg) for arg in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = run_main(script, *argv)
+    result = subprocess.CompletedProcess([script, *argv], status, stdout.getvalue(), stderr.getvalue())
+    if check and status != 0:
+        raise AssertionError(f"{script} exited {status}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def session_cluster():
+    """The address of one LocalCluster (2 workers), started as the scripts start theirs, that in-process
+    stage runs join (`run_joined`) instead of each starting its own: 2.5-3 s a run on this machine."""
+    from recpipe import cluster
+    args = argparse.Namespace(scheduler=None, workers=2, threads_per_worker=1, memory_limit=None,
+                              dashboard_address=None)
+    with cluster.connect(args) as client:
+        yield client.scheduler.address
+
+
+def run_joined(session_cluster, script, *args, check=True):
+    """run_in_process on the session's LocalCluster (`session_cluster`, the fixture's value)."""
+    return run_in_process(script, *args, "--scheduler", session_cluster, check=check)
+
+
 def run_script(script, *args, env=None, check=True, timeout=300):
     """Run a top-level script as a user would, with the repository's interpreter."""
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
@@ -182,36 +215,36 @@ def run_script(script, *args, env=None, check=True, timeout=300):
 
 
 @pytest.fixture(scope="session")
-def cleaned_data(tmp_path_factory):
+def cleaned_data(session_cluster, tmp_path_factory):
     """raw -> merged -> repartitioned -> cleaned on generated data, once per test session."""
     from recpipe.synthetic import generate
     root = tmp_path_factory.mktemp("pipeline")
     generate(root / "raw", customers=400, items=300, days=18, actions_per_customer=80, seed=3)
     for script, *args in (("merge_and_clean.py", "--raw", root / "raw"), ("repartition.py", "--buckets", "3"),
                           ("parse_ua_strings.py",)):
-        run_script(script, *args, "--data", root / "data", "--workers", "2")
+        run_joined(session_cluster, script, *args, "--data", root / "data")
     return root
 
 
 @pytest.fixture(scope="session")
-def processed_data(cleaned_data, tmp_path_factory):
+def processed_data(session_cluster, cleaned_data, tmp_path_factory):
     """cleaned_data carried on through preprocess.py, in a copy of its own: (data, preprocessors)."""
     import shutil
     root = tmp_path_factory.mktemp("processed")
     shutil.copytree(cleaned_data / "data", root / "data")
-    run_script("preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
-               "--max-history", "60", "--workers", "2")
+    run_joined(session_cluster, "preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
+               "--max-history", "60")
     return root / "data", root / "preprocessors"
 
 
 @pytest.fixture(scope="session")
-def compact_data(processed_data, tmp_path_factory):
+def compact_data(session_cluster, processed_data, tmp_path_factory):
     """processed_data's cleaned/ through preprocess.py --layout compact, with the same flags: (data, preprocessors)."""
     import shutil
     root = tmp_path_factory.mktemp("compact")
     shutil.copytree(processed_data[0], root / "data", ignore=shutil.ignore_patterns("processed"))
-    run_script("preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
-               "--max-history", "60", "--layout", "compact", "--workers", "2")
+    run_joined(session_cluster, "preprocess.py", "--data", root / "data", "--preprocessors", root / "preprocessors",
+               "--max-history", "60", "--layout", "compact")
     return root / "data", root / "preprocessors"
 
 

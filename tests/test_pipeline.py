@@ -12,7 +12,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script, temporary_folder
+from conftest import (BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_in_process, run_joined,
+                      run_main, run_script, temporary_folder)
 from recpipe import pipeline, stage, stages, tables
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
@@ -193,14 +194,14 @@ def test_pipeline_leftovers_of_killed_runs_are_reported_and_removed(chain, tmp_p
     (["clean", "processed"], "argument STAGE: invalid choice: 'processed'"),
 ])
 def test_pipeline_bad_flags_are_one_clear_line(tmp_path, argv, message):
-    result = run_script("pipeline.py", *argv, "--data", tmp_path, check=False)
+    result = run_in_process("pipeline.py", *argv, "--data", tmp_path, check=False)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(raw_dir, tmp_path):
+def test_pipeline_run_stops_at_a_failing_stage_with_its_exit_status(session_cluster, raw_dir, tmp_path):
     (raw_dir / "clicks" / "broken.jsonl.gz").write_bytes(b"not gzip")  # found only when the stage reads it
-    result = run_script("pipeline.py", "run", "--data", tmp_path / "data", "--raw", raw_dir, "--workers", "2",
+    result = run_joined(session_cluster, "pipeline.py", "run", "--data", tmp_path / "data", "--raw", raw_dir,
                         check=False)
     assert result.returncode == 2
     assert "broken.jsonl.gz: cannot be read or decompressed" in result.stderr
@@ -316,7 +317,7 @@ def test_pipeline_interrupted_midway_removes_the_stage_staging_folder_and_stops(
     assert (data / "repartitioned" / stage.MANIFEST).read_text() == manifest
 
 
-def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
+def test_pipeline_day_to_day_end_to_end(session_cluster, processed_data, cleaned_data, tmp_path):
     """On data made by the stage scripts: status, a re-run of one stage, a parameter change, reclaiming
     space, train.py on what is left, and what a changed merged/ makes of it all."""
     data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
@@ -325,44 +326,43 @@ def test_pipeline_day_to_day_end_to_end(processed_data, cleaned_data, tmp_path):
     where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", preprocessors]
     computing = [*where, "--workers", "2"]  # only `run` takes the cluster flags
 
-    status = run_script("pipeline.py", "status", *where).stdout
+    status = run_in_process("pipeline.py", "status", *where).stdout
     assert [line.split()[1] for line in status.splitlines() if line.endswith(".py") and "/" in line] == \
         ["complete"] * 4
     assert "made with: --buckets 3 --row-group-mb 64.0" in status  # each stage's parameters
     assert "--max-history 60" in status and "--layout timeline" in status
     assert "was fitted with processed/: train.py can run" in status
     assert "python pipeline.py clean merged" in status
-    assert "ran nothing" in run_script("pipeline.py", "run", *computing).stdout
+    assert "ran nothing" in run_in_process("pipeline.py", "run", *computing).stdout
 
     # Re-running one stage with the same input and parameters changes nothing after it.
-    rerun = run_script("pipeline.py", "run", "--from", "repartitioned", *computing).stdout
+    rerun = run_in_process("pipeline.py", "run", "--from", "repartitioned", *computing).stdout
     assert "=== repartitioned/ (asked with --from)" in rerun and "=== cleaned/" not in rerun
     assert rerun.count("Dask dashboard: ") == 1 and "joined scheduler" not in rerun  # one cluster, said once
     assert stage.read_manifest(data / "repartitioned")["parameters"]["buckets"] == 3  # kept, not the default
 
     # Asking for another history length remakes processed/ alone.
-    changed = run_script("pipeline.py", "run", "--max-history", "20", *computing).stdout
+    changed = run_joined(session_cluster, "pipeline.py", "run", "--max-history", "20", *where).stdout
     assert [line.split()[1] for line in changed.splitlines() if line.startswith("=== ") and "/ (" in line] == \
         ["processed/"]
     assert stage.read_manifest(data / "processed")["parameters"]["max_history"] == 20
 
     # Reclaiming space: processed/ stays complete, and train.py runs on it.
     for name in ("merged", "repartitioned"):
-        run_script("pipeline.py", "clean", name, *where)
+        run_in_process("pipeline.py", "clean", name, *where)
     states = {state.name: state.state for state in pipeline.inspect(data, cleaned_data / "raw", {})}
     assert states == {"merged": "cleaned away", "repartitioned": "cleaned away", "cleaned": "complete",
                       "processed": "complete"}
-    run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+    run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
                "--epochs", "1", "--max-steps", "3", "--batch-size", "64", "--dim", "8", "--workers", "0")
     assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 3
 
     # merged/ made again with another split: what was made from the old one is stale, and cleaned/ is kept.
-    run_script("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, "--test-days", "2",
-               "--workers", "2")
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, "--test-days", "2")
     states = {state.name: state for state in pipeline.inspect(data, cleaned_data / "raw", {})}
     assert states["cleaned"].reasons == ["merged/, which it was made from, was re-run since, with a different result."]
     assert states["processed"].state == "stale"
-    refused = run_script("pipeline.py", "clean", "cleaned", *where, check=False)
+    refused = run_in_process("pipeline.py", "clean", "cleaned", *where, check=False)
     assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/ after it" in refused.stderr
     assert (data / "cleaned" / stage.MANIFEST).exists()
 
@@ -384,7 +384,8 @@ def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(extern
         (processed_data[1] / "encoders.json").read_bytes()
 
 
-def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(cleaned_data, tmp_path):
+def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(session_cluster, cleaned_data,
+                                                                             tmp_path):
     """`clean merged`, and merge_and_clean.py which would replace merged/, while `run --from repartitioned`
     reads merged/: both refused at once naming the run; the run completes and merged/ is whole."""
     data = tmp_path / "data"
@@ -392,7 +393,7 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(c
     where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", tmp_path / "preprocessors"]
     merged = listing(data / "merged")
     process = subprocess.Popen([sys.executable, "pipeline.py", "run", "--from", "repartitioned", *map(str, where),
-                                "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                "--scheduler", session_cluster], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -401,8 +402,8 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(c
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGSTOP)  # the run, paused while it holds merged/, cannot end meanwhile
         try:
-            cleaning = run_script("pipeline.py", "clean", "merged", *where, check=False)
-            merging = run_script("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, check=False)
+            cleaning = run_in_process("pipeline.py", "clean", "merged", *where, check=False)
+            merging = run_in_process("merge_and_clean.py", "--raw", cleaned_data / "raw", "--data", data, check=False)
         finally:
             os.killpg(process.pid, signal.SIGCONT)
         stdout, stderr = process.communicate(timeout=120)

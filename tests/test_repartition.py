@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import run_script
+from conftest import run_in_process, run_joined
 from recpipe import schemas, stage, tables
 from recpipe.repartition import bucket_of
 from recpipe.tables import read_parts, write_sized
@@ -56,10 +56,10 @@ def read_buckets(stage_dir, table):
     return pd.concat(frames, ignore_index=True)
 
 
-def test_repartition_buckets_customers_and_sorts_each_bucket(raw_dir, tmp_path):
+def test_repartition_buckets_customers_and_sorts_each_bucket(session_cluster, raw_dir, tmp_path):
     data = tmp_path / "data"
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
-    result = run_script("repartition.py", "--data", data, "--buckets", "4", *CLUSTER)
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data)
+    result = run_joined(session_cluster, "repartition.py", "--data", data, "--buckets", "4")
     assert "row groups in memory" in result.stdout
     actions = read_buckets(data / "repartitioned", "actions")
     assert (actions.bucket == bucket_of(actions.customer_id, 4)).all()
@@ -79,30 +79,30 @@ def test_repartition_buckets_customers_and_sorts_each_bucket(raw_dir, tmp_path):
     assert set(manifest["row_group_mib_in_memory"]) == {"actions", "impressions"}
 
 
-def test_repartition_twice_gives_identical_files(raw_dir, tmp_path):
+def test_repartition_twice_gives_identical_files(session_cluster, raw_dir, tmp_path):
     data = tmp_path / "data"
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER)
-    run_script("repartition.py", "--data", data, *CLUSTER)
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data)
+    run_in_process("repartition.py", "--data", data, *CLUSTER)
     first = {p.relative_to(data): p.read_bytes() for p in (data / "repartitioned").rglob("*.parquet")}
-    run_script("repartition.py", "--data", data, "--workers", "2")
+    run_joined(session_cluster, "repartition.py", "--data", data)  # 2 workers of 1 thread
     second = {p.relative_to(data): p.read_bytes() for p in (data / "repartitioned").rglob("*.parquet")}
     assert first == second
 
 
 def test_repartition_refuses_when_merged_is_missing(tmp_path):
-    result = run_script("repartition.py", "--data", tmp_path, check=False)
+    result = run_in_process("repartition.py", "--data", tmp_path, check=False)
     assert result.returncode == 2
     assert "merged/ is missing: run merge_and_clean.py first" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(tmp_path):
+def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(session_cluster, tmp_path):
     data = tmp_path / "data"
     with stage.publish(data, "merged", {}, []) as run:
         for table in ("actions", "impressions"):
             tables.write_table(getattr(schemas, table.upper()).empty_table().to_pandas(),
                                run.path / table / "part-0.parquet", getattr(schemas, table.upper()))
-    run_script("repartition.py", "--data", data, *CLUSTER)
+    run_joined(session_cluster, "repartition.py", "--data", data)
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
     assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0}, "impressions": {"rows_in": 0, "kept": 0}}
     assert not (data / "repartitioned" / "_scratch").exists()

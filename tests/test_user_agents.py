@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GOOD_UA, run_script
+from conftest import GOOD_UA, run_in_process, run_joined
 from recpipe import schemas, stage, tables, user_agents
 from recpipe.cli import UserError
 
@@ -149,17 +149,17 @@ def cleaned_tables(data_dir):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(session_cluster, tmp_path_factory):
     """The script run twice on one fabricated repartitioned/; what each run wrote, and the input."""
     data = tmp_path_factory.mktemp("ua") / "data"
     written = fabricate_repartitioned(data)
     action_bytes = {str(path.relative_to(data / "repartitioned")): path.read_bytes()
                     for path in (data / "repartitioned" / "actions").rglob("*.parquet")}
     bucket_files = len(list((data / "repartitioned" / "impressions" / "bucket=00000").glob("*.parquet")))
-    first = run_script("parse_ua_strings.py", "--data", data, *CLUSTER)
+    first = run_joined(session_cluster, "parse_ua_strings.py", "--data", data)
     first_tables = cleaned_tables(data)
     first_manifest = json.loads((data / "cleaned" / "_stage.json").read_text())
-    run_script("parse_ua_strings.py", "--data", data, *CLUSTER)
+    run_in_process("parse_ua_strings.py", "--data", data, *CLUSTER)  # on another cluster shape: the same rows
     return {"data": data, "written": written, "action_bytes": action_bytes, "bucket_files": bucket_files,
             "stdout": first.stdout,
             "first": first_tables, "first_manifest": first_manifest, "second": cleaned_tables(data)}
@@ -221,7 +221,7 @@ def test_parse_ua_strings_output_survives_deleting_repartitioned(two_runs):
 
 
 def test_parse_ua_strings_without_repartitioned_says_what_to_run(tmp_path):
-    result = run_script("parse_ua_strings.py", "--data", tmp_path / "data", *CLUSTER, check=False)
+    result = run_in_process("parse_ua_strings.py", "--data", tmp_path / "data", *CLUSTER, check=False)
     assert result.returncode == 2
     assert "run repartition.py first" in result.stderr
     assert "Traceback" not in result.stderr
