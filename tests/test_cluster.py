@@ -119,6 +119,7 @@ def test_cluster_scheduler_that_cannot_be_joined_is_a_user_error(monkeypatch, si
     assert message in str(error.value)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("flags, environment, message", [
     (["--scheduler", "foo"], {}, "error: --scheduler foo is not a Dask scheduler address: it needs a host and a "
                                  "port (1-65535); give the address `dask scheduler` prints, like tcp://HOST:8786, or "
@@ -159,6 +160,7 @@ def test_cluster_local_cluster_listens_on_loopback_only():
     assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
 
 
+@pytest.mark.processes
 def test_cluster_a_script_and_its_workers_listen_on_loopback_only(raw_dir, tmp_path):
     """merge_and_clean.py as a user runs it: the dashboard it links, and everything else it and its workers
     listen on, cannot be reached from another machine (the dashboard used to listen on every interface)."""

@@ -27,6 +27,9 @@ import pytest
 
 from conftest import ROOT, run_script
 
+# Every fault here needs processes of its own: killed workers, a lost scheduler, a disk that fills up.
+pytestmark = pytest.mark.processes
+
 DEADLINE = 180  # seconds; generous, the runs take about 10 s on 2 shared cores
 
 

@@ -58,6 +58,7 @@ def test_folders_discard_keeps_the_marker_over_what_it_could_not_remove(tmp_path
     assert folders.owner(staging) == (os.uname().nodename, os.getpid())
 
 
+@pytest.mark.processes
 def test_folders_a_reader_keeps_a_replacer_out_and_is_named(tmp_path):
     """The lock is held by another process (a reader), as a running stage or train.py holds it."""
     target = tmp_path / "merged"

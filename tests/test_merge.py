@@ -12,8 +12,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXPECTED_ACCOUNTING, ROOT, run_script, write_planted_raw
+from conftest import EXPECTED_ACCOUNTING, ROOT, run_in_process, run_joined, run_script, write_planted_raw
 
+# The planted run's own LocalCluster: a shape other than the session cluster's 2 workers x 1 thread,
+# which test_merge_twice_gives_identical_rows_in_identical_order compares it with.
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
 
 
@@ -23,15 +25,17 @@ def read_table(path):
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """conftest's planted raw data merged once: (the run's result, its --data), for tests that only read them."""
+    """conftest's planted raw data merged once, in this process on a LocalCluster of its own (1 worker x 2
+    threads, which prints its dashboard link): (the run's result, its --data, its --raw), for tests that
+    only read them."""
     root = tmp_path_factory.mktemp("planted")
     raw = write_planted_raw(root)
-    result = run_script("merge_and_clean.py", "--raw", raw, "--data", root / "data", *CLUSTER)
-    return result, root / "data"
+    result = run_in_process("merge_and_clean.py", "--raw", raw, "--data", root / "data", *CLUSTER)
+    return result, root / "data", raw
 
 
 def test_merge_accounting_balances_and_matches_planted_rows(planted):
-    result, data = planted
+    result, data, _ = planted
     manifest = json.loads((data / "merged" / "_stage.json").read_text())
     assert manifest["accounting"] == EXPECTED_ACCOUNTING
     assert "Dask dashboard: http" in result.stdout
@@ -70,18 +74,19 @@ def merged_rows(data_dir):
     return {str(path.relative_to(merged)): read_table(path) for path in sorted(merged.rglob("*.parquet"))}
 
 
-def test_merge_twice_gives_identical_rows_in_identical_order(raw_dir, tmp_path):
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "a", *CLUSTER)
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "b", "--workers", "2")
-    first, second = merged_rows(tmp_path / "a"), merged_rows(tmp_path / "b")
+def test_merge_twice_gives_identical_rows_in_identical_order(planted, session_cluster, tmp_path):
+    """The planted run (1 worker x 2 threads) and a run of the same raw folder on 2 workers x 1 thread."""
+    _, first_data, raw = planted
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw, "--data", tmp_path / "b")
+    first, second = merged_rows(first_data), merged_rows(tmp_path / "b")
     assert first.keys() == second.keys()
     for name in first:
         pd.testing.assert_frame_equal(first[name], second[name])
 
 
-def test_merge_labels_splits_by_day(raw_dir, tmp_path):
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", "--test-days", "1",
-               "--val-days", "0", "--train-days", "0", *CLUSTER)
+def test_merge_labels_splits_by_day(raw_dir, session_cluster, tmp_path):
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", "--test-days", "1",
+               "--val-days", "0", "--train-days", "0")
     impressions = read_table(tmp_path / "data" / "merged" / "impressions")
     assert impressions.groupby("split").dt.unique().map(list).to_dict() == {
         "test": [pd.Timestamp("2024-03-03").date()], "unused": [pd.Timestamp("2024-03-02").date()]}
@@ -94,12 +99,13 @@ def test_merge_labels_splits_by_day(raw_dir, tmp_path):
     (lambda raw: (raw / "clicks" / "more.xml").write_text("<x/>"), "more.xml: unknown format"),
     (lambda raw: (raw / "clicks" / "2024-03-01.jsonl").write_text("\n"), "clicks/ holds no rows"),
 ])
-def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, planted, tmp_path, breakage, message):
+def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, planted, session_cluster, tmp_path, breakage,
+                                                            message):
     data = tmp_path / "data"
     shutil.copytree(planted[1], data)
     before = (data / "merged" / "_stage.json").read_text()
     breakage(raw_dir)
-    result = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, *CLUSTER, check=False)
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data, check=False)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -107,13 +113,15 @@ def test_merge_bad_source_stops_and_leaves_merged_as_it_was(raw_dir, planted, tm
     assert sorted(p.name for p in data.iterdir()) == ["merged"]
 
 
-def test_merge_runs_on_an_external_scheduler_and_workers(raw_dir, tmp_path, external_cluster):
-    """A `dask scheduler` and two `dask worker`s on loopback, the workers started outside the repository."""
-    external = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "external",
+@pytest.mark.processes
+def test_merge_runs_on_an_external_scheduler_and_workers(planted, tmp_path, external_cluster):
+    """A `dask scheduler` and two `dask worker`s on loopback, the workers started outside the repository;
+    the same rows as the planted run's, of the same raw folder, on a LocalCluster."""
+    _, local_data, raw = planted
+    external = run_script("merge_and_clean.py", "--raw", raw, "--data", tmp_path / "external",
                           env=external_cluster.env)
     assert f"joined scheduler {external_cluster.address} (2 workers)" in external.stdout
-    run_script("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "local", *CLUSTER)
-    external_rows, local_rows = merged_rows(tmp_path / "external"), merged_rows(tmp_path / "local")
+    external_rows, local_rows = merged_rows(tmp_path / "external"), merged_rows(local_data)
     assert external_rows.keys() == local_rows.keys()
     for name in local_rows:
         pd.testing.assert_frame_equal(external_rows[name], local_rows[name])
@@ -129,10 +137,10 @@ def generated_raw(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def generated_merged(generated_raw, tmp_path_factory):
+def generated_merged(generated_raw, session_cluster, tmp_path_factory):
     """merged/ of generated_raw, made once: the previous output the kill tests start from."""
     data = tmp_path_factory.mktemp("generated-merged") / "data"
-    run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", generated_raw, "--data", data)
     return data
 
 
@@ -151,8 +159,10 @@ def test_merge_accounting_matches_what_the_generator_planted(generated_raw, gene
         assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
-def test_merge_killed_midway_leaves_the_previous_output(generated_raw, generated_merged, tmp_path, signal_number):
+def test_merge_killed_midway_leaves_the_previous_output(generated_raw, generated_merged, session_cluster, tmp_path,
+                                                        signal_number):
     data = tmp_path / "data"
     shutil.copytree(generated_merged, data)
     previous = merged_rows(data)
@@ -172,7 +182,8 @@ def test_merge_killed_midway_leaves_the_previous_output(generated_raw, generated
     assert (data / "merged" / "_stage.json").read_text() == manifest
     staging_left = list(data.glob(".merged.staging-*"))
     assert staging_left if signal_number == signal.SIGKILL else not staging_left
-    result = run_script("merge_and_clean.py", "--raw", generated_raw, "--data", data)
+    # The run that cleans up after the killed one puts no signal under test: it joins the session's cluster.
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", generated_raw, "--data", data)
     assert not list(data.glob(".merged.staging-*"))
     if signal_number == signal.SIGKILL:
         assert "left behind by a killed run" in result.stdout

@@ -17,6 +17,7 @@ import collections
 import datetime as dt
 import decimal
 import gzip
+import inspect
 import json
 import random
 from pathlib import Path
@@ -24,10 +25,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from distributed import Client
 
-from conftest import run_script
+from conftest import run_joined
 from recpipe import schemas
 from recpipe.merge import SPLIT_BYTES, clean_file, merge_and_clean
 from recpipe.raw import FIELDS, list_source_files
@@ -386,10 +388,17 @@ def read_all(directory):
     return paths, pa.concat_tables([pq.read_table(path) for path in paths]).to_pandas() if paths else pd.DataFrame()
 
 
-def test_merge_fuzz_stage_never_crashes_and_accounts_for_every_row(tmp_path):
-    raw, data = tmp_path / "raw", tmp_path / "data"
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """build_raw(raw, SEED) made once for the tests that only read it: (raw, rows, written)."""
+    raw = tmp_path_factory.mktemp("fuzz-corpus") / "raw"
     rows, written = build_raw(raw, SEED)
-    result = run_script("merge_and_clean.py", "--raw", raw, "--data", data, "--workers", "2", check=False, timeout=120)
+    return raw, rows, written
+
+
+def test_merge_fuzz_stage_never_crashes_and_accounts_for_every_row(corpus, session_cluster, tmp_path):
+    (raw, rows, written), data = corpus, tmp_path / "data"
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw, "--data", data, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-3000:]
     merged = data / "merged"
@@ -441,7 +450,7 @@ def test_merge_fuzz_stage_never_crashes_and_accounts_for_every_row(tmp_path):
         assert kept_rankings.groupby("customer_id").ranking_id.nunique().eq(1).all()
 
 
-def test_merge_fuzz_source_of_only_empty_files_stops_with_one_line_naming_it(tmp_path):
+def test_merge_fuzz_source_of_only_empty_files_stops_with_one_line_naming_it(session_cluster, tmp_path):
     raw, data = tmp_path / "raw", tmp_path / "data"
     rng = random.Random(SEED)
     rows = Rows(rng)
@@ -455,7 +464,7 @@ def test_merge_fuzz_source_of_only_empty_files_stops_with_one_line_naming_it(tmp
     write_file(carts / "empty.json.gz", b"", rng)
     pq.write_table(pa.table({"dt": pa.array([], pa.string()), "customer_id": pa.array([], pa.int64())}),
                    carts / "no-rows.parquet")
-    result = run_script("merge_and_clean.py", "--raw", raw, "--data", data, "--workers", "2", check=False, timeout=120)
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw, "--data", data, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -464,7 +473,7 @@ def test_merge_fuzz_source_of_only_empty_files_stops_with_one_line_naming_it(tmp
     assert not (data / "merged").exists()
 
 
-def test_merge_fuzz_every_row_set_aside_still_publishes_the_quarantine(tmp_path):
+def test_merge_fuzz_every_row_set_aside_still_publishes_the_quarantine(session_cluster, tmp_path):
     """No row of any source survives: the stage publishes the accounting and the quarantine, no kept table."""
     raw, data = tmp_path / "raw", tmp_path / "data"
     rng = random.Random(SEED + 3)
@@ -481,7 +490,7 @@ def test_merge_fuzz_every_row_set_aside_still_publishes_the_quarantine(tmp_path)
             lines.append(json_line(record))
         write_file(raw / source / "bad.jsonl", b"\n".join(lines), rng)
         written[source] = len(lines)
-    result = run_script("merge_and_clean.py", "--raw", raw, "--data", data, "--workers", "2", check=False, timeout=120)
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw, "--data", data, check=False)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     accounting = json.loads((data / "merged" / "_stage.json").read_text())["accounting"]
     assert accounting["impressions.rankings"] == {"rows_in": 5, "kept": 1, "set_aside": {
@@ -494,9 +503,9 @@ def test_merge_fuzz_every_row_set_aside_still_publishes_the_quarantine(tmp_path)
     assert not list((data / "merged").glob("impressions/*.parquet")) + list((data / "merged").glob("actions/*.parquet"))
 
 
-def check_file(path, source, index, out, written, expected):
-    """Clean one file in-process; every row must end where `expected` allows and the file's accounting balance."""
-    report = clean_file(str(path), source, index, str(out), 2)
+def check_file(path, source, index, out, written, expected, report):
+    """`report`, what clean_file returned for one file: every row must end where `expected` allows and the
+    file's accounting balance."""
     assert report["rows_in"] == written
     quarantine_path = out / "_quarantine" / source / f"part-{index:05d}.parquet"
     quarantine = pq.read_table(quarantine_path).to_pandas() if quarantine_path.exists() else pd.DataFrame(
@@ -520,10 +529,21 @@ def check_file(path, source, index, out, written, expected):
     return report
 
 
-def test_merge_fuzz_each_mutation_ends_where_the_spec_says(tmp_path):
-    """Hundreds of small files, each with a few mutated rows among valid ones, cleaned in-process."""
+def check_files(session_cluster, cases):
+    """check_file for every case (path, source, index, out, written, expected), the files cleaned by clean_file
+    on the session cluster's two workers at once, as a stage runs it, and each checked here."""
+    with Client(session_cluster) as client:
+        futures = [client.submit(clean_file, str(path), source, index, str(out), 2, pure=False)
+                   for path, source, index, out, _, _ in cases]
+        for case, future in zip(cases, futures):
+            check_file(*case, report=future.result())
+
+
+def test_merge_fuzz_each_mutation_ends_where_the_spec_says(session_cluster, tmp_path):
+    """Hundreds of small files, each with a few mutated rows among valid ones, each cleaned and checked."""
     rng = random.Random(SEED + 1)
     rows = Rows(rng)
+    cases = []
     for case in range(200):
         source = rng.choice(list(FIELDS))
         fmt = ".jsonl" if source == "impressions" or rng.random() < 0.6 else ".csv"
@@ -532,7 +552,8 @@ def test_merge_fuzz_each_mutation_ends_where_the_spec_says(tmp_path):
         make = json_file if fmt == ".jsonl" else csv_file
         data, written, expected = make(rows, source, rng.randint(0, 4), rng.randint(0, 2), rng.randint(1, 8))
         write_file(path, data, rng)
-        check_file(path, source, case, tmp_path / "out" / f"{case:03d}", written, expected)
+        cases.append((path, source, case, tmp_path / "out" / f"{case:03d}", written, expected))
+    check_files(session_cluster, cases)
 
 
 def test_merge_fuzz_csv_without_a_required_column_sets_every_row_aside_for_it(tmp_path):
@@ -563,10 +584,10 @@ def wrong_columns(n):
     ]
 
 
-def test_merge_fuzz_parquet_columns_of_wrong_types_set_their_rows_aside(tmp_path):
+def test_merge_fuzz_parquet_columns_of_wrong_types_set_their_rows_aside(session_cluster, tmp_path):
     rng = random.Random(SEED + 4)
     rows = Rows(rng)
-    case = 0
+    case, cases = 0, []
     for source in FIELDS:
         for column in wrong_columns(4):
             records = [{name: json.loads(value) for name, value in rows.record(source, rng.randint(1, 10**6)).items()}
@@ -581,9 +602,10 @@ def test_merge_fuzz_parquet_columns_of_wrong_types_set_their_rows_aside(tmp_path
             write_file(path, sink.getvalue().to_pybytes(), rng)
             invalid_utf8 = column.type == pa.binary() and column[0].as_py() == b"\xff\xfe"
             allowed = {"malformed"} if invalid_utf8 else field_reasons(name)
-            check_file(path, source, case, tmp_path / "out" / f"{case:03d}", 4,
-                       [(row, allowed, None) for row in range(1, 5)])
+            cases.append((path, source, case, tmp_path / "out" / f"{case:03d}", 4,
+                          [(row, allowed, None) for row in range(1, 5)]))
             case += 1
+    check_files(session_cluster, cases)
 
 
 def merged_files(directory):
@@ -591,32 +613,41 @@ def merged_files(directory):
             if path.is_file()}
 
 
-def merge_corpus_ways(tmp_path, ways):
-    """The fuzz corpus merged once per `ways` entry (merge_and_clean's keyword arguments), on one in-process
-    client: {way: (accounting, impression days, extra fields, the output folder)}."""
-    raw = tmp_path / "raw"
-    build_raw(raw, SEED)
+@pytest.fixture(scope="module")
+def merged_corpus(corpus, session_cluster, tmp_path_factory):
+    """merged_corpus(**way): the fuzz corpus merged with merge_and_clean's keyword arguments `way`, on the
+    session's cluster, once per way for the module (the tests only read the output): (accounting,
+    impression days, extra fields, the output folder). The default way, whole files read in Arrow blocks,
+    is what both comparisons below hold the other ways against."""
+    raw = corpus[0]
     raw_files = {source: list_source_files(raw, source) for source in FIELDS}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(merge_and_clean).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
     results = {}
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        for number, way in enumerate(ways):
-            out = tmp_path / f"out-{number}"
-            results[number] = (*merge_and_clean(client, raw_files, out, 1, 1, 14, **way), out)
-    return [results[number] for number in range(len(ways))]
+
+    def merged(**way):
+        key = tuple(sorted({**defaults, **way}.items()))  # line_by_line=False is split_bytes=SPLIT_BYTES: one run
+        if key not in results:
+            out = tmp_path_factory.mktemp("fuzz-merged") / "out"
+            with Client(session_cluster) as client:
+                results[key] = (*merge_and_clean(client, raw_files, out, 1, 1, 14, **way), out)
+        return results[key]
+
+    return merged
 
 
-def test_merge_fuzz_arrow_blocks_write_byte_for_byte_what_line_by_line_reading_writes(tmp_path):
+def test_merge_fuzz_arrow_blocks_write_byte_for_byte_what_line_by_line_reading_writes(merged_corpus):
     """The fuzz corpus through both paths: every file merged/ would hold, compared byte by byte."""
-    by_line, by_block = merge_corpus_ways(tmp_path, [{"line_by_line": True}, {"line_by_line": False}])
+    by_line, by_block = merged_corpus(line_by_line=True), merged_corpus(line_by_line=False)
     assert by_line[:3] == by_block[:3]
     by_line_files, by_block_files = merged_files(by_line[3]), merged_files(by_block[3])
     assert by_line_files.keys() == by_block_files.keys()
     assert [name for name, data in by_line_files.items() if by_block_files[name] != data] == []
 
 
-def test_merge_fuzz_a_file_read_in_byte_ranges_gives_the_rows_of_the_whole_file(tmp_path):
+def test_merge_fuzz_a_file_read_in_byte_ranges_gives_the_rows_of_the_whole_file(merged_corpus):
     """Every JSON Lines and CSV file of the corpus cut into 64 KiB ranges: the same rows kept and set aside."""
-    whole, cut = merge_corpus_ways(tmp_path, [{"split_bytes": SPLIT_BYTES}, {"split_bytes": 65536}])
+    whole, cut = merged_corpus(split_bytes=SPLIT_BYTES), merged_corpus(split_bytes=65536)
     assert whole[:3] == cut[:3]
     assert len(list(cut[3].glob("actions/*.*.parquet"))) > 0  # some files were cut
     for name in ("actions", "impressions", "_quarantine"):

@@ -289,6 +289,7 @@ def test_pipeline_clean_refuses_a_folder_a_stage_did_not_write(chain, capsys):
     assert listing(data) == before
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_pipeline_interrupted_midway_removes_the_stage_staging_folder_and_stops(cleaned_data, tmp_path,
                                                                                signal_number):
@@ -367,6 +368,7 @@ def test_pipeline_day_to_day_end_to_end(session_cluster, processed_data, cleaned
     assert (data / "cleaned" / stage.MANIFEST).exists()
 
 
+@pytest.mark.processes
 def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(external_cluster, processed_data,
                                                                           cleaned_data, tmp_path):
     """`pipeline.py run --scheduler` against a `dask scheduler` and two `dask worker` processes on loopback:
@@ -384,6 +386,7 @@ def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(extern
         (processed_data[1] / "encoders.json").read_bytes()
 
 
+@pytest.mark.processes
 def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(session_cluster, cleaned_data,
                                                                              tmp_path):
     """`clean merged`, and merge_and_clean.py which would replace merged/, while `run --from repartitioned`

@@ -15,10 +15,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, listing, one_line, run_main, run_script
+from conftest import ROOT, listing, one_line, run_in_process, run_joined, run_main
 from recpipe.histories import history_windows, padded, timelines
 from recpipe.preprocess import LeakError, check_histories, check_timelines, in_sample
 
+# What a run that starts its own LocalCluster (a killed one, a refusal) is given; runs that join the session's
+# cluster (run_joined: 2 workers as well) are given none, since a joined scheduler ignores them.
 CLUSTER = ["--workers", "2"]
 
 
@@ -30,13 +32,24 @@ def processed_content(data):
     return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "processed").rglob("*.parquet"))}
 
 
-def test_preprocess_all_stages_end_to_end(cleaned_data, tmp_path):
+@pytest.fixture(scope="module")
+def default_run(session_cluster, cleaned_data, tmp_path_factory):
+    """cleaned_data through preprocess.py with every default, once for this module: (data, preprocessors).
+    Tests copy both before running anything on them."""
+    root = tmp_path_factory.mktemp("default-preprocess")
+    shutil.copytree(cleaned_data / "data", root / "data")
+    run_joined(session_cluster, "preprocess.py", "--data", root / "data", "--preprocessors", root / "pre")
+    return root / "data", root / "pre"
+
+
+def test_preprocess_all_stages_end_to_end(session_cluster, cleaned_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data)
     # merged/ and repartitioned/ may be deleted once cleaned/ exists.
     shutil.rmtree(data / "merged")
     shutil.rmtree(data / "repartitioned")
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "50", *CLUSTER)
+    run_joined(session_cluster, "preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history",
+               "50")
     manifest = json.loads((data / "processed" / "_stage.json").read_text())
     impressions = manifest["accounting"]["impressions"]
     assert impressions["kept"] + sum(impressions["set_aside"].values()) == impressions["rows_in"]
@@ -66,31 +79,32 @@ def test_preprocess_all_stages_end_to_end(cleaned_data, tmp_path):
     assert json.loads((tmp_path / "pre" / "fit.json").read_text())["parameters"]["max_history"] == 50
 
 
-def test_preprocess_twice_gives_identical_output_and_preprocessors(cleaned_data, tmp_path):
+def test_preprocess_twice_gives_identical_output_and_preprocessors(default_run, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(cleaned_data / "data", data)  # a copy: cleaned_data is the whole session's
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a", *CLUSTER)
+    # The first run is default_run's (on the session's 2 workers); the second replaces processed/ in this copy of it.
+    shutil.copytree(default_run[0], data)
     first = processed_content(data)
     (tmp_path / "b").mkdir()  # as in a clone: preprocessors/ holds the README saying what lands there
     (tmp_path / "b" / "README.md").write_text("What preprocess.py fits lands here.\n")
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
+    # The second on a LocalCluster of its own with 1 worker: the output does not depend on the cluster's shape.
+    run_in_process("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
     assert processed_content(data) == first
     for name in ("encoders.json", "scaler.json", "fit.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (default_run[1] / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
         "README.md", "encoders.json", "fit.json", "scaler.json"]
     assert (tmp_path / "b" / "README.md").read_text() == "What preprocess.py fits lands here.\n"
 
 
-def test_preprocess_wide_layout_pads_the_same_histories(cleaned_data, tmp_path):
+def test_preprocess_wide_layout_pads_the_same_histories(session_cluster, cleaned_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data)
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20",
-               "--layout", "compact", *CLUSTER)
+    run_joined(session_cluster, "preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history",
+               "20", "--layout", "compact")
     compact = read(data / "processed" / "val" / "examples").merge(
         read(data / "processed" / "val" / "histories"), on=["customer_id", "dt"])
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history", "20",
-               "--layout", "wide", *CLUSTER)
+    run_joined(session_cluster, "preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", "--max-history",
+               "20", "--layout", "wide")
     wide = read(data / "processed" / "val")
     assert len(wide) == len(compact)
     assert wide.actions.map(len).eq(20).all()
@@ -146,7 +160,7 @@ def test_preprocess_timeline_leak_guard_rejects_a_window_reaching_day_d():
 
 
 def test_preprocess_refuses_when_cleaned_is_missing(tmp_path):
-    result = run_script("preprocess.py", "--data", tmp_path, check=False)
+    result = run_in_process("preprocess.py", "--data", tmp_path, check=False)  # refused before a cluster starts
     assert result.returncode == 2
     assert "cleaned/ is missing: run parse_ua_strings.py first" in result.stderr
 
@@ -177,11 +191,13 @@ def test_preprocess_padded_right_pads_and_truncates():
     assert padded(lists, np.array([2, 0, 1]), 2, np.int64).tolist() == [[8, 0], [5, 6], [0, 0]]
 
 
-def test_preprocess_killed_midway_leaves_the_previous_output(cleaned_data, tmp_path):
+@pytest.mark.processes
+def test_preprocess_killed_midway_leaves_the_previous_output(default_run, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(cleaned_data / "data", data)
-    run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre", *CLUSTER)
+    shutil.copytree(default_run[0], data)  # processed/ and preprocessors/ of a run with the defaults
+    shutil.copytree(default_run[1], tmp_path / "pre")
     previous = processed_content(data)
+    # A process of its own, with its own LocalCluster: killing its process group kills its workers too.
     process = subprocess.Popen([sys.executable, "preprocess.py", "--data", data, "--preprocessors", tmp_path / "pre",
                                 "--max-history", "7", *CLUSTER],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -200,8 +216,8 @@ def test_preprocess_unusable_preprocessors_folder_is_refused_before_anything_is_
     shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned"))
     (tmp_path / "a-file").write_text("")
     before = listing(tmp_path)
-    result = run_script("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a-file" / "pre", *CLUSTER,
-                        check=False)
+    result = run_in_process("preprocess.py", "--data", data, "--preprocessors", tmp_path / "a-file" / "pre",
+                            *CLUSTER, check=False)  # refused before a cluster starts
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: cannot make {tmp_path / 'a-file' / 'pre'}/: a file stands where a folder above it should be; "
@@ -231,13 +247,14 @@ def test_preprocess_refuses_a_preprocessors_folder_it_did_not_write_and_leaves_i
     assert listing(tmp_path) == before
 
 
-def test_preprocess_through_pipeline_refuses_a_preprocessors_folder_it_did_not_write(cleaned_data, tmp_path):
+def test_preprocess_through_pipeline_refuses_a_preprocessors_folder_it_did_not_write(session_cluster, cleaned_data,
+                                                                                        tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cleaned_data / "data", data, ignore=shutil.ignore_patterns("merged", "repartitioned", "processed"))
     shutil.copytree(cleaned_data / "raw", tmp_path / "raw")
     before = listing(tmp_path)
-    result = run_script("pipeline.py", "run", "--data", data, "--raw", tmp_path / "raw", "--preprocessors",
-                        tmp_path / "raw", *CLUSTER, check=False)
+    result = run_joined(session_cluster, "pipeline.py", "run", "--data", data, "--raw", tmp_path / "raw",
+                        "--preprocessors", tmp_path / "raw", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[0].startswith(f"error: refusing to replace {tmp_path / 'raw'}/: it holds ")
     assert "preprocess.py failed (exit status 2)" in result.stderr.splitlines()[1]

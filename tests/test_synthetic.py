@@ -276,6 +276,7 @@ def test_synthetic_user_agents_are_mostly_stable_per_customer(raw):
     assert top_share.median() >= 0.8
 
 
+@pytest.mark.processes
 def test_synthetic_generate_data_cli(tmp_path):
     out = tmp_path / "raw"
     result = subprocess.run([sys.executable, str(ROOT / "generate_data.py"), "--out", str(out), "--customers", "40",
@@ -288,6 +289,7 @@ def test_synthetic_generate_data_cli(tmp_path):
     assert {path.name for path in out.iterdir()} == {*SOURCES, "_generated.json"}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("occupant", ["raw logs", "a stage folder"])
 def test_synthetic_generate_data_replaces_only_what_it_generated(tmp_path, occupant):
     """`generate_data.py --out data` used to replace the whole data folder (every stage, the real logs)."""

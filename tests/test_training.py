@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_main, run_script
+from conftest import BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_in_process, run_main
 from recpipe import encoders, stage
 from recpipe.model import Recommender
 from recpipe.training import load_checkpoint, log_loss, roc_auc, save_checkpoint, select
@@ -121,7 +121,7 @@ def trained_run(processed_data, tmp_path_factory):
     """One run of train.py with TINY: (its folder, its result). Tests copy the folder before changing it."""
     data, preprocessors = processed_data
     run = tmp_path_factory.mktemp("trained") / "run"
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", run, *TINY)
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", run, *TINY)
     return run, result
 
 
@@ -236,8 +236,8 @@ def test_train_resume_of_a_finished_run_evaluates_it_in_its_own_folder(trained_r
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
     checkpoint, metrics = (run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, *TINY,
-                        "--resume", run / "checkpoint.pt")
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, *TINY,
+                            "--resume", run / "checkpoint.pt")
     assert "nothing left to train" in result.stdout
     assert (run / "checkpoint.pt").read_bytes() == checkpoint and (run / "metrics.jsonl").read_text() == metrics
     final = strict_json((run / "final.json").read_text())
@@ -250,8 +250,8 @@ def test_train_resume_of_a_finished_run_evaluates_it_in_its_own_folder(trained_r
 def test_train_refuses_an_empty_train_split_naming_train_days(processed_data, tmp_path):
     data, preprocessors = without_split(processed_data, tmp_path, "train", train_days=0)
     before = snapshot(tmp_path)
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
-                        *TINY, check=False)
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                            *TINY, check=False)
     assert_one_line_error(result, "processed/ has no train examples", "--train-days 0",
                           "python pipeline.py run --train-days 14")
     assert snapshot(tmp_path) == before
@@ -277,9 +277,9 @@ def test_train_with_an_empty_val_split_selects_by_training_loss_and_says_so(proc
 def test_train_with_one_class_in_val_selects_by_val_log_loss(processed_data, tmp_path):
     data, preprocessors = processed_data
     # One val example evaluated: one class, so AUC is undefined (and so is the test AUC, of one example too).
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
-                        "--epochs", "1", "--max-steps", "3", "--batch-size", "1", "--eval-batches", "1",
-                        "--dim", "8", "--workers", "0")
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                            "--epochs", "1", "--max-steps", "3", "--batch-size", "1", "--eval-batches", "1",
+                            "--dim", "8", "--workers", "0")
     assert "val AUC is undefined" in result.stdout and "choosing the checkpoint by val log loss" in result.stdout
     final = strict_json((tmp_path / "run" / "final.json").read_text())
     assert final["selected_by"] == "val_logloss" and final["val_auc"] is None and final["val_logloss"] > 0
@@ -318,6 +318,7 @@ def start_training(data, preprocessors, out, *flags):
     raise AssertionError(f"train.py ended before it started training: {process.communicate()}")
 
 
+@pytest.mark.processes
 def test_train_holds_processed_so_preprocess_cannot_replace_it_midway(processed_data, tmp_path, capsys):
     """`preprocess.py --min-frequency 50` while train.py runs used to replace processed/ under it (training went
     on with other vocabulary indices, or died in an IndexError): now preprocess.py is refused, naming train.py."""
@@ -340,6 +341,7 @@ def test_train_holds_processed_so_preprocess_cannot_replace_it_midway(processed_
     assert strict_json((tmp_path / "run" / "final.json").read_text())["steps"] == 3
 
 
+@pytest.mark.processes
 def test_train_stops_in_one_line_when_processed_is_swapped_midway(processed_data, tmp_path):
     """processed/ replaced by other means than preprocess.py (moved by hand, or from another machine, where
     no lock reaches): the run stops at the next day it reads, and writes no final.json."""
@@ -364,6 +366,7 @@ def test_train_stops_in_one_line_when_processed_is_swapped_midway(processed_data
     assert not (tmp_path / "run" / "final.json").exists()
 
 
+@pytest.mark.processes
 def test_train_imports_nothing_of_dask():
     """The training side runs where only PyTorch, PyArrow, pandas and NumPy are installed (a GPU machine)."""
     blocked = "import sys; sys.modules.update(dask=None, distributed=None); import train"
@@ -449,8 +452,10 @@ def test_train_refuses_a_step_that_does_not_fit_in_memory_naming_a_batch_size_th
 
 def test_train_in_a_log_prints_progress_lines_and_the_rule_beside_the_model(processed_data, tmp_path):
     data, preprocessors = processed_data
-    result = run_script("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
-                        "--epochs", "1", "--max-steps", "4", "--batch-size", "64", "--dim", "8", "--log-seconds", "0")
+    # In this process, stdout a StringIO (run_in_process): not a terminal, as a log is, so Progress prints lines.
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                            "--epochs", "1", "--max-steps", "4", "--batch-size", "64", "--dim", "8",
+                            "--log-seconds", "0")
     progress = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1 step ")]
     assert [line.split(" | ")[0] for line in progress] == [f"epoch 1/1 step {n}/4" for n in (1, 2, 3, 4, 4)]
     assert all(re.fullmatch(r"epoch 1/1 step \d/4 \| [\d,]+ examples/s \| loss \d\.\d{4} \| epoch ETA \dm\d\ds", line)
