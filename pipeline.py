@@ -47,7 +47,9 @@ def parse_args(argv=None):
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    cli.local_folders(args, [folder.name for folder in stages.FOLDERS])
+    return args
 
 
 def inspect(args):

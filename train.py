@@ -82,7 +82,9 @@ def parse_args(argv=None):
             kind = float if isinstance(default, float) else str if isinstance(default, str) else int
             shown = "" if default is None else f" (default: {default})"
             parser.add_argument(flag, type=kind, default=default, help=words + shown)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    cli.local_folders(args, ["data", "preprocessors", "out", "resume"])
+    return args
 
 
 def pick_device(name):

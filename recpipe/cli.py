@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -35,6 +36,31 @@ NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 def flag(name):
     """The command-line flag of a parameter or option name: max_history -> --max-history."""
     return "--" + name.replace("_", "-")
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def local_folders(args, names):
+    """Check that the folder flags `names` of `args` are paths on this machine's file systems, turning a
+    file:// URL into its path; a URL of anything else (s3://, gs://, abfs://, ...) is a UserError.
+
+    Without this, pathlib would read s3://bucket/raw as the folder s3:/bucket/raw and report it missing.
+    """
+    for name in names:
+        text = getattr(args, name, None)
+        match = _URL.match(str(text)) if text is not None else None
+        if match is None:
+            continue
+        scheme = match.group(1).lower()
+        if scheme == "file":
+            parsed = urllib.parse.urlparse(str(text))
+            if parsed.netloc in ("", "localhost"):
+                setattr(args, name, urllib.parse.unquote(parsed.path))
+                continue
+        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL, and this version reads and writes folders on "
+                        "this machine's file systems only; copy the files to a local folder, or mount the storage "
+                        "as one on every machine of the cluster (docs/cluster.md), and give its path")
 
 
 class UserError(Exception):

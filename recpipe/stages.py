@@ -94,7 +94,9 @@ class Stage:
             folder.add_to(parser)
         self.add_parameters(parser)
         cluster.add_arguments(parser)
-        return parser.parse_args(argv)
+        args = parser.parse_args(argv)
+        cli.local_folders(args, [folder.name for folder in (DATA, *self.folders)])
+        return args
 
     def asked(self, args):
         """The parameters that were given (all of them in the stage's script, which has defaults)."""

@@ -422,3 +422,27 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(s
         "this again")
     assert process.returncode == 0, stderr
     assert listing(data / "merged") == merged
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("merge_and_clean.py", ["--raw", "s3://my-bucket/raw"]),
+    ("repartition.py", ["--data", "gs://bucket/data"]),
+    ("preprocess.py", ["--preprocessors", "abfs://container/pre"]),
+    ("pipeline.py", ["status", "--raw", "s3://my-bucket/raw"]),
+    ("train.py", ["--data", "s3://my-bucket/data"]),
+])
+def test_pipeline_a_url_for_a_folder_is_one_line_naming_it(tmp_path, monkeypatch, script, argv):
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process(script, *argv, check=False)
+    url = argv[-1]
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: --{argv[-2].lstrip('-')} {url}: a {url.split(':')[0]}:// URL") and \
+        "docs/cluster.md" in line
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+def test_pipeline_a_file_url_is_its_path(chain, capsys):
+    data, raw = chain
+    assert run_main("pipeline.py", "status", "--data", f"file://{data}", "--raw", f"file://{raw}") == 0
+    assert capsys.readouterr().out.count(" complete ") == 4
