@@ -6,11 +6,13 @@
     python pipeline.py run --from repartitioned    # re-run one stage (after a fix), then whatever that makes stale
     python pipeline.py clean merged                # delete an intermediate folder no later stage still needs
     python pipeline.py clean leftovers             # delete temporary folders left by killed runs
+    python pipeline.py profile                     # profile.json and profile.png of processed/, beside it
 
 Reads   --data (default data): merged/, repartitioned/, cleaned/, processed/ and their _stage.json;
         --raw (default data/raw), to tell whether the raw files changed; --preprocessors (default preprocessors)
 Writes  `run`: what the stage scripts write (each stage run in this process, on one LocalCluster that `run`
-        starts, or --scheduler's cluster); `clean`: deletes one folder.
+        starts, or --scheduler's cluster); `clean`: deletes one folder; `profile`: --data/profile.json and
+        --data/profile.png (replacing only a profile it wrote).
 Stage parameters (--buckets, --max-history, ...) are the stage scripts' flags. Given, a stage made with other
 values is stale and `run` remakes it with them; not given, a stage keeps what it was made with.
 """
@@ -21,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from recpipe import cli, cluster, pipeline, stages
+from recpipe import cli, cluster, data_profile, pipeline, stages
 from recpipe.cli import UserError, entrypoint
 
 
@@ -35,7 +37,7 @@ def parse_args(argv=None):
     cluster.add_arguments(computing)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean,profile}")
     status = commands.add_parser("status", parents=[common], help="the state of every stage, and what may be deleted")
     status.add_argument("--verify", action="store_true",
                         help="also hash every file of every stage and compare with its manifest's output_sha256 "
@@ -44,6 +46,8 @@ def parse_args(argv=None):
                               help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=stages.NAMES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
+    commands.add_parser("profile", parents=[common], help="examples, label rate, history lengths, unknown items, "
+                        "user agents and rows set aside, in --data/profile.json and profile.png")
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
@@ -165,6 +169,11 @@ def main(argv=None):
             raise UserError(damaged[0].reasons[0] + others)
     elif args.command == "run":
         run(args)
+    elif args.command == "profile":
+        profiled = data_profile.profile(args.data)
+        written = data_profile.write(args.data, profiled)
+        print(data_profile.summary(profiled))
+        print(f"wrote {written[0]} and {written[1]}")
     elif args.target == "leftovers":
         removed = pipeline.remove_leftovers(args.data, args.preprocessors)
         print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")

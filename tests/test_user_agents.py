@@ -159,7 +159,7 @@ def two_runs(session_cluster, tmp_path_factory):
     first = run_joined(session_cluster, "parse_ua_strings.py", "--data", data)
     first_tables = cleaned_tables(data)
     first_manifest = json.loads((data / "cleaned" / "_stage.json").read_text())
-    run_in_process("parse_ua_strings.py", "--data", data, *CLUSTER)  # on another cluster shape: the same rows
+    run_joined(session_cluster, "parse_ua_strings.py", "--data", data)
     return {"data": data, "written": written, "action_bytes": action_bytes, "bucket_files": bucket_files,
             "stdout": first.stdout,
             "first": first_tables, "first_manifest": first_manifest, "second": cleaned_tables(data)}
