@@ -41,9 +41,10 @@ def flag(name):
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def local_folders(args, names):
+def local_folders(args, names, urls=()):
     """Check that the folder flags `names` of `args` are paths on this machine's file systems, turning a
-    file:// URL into its path; a URL of anything else (s3://, gs://, abfs://, ...) is a UserError.
+    file:// URL into its path; a URL of anything else (s3://, gs://, abfs://, ...) is a UserError, but for the
+    flags in `urls`, which may name object storage (recpipe/storage.py).
 
     Without this, pathlib would read s3://bucket/raw as the folder s3:/bucket/raw and report it missing.
     """
@@ -58,9 +59,12 @@ def local_folders(args, names):
             if parsed.netloc in ("", "localhost"):
                 setattr(args, name, urllib.parse.unquote(parsed.path))
                 continue
-        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL, and this version reads and writes folders on "
-                        "this machine's file systems only; copy the files to a local folder, or mount the storage "
-                        "as one on every machine of the cluster (docs/cluster.md), and give its path")
+        if name in urls:
+            continue
+        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL, and this version writes stage folders, "
+                        "preprocessors and runs on file systems only (it reads raw files from object storage: "
+                        "--raw); give a local folder, or one of a file system every machine of the cluster mounts "
+                        "(docs/cluster.md)")
 
 
 class UserError(Exception):

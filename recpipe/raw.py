@@ -31,6 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from recpipe import storage
 from recpipe.cli import UserError
 
 # Each source's fields, in the order of docs/data.md (Raw input); validation reports the first failing field.
@@ -46,7 +47,7 @@ FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
 def file_format(path):
     """'.jsonl', '.csv', ... from the file name, looking through a trailing .gz; None if unknown."""
-    name = Path(path).name.lower()
+    name = storage.name(path).lower()
     if name.endswith(".gz"):
         name = name[:-3]
     suffix = Path(name).suffix
@@ -64,6 +65,30 @@ def list_source_files(raw_dir, source):
     would be read twice when it holds copies), a symbolic link (it may point anywhere, and
     its target's lines would land in the quarantine), a named pipe or a device.
     """
+    if storage.is_url(raw_dir):
+        source_dir, files = _list_objects(raw_dir, source)
+    else:
+        source_dir, files = _list_folder(raw_dir, source)
+    if not files:
+        raise UserError(f"raw source {source_dir}/ is empty: it needs at least one .jsonl, .csv or .parquet file (optionally .gz)")
+    for path in files:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:  # Python keeps undecodable bytes of a name as surrogates; Parquet cannot
+            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UserError(f"{shown}: the file name is not valid UTF-8; rename the file") from None
+        fmt = file_format(path)
+        if fmt is None:
+            raise UserError(
+                f"{path}: unknown format; raw files must end in .jsonl, .json, .csv or .parquet, optionally .gz "
+                "(rename it, or move it out of the source folder)"
+            )
+        if fmt == ".csv" and source == "impressions":
+            raise UserError(f"{path}: impressions cannot be CSV (their rows hold a nested list); write them as JSON Lines or Parquet")
+    return files
+
+
+def _list_folder(raw_dir, source):
     source_dir = Path(raw_dir) / source
     if not source_dir.is_dir():
         raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw {raw_dir}")
@@ -83,23 +108,34 @@ def list_source_files(raw_dir, source):
             raise UserError(f"{path}: not a regular file (a named pipe, socket or device); raw files must be "
                             "regular files: remove it from the source folder")
         files.append(path)
-    if not files:
-        raise UserError(f"raw source {source_dir}/ is empty: it needs at least one .jsonl, .csv or .parquet file (optionally .gz)")
-    for path in files:
-        try:
-            str(path).encode("utf-8")
-        except UnicodeEncodeError:  # Python keeps undecodable bytes of a name as surrogates; Parquet cannot
-            shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            raise UserError(f"{shown}: the file name is not valid UTF-8; rename the file") from None
-        fmt = file_format(path)
-        if fmt is None:
-            raise UserError(
-                f"{path}: unknown format; raw files must end in .jsonl, .json, .csv or .parquet, optionally .gz "
-                "(rename it, or move it out of the source folder)"
-            )
-        if fmt == ".csv" and source == "impressions":
-            raise UserError(f"{path}: impressions cannot be CSV (their rows hold a nested list); write them as JSON Lines or Parquet")
-    return files
+    return source_dir, files
+
+
+def _list_objects(raw_url, source):
+    """(the source's URL, its objects) in object storage: a "folder" there is a prefix, and one below the
+    source is refused as a sub-folder is."""
+    source_dir = storage.path(raw_url) / source
+    try:
+        if not source_dir.is_dir():
+            bucket = storage.bucket(raw_url)
+            if not bucket.exists():
+                raise UserError(f"--raw {raw_url}: the bucket (or container) {bucket} does not exist, or these "
+                                "credentials may not list it")
+            raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw "
+                            f"{raw_url}")
+        files = []
+        for path in sorted(source_dir.iterdir(), key=str):
+            if path.name.startswith((".", "_")) or not path.name:
+                continue
+            if path.is_dir():
+                raise UserError(f"{path}/: a folder inside {source_dir}/; only the objects directly in a source "
+                                "folder are read: move them up, or prefix the folder's name with _ to keep it unread")
+            files.append(path)
+    except UserError:
+        raise
+    except Exception as error:  # the store's library: no credentials, an unreachable endpoint, access denied
+        raise storage.failure(error, source_dir) from None
+    return source_dir, files
 
 
 def list_raw_files(raw_dir):
@@ -413,18 +449,22 @@ def _read_whole(path):
     """The bytes of a raw file, gunzipped, without a leading byte order mark (it names the encoding; it is
     not part of the first row)."""
     try:
-        data = Path(path).read_bytes()
-        if Path(path).name.lower().endswith(".gz"):
+        data = storage.path(path).read_bytes()
+        if storage.name(path).lower().endswith(".gz"):
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
+    except Exception as error:  # object storage's own errors
+        if not storage.is_url(path):
+            raise
+        raise storage.failure(error, path) from None
     return data.removeprefix(codecs.BOM_UTF8)
 
 
 def _read_lines(path, start, end):
     """The whole lines that start in bytes [start, end) of an uncompressed file (a line starts at 0 or after \\n)."""
     try:
-        with open(path, "rb") as file:
+        with storage.path(path).open("rb") as file:
             if start:
                 file.seek(start - 1)
                 before = file.read(1)
@@ -579,7 +619,7 @@ def _parquet_block(data, source, path):
 
 def can_split(path):
     """Whether `path` may be read in byte ranges: uncompressed JSON Lines or CSV."""
-    return file_format(path) in (".jsonl", ".csv") and not Path(path).name.lower().endswith(".gz")
+    return file_format(path) in (".jsonl", ".csv") and not storage.name(path).lower().endswith(".gz")
 
 
 def byte_ranges(size, split_bytes):
@@ -594,7 +634,7 @@ def count_rows(path, start, end):
     whether the range holds a quote or a \r (a CSV with either is read whole: a quoted value may hold a
     line end), and, for the first range, the file's first line (a CSV's header)."""
     try:
-        with open(path, "rb") as file:
+        with storage.path(path).open("rb") as file:
             file.seek(max(start - 1, 0))
             # From the byte before `start` (is it a \n?) to one past `end` (is the line starting there empty?).
             data = file.read(end - start + 2 if start else end + 1)
@@ -611,7 +651,7 @@ def count_rows(path, start, end):
     non_empty = inside & (buffer[np.minimum(at, len(data) - 1)] != 10)
     first_line = None
     if start == 0:
-        with open(path, "rb") as file:
+        with storage.path(path).open("rb") as file:
             first_line = file.readline().removesuffix(b"\n").removeprefix(codecs.BOM_UTF8)
     span = data[start - first:end - first]
     return {"lines": int(inside.sum()), "rows": int(non_empty.sum()) - (start == 0), "quote": b'"' in span,

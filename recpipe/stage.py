@@ -38,7 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recpipe import folders, stages
+from recpipe import folders, stages, storage
 from recpipe.cli import OutputError, UserError, output_failure
 
 MANIFEST = "_stage.json"
@@ -191,9 +191,10 @@ def raw_input(raw_dir, files):
     Hashing the content of terabytes of logs on every run would cost more than the
     stage; names, sizes and mtimes change whenever a file is replaced or appended to.
     """
-    listing = [(str(Path(f).relative_to(raw_dir)), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files)]
+    listing = [(storage.relative(f, raw_dir), *storage.stat(f)) for f in sorted(files, key=str)]
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    return {"raw": str(Path(raw_dir).resolve()), "files": len(listing),
+    where = str(raw_dir) if storage.is_url(raw_dir) else str(Path(raw_dir).resolve())
+    return {"raw": where, "files": len(listing),
             "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
 
 

@@ -52,6 +52,7 @@ class Folder:
     name: str
     default: str
     help: str
+    urls: bool = False  # may be a URL of object storage (recpipe/storage.py)
 
     def add_to(self, parser):
         parser.add_argument(cli.flag(self.name), default=self.default,
@@ -59,7 +60,7 @@ class Folder:
 
 
 DATA = Folder("data", "data", "folder holding the stage folders")
-RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source")
+RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source, or its URL (s3://bucket/raw)", urls=True)
 PREPROCESSORS = Folder("preprocessors", "preprocessors", "where the fitted encoders and scaler go")
 
 
@@ -95,7 +96,8 @@ class Stage:
         self.add_parameters(parser)
         cluster.add_arguments(parser)
         args = parser.parse_args(argv)
-        cli.local_folders(args, [folder.name for folder in (DATA, *self.folders)])
+        folders = (DATA, *self.folders)
+        cli.local_folders(args, [folder.name for folder in folders], [folder.name for folder in folders if folder.urls])
         return args
 
     def asked(self, args):

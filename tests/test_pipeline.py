@@ -425,10 +425,10 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(s
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("merge_and_clean.py", ["--raw", "s3://my-bucket/raw"]),
+    ("merge_and_clean.py", ["--data", "s3://my-bucket/data"]),
     ("repartition.py", ["--data", "gs://bucket/data"]),
     ("preprocess.py", ["--preprocessors", "abfs://container/pre"]),
-    ("pipeline.py", ["status", "--raw", "s3://my-bucket/raw"]),
+    ("pipeline.py", ["status", "--preprocessors", "s3://my-bucket/pre"]),
     ("train.py", ["--data", "s3://my-bucket/data"]),
 ])
 def test_pipeline_a_url_for_a_folder_is_one_line_naming_it(tmp_path, monkeypatch, script, argv):

@@ -1,0 +1,143 @@
+"""Raw files in object storage: merge_and_clean.py reading s3:// from an S3-compatible server (moto's, started
+here on loopback as a separate process) gives what it gives from a local folder; URLs it cannot open are one line."""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import one_line, run_in_process, write_planted_raw
+from recpipe import merge, pipeline, raw, stage
+
+BUCKET = "logs"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint on loopback (moto's server, its own process), this process's environment pointing at it
+    while the module runs, a bucket holding the planted raw files (every source and format, gzip, bad rows) under
+    raw/, the same files in a local folder, and a LocalCluster whose workers were started with that environment:
+    (endpoint, local raw, scheduler)."""
+    from distributed import LocalCluster
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+            time.sleep(0.1)
+        local = write_planted_raw(tmp_path_factory.mktemp("s3"))
+        import fsspec
+        store = fsspec.filesystem("s3")
+        store.mkdir(BUCKET)
+        store.put(f"{local}/", f"{BUCKET}/raw/", recursive=True)
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster:
+            yield endpoint, local, cluster.scheduler_address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def tables(merged):
+    """merged/'s tables as frames, the quarantine's source_file made relative to the raw folder or URL."""
+    manifest = stage.read_manifest(merged)
+    found = {name: pq.read_table(merged / name).to_pandas() for name in ("actions", "impressions", "_quarantine")}
+    found["_quarantine"]["source_file"] = found["_quarantine"]["source_file"].str.replace(
+        manifest["inputs"][0]["raw"] + "/", "", regex=False)
+    return found, manifest
+
+
+@pytest.fixture(scope="module")
+def merged(s3, tmp_path_factory):
+    """merge_and_clean.py run on the bucket's raw/ and on the local folder: {"s3": data, "folder": data}."""
+    endpoint, local, scheduler = s3
+    runs = {"s3": (f"s3://{BUCKET}/raw", tmp_path_factory.mktemp("from-s3")),
+            "folder": (local, tmp_path_factory.mktemp("from-folder"))}
+    for where, data in runs.values():
+        run_in_process("merge_and_clean.py", "--raw", where, "--data", data, "--scheduler", scheduler)
+    return {name: data for name, (_, data) in runs.items()}
+
+
+def test_storage_merge_reads_raw_files_from_s3_as_from_a_local_folder(merged):
+    from_s3, s3_manifest = tables(merged["s3"] / "merged")
+    from_folder, folder_manifest = tables(merged["folder"] / "merged")
+    assert s3_manifest["inputs"][0]["raw"] == f"s3://{BUCKET}/raw"
+    assert s3_manifest["accounting"] == folder_manifest["accounting"]
+    for name in from_folder:
+        pd.testing.assert_frame_equal(from_s3[name], from_folder[name])
+    assert from_folder["_quarantine"]["source_file"].str.startswith("clicks/").any()
+
+
+def test_storage_objects_are_read_in_byte_ranges(s3, merged, tmp_path, capsys):
+    """Uncompressed JSON Lines and CSV objects cut into 100-byte ranges (ranged reads of each object): the rows
+    of reading each whole."""
+    from distributed import Client
+    with Client(s3[2]) as client:
+        accounting = merge.merge_and_clean(client, raw.list_raw_files(f"s3://{BUCKET}/raw"), tmp_path, 1, 1, 14,
+                                           split_bytes=100)[0]
+    assert " ranges were read by " in capsys.readouterr().out
+    assert accounting == stage.read_manifest(merged["folder"] / "merged")["accounting"]
+    for name in ("actions", "impressions"):
+        pd.testing.assert_frame_equal(pq.read_table(tmp_path / name).to_pandas(),
+                                      pq.read_table(merged["folder"] / "merged" / name).to_pandas())
+
+
+@pytest.mark.parametrize("raw_url, environment, message", [
+    ("foo://bucket/raw", {}, "foo://bucket/raw: foo:// is not a storage this pipeline reads"),
+    ("s3://no-such-bucket/raw", {}, "--raw s3://no-such-bucket/raw: the bucket (or container) s3://no-such-bucket/ "
+                                    "does not exist"),
+    # Listings may come from this process's cache of earlier tests: the first request that fails names its object.
+    (f"s3://{BUCKET}/raw", {"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed}", "AWS_MAX_ATTEMPTS": "1"},
+     f"s3://{BUCKET}/raw/impressions*: cannot be read: the endpoint cannot be reached"),
+    (f"s3://{BUCKET}/raw", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+     f"s3://{BUCKET}/raw/impressions*: cannot be read: no credentials found"),
+])
+def test_storage_a_url_that_cannot_be_opened_is_one_line(s3, tmp_path, monkeypatch, raw_url, environment, message):
+    for name, value in environment.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value.format(closed=free_port()))
+    result = run_in_process("merge_and_clean.py", "--raw", raw_url, "--data", tmp_path / "data", check=False)
+    assert result.returncode == 2
+    where, _, cause = message.partition("*")
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: {where}") and cause in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_storage_status_sees_a_replaced_object(merged):
+    """Last in this module: it changes an object of the bucket the other tests read."""
+    import fsspec
+    url = f"s3://{BUCKET}/raw"
+    assert pipeline.inspect(merged["s3"], url, {})[0].state == "complete"
+    fsspec.filesystem("s3").pipe(f"{BUCKET}/raw/clicks/2024-03-01.jsonl", b"")
+    state = pipeline.inspect(merged["s3"], url, {})[0]
+    assert state.state == "stale" and state.reasons[0].startswith(f"the raw files under {url}/ changed")
