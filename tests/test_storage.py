@@ -52,7 +52,7 @@ def s3(tmp_path_factory):
         store.mkdir(BUCKET)
         store.put(f"{local}/", f"{BUCKET}/raw/", recursive=True)
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as cluster:
+                          dashboard_address="127.0.0.1:0") as cluster:
             yield endpoint, local, cluster.scheduler_address
     finally:
         server.terminate()
