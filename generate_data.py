@@ -21,12 +21,13 @@ bytes on every run.
 import argparse
 import time
 
+from recpipe import cli
 from recpipe.cli import entrypoint
 from recpipe.synthetic import generate
 
 
 @entrypoint
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="data/raw", help="the raw directory to (re)create")
@@ -36,9 +37,10 @@ def main():
     parser.add_argument("--actions-per-customer", type=float, default=60,
                         help="mean number of clicks, add-to-carts and orders per customer (heavy-tailed)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.customers, args.items, args.days) < 1 or args.actions_per_customer <= 0:
         parser.error("--customers, --items, --days and --actions-per-customer must be positive")
+    cli.local_folders(args, ["out"])  # generate locally, then copy to a bucket: `aws s3 sync data/raw s3://...`
 
     started = time.perf_counter()
     result = generate(args.out, customers=args.customers, items=args.items, days=args.days,

@@ -61,10 +61,9 @@ def local_folders(args, names, urls=()):
                 continue
         if name in urls:
             continue
-        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL, and this version writes stage folders, "
-                        "preprocessors and runs on file systems only (it reads raw files from object storage: "
-                        "--raw); give a local folder, or one of a file system every machine of the cluster mounts "
-                        "(docs/cluster.md)")
+        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL; this version writes to file systems only (it "
+                        "reads object storage through --raw alone): give a local folder, or one of a file system "
+                        "every machine of the cluster mounts (docs/cluster.md)")
 
 
 class UserError(Exception):

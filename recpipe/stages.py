@@ -90,13 +90,13 @@ class Stage:
         """The script's flags: its folders, its parameters and the cluster's."""
         from recpipe import cluster  # here: it imports Dask, and train.py reads these declarations without it
 
+        folders = (DATA, *self.folders)
         parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-        for folder in (DATA, *self.folders):
+        for folder in folders:
             folder.add_to(parser)
         self.add_parameters(parser)
         cluster.add_arguments(parser)
         args = parser.parse_args(argv)
-        folders = (DATA, *self.folders)
         cli.local_folders(args, [folder.name for folder in folders], [folder.name for folder in folders if folder.urls])
         return args
 

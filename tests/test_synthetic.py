@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import one_line, run_in_process
 from recpipe.synthetic import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,3 +308,11 @@ def test_synthetic_generate_data_replaces_only_what_it_generated(tmp_path, occup
         f"error: refusing to replace {out}/: it holds {extra}, which the generator did not write, so this project "
         "cannot tell that it wrote it; point --out at a new or empty folder, or at one generate_data.py wrote"]
     assert {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")} == before
+
+
+def test_synthetic_generate_data_refuses_a_url_for_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process("generate_data.py", "--out", "s3://bucket/raw", check=False)
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith("error: --out s3://bucket/raw: a s3:// URL; this version writes to file")
+    assert list(tmp_path.iterdir()) == []
