@@ -23,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from recpipe import cli, cluster, data_profile, pipeline, stages
+from recpipe import cli, cluster, data_profile, pipeline, stages, storage
 from recpipe.cli import UserError, entrypoint
 
 
@@ -31,6 +31,7 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     for folder in stages.FOLDERS:
         folder.add_to(common)
+    stages.add_storage_options(common)
     for definition in stages.STAGES:
         definition.add_parameters(common, defaults=False)
     computing = argparse.ArgumentParser(add_help=False)  # only `run` starts or joins a cluster
@@ -163,6 +164,7 @@ def run_stages(args, forced, ran):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
+    storage.configure(args.raw, args.storage_options)
     if args.command == "status":
         damaged = [state for state in print_status(args) if state.state == "damaged"]
         if damaged:  # the report is above; the exit status and one line tell a script or a person at once

@@ -29,6 +29,7 @@ from distributed.core import Status
 from distributed.scheduler import Scheduler
 from distributed.security import Security
 
+from recpipe import storage
 from recpipe.cli import ClusterError, OutputError, UserError, output_failure
 
 
@@ -337,6 +338,24 @@ class QuietLocalWorkers(WorkerPlugin):
         log.addFilter(not_closing_noise)
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StorageOptions(WorkerPlugin):
+    """storage.configure on every worker, those that join later included. The options may hold secrets:
+    they travel to the workers with the plugin and are written nowhere (not in a manifest, not in a log)."""
+
+    def __init__(self, url, options):
+        self.url, self.options = str(url), options
+
+    def setup(self, worker):
+        storage.configure(self.url, self.options)
+
+
+def share_storage_options(client, url, options):
+    """--storage-options for `url`, in this process and on every worker of the client's cluster."""
+    storage.configure(url, options)
+    if options and storage.is_url(url):
+        client.register_plugin(StorageOptions(url, options), name="recpipe-storage-options")
 
 
 def _not_reported_by_client(record):

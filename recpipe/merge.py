@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from distributed import get_worker
 
-from recpipe import cluster, folders, schemas, stage, stages, summary
+from recpipe import cluster, folders, schemas, stage, stages, storage, summary
 from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, clean_impressions,
                               drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
                               typed_impressions)
@@ -70,10 +70,12 @@ class Part:
 def run_stage(args):
     """merge_and_clean.py: publish merged/ from the raw files under args.raw (see stages.STAGES)."""
     this = stages.BY_NAME["merged"]
+    storage.configure(args.raw, args.storage_options)
     raw_files = list_raw_files(args.raw)
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
     with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args) as client:
+        cluster.share_storage_options(client, args.raw, args.storage_options)
         accounting, impression_days, extra_fields = merge_and_clean(
             client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
         for source, fields in extra_fields.items():

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import importlib
 
-from recpipe import cli
+from recpipe import cli, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,8 @@ class Stage:
         parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         for folder in folders:
             folder.add_to(parser)
+        if any(folder.urls for folder in folders):
+            add_storage_options(parser)
         self.add_parameters(parser)
         cluster.add_arguments(parser)
         args = parser.parse_args(argv)
@@ -111,6 +113,13 @@ class Stage:
         The module is imported here, not above: it imports this one for its declaration.
         """
         importlib.import_module(f"recpipe.{self.module}").run_stage(args)
+
+
+def add_storage_options(parser):
+    parser.add_argument("--storage-options", type=storage.options_flag, default=None, metavar="JSON",
+                        help="options of the object storage library for a URL given as a folder, e.g. "
+                             "'{\"endpoint_url\": \"https://s3.example.com\"}' (default: what the environment and "
+                             "the library's config files give); sent to every worker, recorded nowhere")
 
 
 STAGES = (

@@ -5,9 +5,13 @@ A URL's files are read by the workers themselves, so no machine needs a copy. Cr
 endpoints come the way each store's library looks for them, on the client and on every worker:
 the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS,
 AZURE_STORAGE_CONNECTION_STRING, ...), the libraries' configuration files, or the machine's
-role. s3fs is installed with requirements.txt; gcsfs (gs://) and adlfs (abfs://) are not.
+role; or from --storage-options, a JSON object of the library's options (s3fs's endpoint_url,
+key, secret, ...), which `configure` hands to this process and cluster.share_storage_options to
+every worker.
+s3fs is installed with requirements.txt; gcsfs (gs://) and adlfs (abfs://) are not.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -15,6 +19,29 @@ from recpipe.cli import UserError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "az": "adlfs"}
+
+
+def options_flag(text):
+    """--storage-options: a JSON object, or an argparse error saying what it is instead."""
+    import argparse
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}); give an object, e.g. "
+                                         "'{\"endpoint_url\": \"https://s3.example.com\"}'") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; give one, e.g. '{{\"anon\": true}}'")
+    return options
+
+
+def configure(url, options):
+    """Make `options` the defaults of every file system of `url`'s scheme in this process (fsspec's
+    configuration, which new file system instances take up)."""
+    if not options or not is_url(url):
+        return
+    import fsspec.config
+    scheme = str(url).split("://", 1)[0].lower()
+    fsspec.config.conf[scheme] = {**fsspec.config.conf.get(scheme, {}), **options}
 
 
 def is_url(text):

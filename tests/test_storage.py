@@ -2,12 +2,14 @@
 here on loopback as a separate process) gives what it gives from a local folder; URLs it cannot open are one line."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import fsspec
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -26,19 +28,12 @@ def free_port():
         return listener.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on loopback (moto's server, its own process), this process's environment pointing at it
-    while the module runs, a bucket holding the planted raw files (every source and format, gzip, bad rows) under
-    raw/, the same files in a local folder, and a LocalCluster whose workers were started with that environment:
-    (endpoint, local raw, scheduler)."""
-    from distributed import LocalCluster
+@contextlib.contextmanager
+def moto_server():
+    """moto's S3 server on a free port of 127.0.0.1, in its own process: its endpoint URL."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {name: os.environ.get(name) for name in [*S3_ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -46,22 +41,36 @@ def s3(tmp_path_factory):
                 break
             assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
             time.sleep(0.1)
-        local = write_planted_raw(tmp_path_factory.mktemp("s3"))
-        import fsspec
-        store = fsspec.filesystem("s3")
-        store.mkdir(BUCKET)
-        store.put(f"{local}/", f"{BUCKET}/raw/", recursive=True)
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address="127.0.0.1:0") as cluster:
-            yield endpoint, local, cluster.scheduler_address
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint on loopback (moto_server), this process's environment pointing at it while the module
+    runs, a bucket holding the planted raw files (every source and format, gzip, bad rows) under raw/, the same
+    files in a local folder, and a LocalCluster whose workers were started with that environment:
+    (endpoint, local raw, scheduler)."""
+    from distributed import LocalCluster
+    saved = {name: os.environ.get(name) for name in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    with moto_server() as endpoint:
+        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        try:
+            local = write_planted_raw(tmp_path_factory.mktemp("s3"))
+            store = fsspec.filesystem("s3")
+            store.mkdir(BUCKET)
+            store.put(f"{local}/", f"{BUCKET}/raw/", recursive=True)
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                              dashboard_address="127.0.0.1:0") as cluster:
+                yield endpoint, local, cluster.scheduler_address
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def tables(merged):
@@ -133,9 +142,29 @@ def test_storage_a_url_that_cannot_be_opened_is_one_line(s3, tmp_path, monkeypat
     assert not (tmp_path / "data").exists()
 
 
+def test_storage_options_reach_this_process_and_every_worker(s3, merged, tmp_path, monkeypatch):
+    """A bucket on a second endpoint that only --storage-options names: the environment, here and on the
+    workers, points at the first, which has no such bucket."""
+    from distributed import Client
+    endpoint, local, scheduler = s3
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})  # what --storage-options sets here is undone after the test
+    with moto_server() as second, Client(scheduler) as client:
+        try:
+            store = fsspec.filesystem("s3", endpoint_url=second)
+            store.mkdir("elsewhere")
+            store.put(f"{local}/", "elsewhere/raw/", recursive=True)
+            run_in_process("merge_and_clean.py", "--raw", "s3://elsewhere/raw", "--data", tmp_path, "--scheduler",
+                           scheduler, "--storage-options", json.dumps({"endpoint_url": second}))
+        finally:
+            client.unregister_worker_plugin("recpipe-storage-options")
+            client.run(lambda: fsspec.config.conf.pop("s3", None))
+    assert stage.read_manifest(tmp_path / "merged")["accounting"] == \
+        stage.read_manifest(merged["folder"] / "merged")["accounting"]
+    assert "endpoint_url" not in (tmp_path / "merged" / stage.MANIFEST).read_text()  # options are recorded nowhere
+
+
 def test_storage_status_sees_a_replaced_object(merged):
     """Last in this module: it changes an object of the bucket the other tests read."""
-    import fsspec
     url = f"s3://{BUCKET}/raw"
     assert pipeline.inspect(merged["s3"], url, {})[0].state == "complete"
     fsspec.filesystem("s3").pipe(f"{BUCKET}/raw/clicks/2024-03-01.jsonl", b"")
