@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import one_line, run_in_process, write_planted_raw
+from conftest import one_line, run_in_process, run_script, write_planted_raw
 from recpipe import merge, pipeline, raw, stage
 
 BUCKET = "logs"
@@ -161,6 +161,25 @@ def test_storage_options_reach_this_process_and_every_worker(s3, merged, tmp_pat
     assert stage.read_manifest(tmp_path / "merged")["accounting"] == \
         stage.read_manifest(merged["folder"] / "merged")["accounting"]
     assert "endpoint_url" not in (tmp_path / "merged" / stage.MANIFEST).read_text()  # options are recorded nowhere
+
+
+@pytest.mark.processes
+def test_storage_workers_elsewhere_read_the_raw_files_from_s3_and_make_what_a_local_run_makes(
+        s3, external_cluster, processed_data, cleaned_data, tmp_path):
+    """The session's `dask scheduler` and two `dask worker`s, started in a folder of their own before this
+    module set the endpoint, learn it from --storage-options alone: the four stages from s3:// make, from
+    repartitioned/ on, the bytes the stages made from the same files in a local folder (the session's data)."""
+    endpoint = s3[0]
+    fsspec.filesystem("s3").put(f"{cleaned_data / 'raw'}/", f"{BUCKET}/session/", recursive=True)
+    options = json.dumps({"endpoint_url": endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
+                          "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]})
+    run_script("pipeline.py", "run", "--raw", f"s3://{BUCKET}/session", "--data", tmp_path / "data",
+               "--preprocessors", tmp_path / "pre", "--buckets", "3", "--max-history", "60",
+               "--scheduler", external_cluster.address, "--storage-options", options)
+    for name in ("repartitioned", "cleaned", "processed"):
+        assert stage.read_manifest(tmp_path / "data" / name)["output_sha256"] == \
+            stage.read_manifest(processed_data[0] / name)["output_sha256"], name
+    assert stage.read_manifest(tmp_path / "data" / "merged")["inputs"][0]["raw"] == f"s3://{BUCKET}/session"
 
 
 def test_storage_status_sees_a_replaced_object(merged):
