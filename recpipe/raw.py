@@ -125,7 +125,7 @@ def _list_objects(raw_url, source):
                             f"{raw_url}")
         files = []
         for path in sorted(source_dir.iterdir(), key=str):
-            if path.name.startswith((".", "_")) or not path.name:
+            if path.name.startswith((".", "_")) or not path.name:  # no name: the prefix's own marker object
                 continue
             if path.is_dir():
                 raise UserError(f"{path}/: a folder inside {source_dir}/; only the objects directly in a source "

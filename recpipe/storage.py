@@ -11,9 +11,12 @@ every worker.
 s3fs is installed with requirements.txt; gcsfs (gs://) and adlfs (abfs://) are not.
 """
 
+import argparse
 import json
 import re
 from pathlib import Path
+
+import fsspec.config
 
 from recpipe.cli import UserError
 
@@ -23,7 +26,6 @@ PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": 
 
 def options_flag(text):
     """--storage-options: a JSON object, or an argparse error saying what it is instead."""
-    import argparse
     try:
         options = json.loads(text)
     except ValueError as error:
@@ -39,7 +41,6 @@ def configure(url, options):
     configuration, which new file system instances take up)."""
     if not options or not is_url(url):
         return
-    import fsspec.config
     scheme = str(url).split("://", 1)[0].lower()
     fsspec.config.conf[scheme] = {**fsspec.config.conf.get(scheme, {}), **options}
 
@@ -59,7 +60,7 @@ def path(text):
     if scheme not in PACKAGES:
         raise UserError(f"{text}: {scheme}:// is not a storage this pipeline reads; give a local folder or an "
                         f"s3://, gs:// or abfs:// URL")
-    from upath import UPath
+    from upath import UPath  # here: only a URL needs it
     try:
         return UPath(text)
     except ImportError:
