@@ -25,7 +25,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_joined
 
 # Every fault here needs processes of its own: killed workers, a lost scheduler, a disk that fills up.
 pytestmark = pytest.mark.processes
@@ -34,12 +34,12 @@ DEADLINE = 180  # seconds; generous, the runs take about 10 s on 2 shared cores
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory):
+def generated(session_cluster, tmp_path_factory):
     """Generated raw data (119 files: one pass-1 task each) and a complete merged/ made from it."""
     from recpipe.synthetic import generate
     root = tmp_path_factory.mktemp("faults")
     generate(root / "raw", customers=300, items=200, days=18, actions_per_customer=20, seed=7)
-    run_script("merge_and_clean.py", "--raw", root / "raw", "--data", root / "reference", "--workers", "2")
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", root / "raw", "--data", root / "reference")
     return root / "raw", root / "reference"
 
 

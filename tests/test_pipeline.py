@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import (BREAKAGES, ROOT, break_stage, broken_stage_line, listing, one_line, run_in_process, run_joined,
-                      run_main, run_script, temporary_folder)
+                      run_main, temporary_folder)
 from recpipe import pipeline, stage, stages, tables
 from recpipe.cli import UserError
 from recpipe.raw import SOURCES
@@ -366,24 +366,6 @@ def test_pipeline_day_to_day_end_to_end(session_cluster, processed_data, cleaned
     refused = run_in_process("pipeline.py", "clean", "cleaned", *where, check=False)
     assert refused.returncode == 2 and "cleaned/ is stale, and so is processed/ after it" in refused.stderr
     assert (data / "cleaned" / stage.MANIFEST).exists()
-
-
-@pytest.mark.processes
-def test_pipeline_on_an_external_cluster_makes_what_a_local_cluster_makes(external_cluster, processed_data,
-                                                                          cleaned_data, tmp_path):
-    """`pipeline.py run --scheduler` against a `dask scheduler` and two `dask worker` processes on loopback:
-    every stage's output is byte for byte the one the stage scripts made on a LocalCluster."""
-    data = tmp_path / "data"
-    result = run_script("pipeline.py", "run", "--data", data, "--raw", cleaned_data / "raw",
-                        "--preprocessors", tmp_path / "preprocessors", "--buckets", "3", "--max-history", "60",
-                        "--scheduler", external_cluster.address)
-    assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 1  # said once
-    assert result.stdout.count("Dask dashboard: ") == 1
-    local = processed_data[0]
-    for name in stages.NAMES:
-        assert stage.read_manifest(data / name)["output_sha256"] == stage.read_manifest(local / name)["output_sha256"]
-    assert (tmp_path / "preprocessors" / "encoders.json").read_bytes() == \
-        (processed_data[1] / "encoders.json").read_bytes()
 
 
 @pytest.mark.processes

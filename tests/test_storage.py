@@ -166,19 +166,24 @@ def test_storage_options_reach_this_process_and_every_worker(s3, merged, tmp_pat
 @pytest.mark.processes
 def test_storage_workers_elsewhere_read_the_raw_files_from_s3_and_make_what_a_local_run_makes(
         s3, external_cluster, processed_data, cleaned_data, tmp_path):
-    """The session's `dask scheduler` and two `dask worker`s, started in a folder of their own before this
-    module set the endpoint, learn it from --storage-options alone: the four stages from s3:// make, from
-    repartitioned/ on, the bytes the stages made from the same files in a local folder (the session's data)."""
+    """`pipeline.py run --scheduler` on the session's `dask scheduler` and two `dask worker`s, started in a folder
+    of their own before this module set the endpoint, which they learn from --storage-options alone: the four
+    stages from s3:// make, from repartitioned/ on, the bytes the stage scripts made on a LocalCluster from the
+    same files in a local folder (the session's data), and the same preprocessors. (merged/ differs only in
+    its quarantine's source_file; test_merge runs merge_and_clean.py on an external cluster from a folder.)"""
     endpoint = s3[0]
     fsspec.filesystem("s3").put(f"{cleaned_data / 'raw'}/", f"{BUCKET}/session/", recursive=True)
     options = json.dumps({"endpoint_url": endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
                           "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]})
-    run_script("pipeline.py", "run", "--raw", f"s3://{BUCKET}/session", "--data", tmp_path / "data",
-               "--preprocessors", tmp_path / "pre", "--buckets", "3", "--max-history", "60",
-               "--scheduler", external_cluster.address, "--storage-options", options)
+    result = run_script("pipeline.py", "run", "--raw", f"s3://{BUCKET}/session", "--data", tmp_path / "data",
+                        "--preprocessors", tmp_path / "pre", "--buckets", "3", "--max-history", "60",
+                        "--scheduler", external_cluster.address, "--storage-options", options)
+    assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 1  # said once
+    assert result.stdout.count("Dask dashboard: ") == 1
     for name in ("repartitioned", "cleaned", "processed"):
         assert stage.read_manifest(tmp_path / "data" / name)["output_sha256"] == \
             stage.read_manifest(processed_data[0] / name)["output_sha256"], name
+    assert (tmp_path / "pre" / "encoders.json").read_bytes() == (processed_data[1] / "encoders.json").read_bytes()
     assert stage.read_manifest(tmp_path / "data" / "merged")["inputs"][0]["raw"] == f"s3://{BUCKET}/session"
 
 
