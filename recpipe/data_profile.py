@@ -32,41 +32,59 @@ def profile(data_dir):
     data_dir = Path(data_dir)
     with stage.reading(data_dir, "processed") as processed:
         fitted, scaler, _ = encoders.load(processed.path / encoders.FITTED)
-        layout = processed.manifest["parameters"].get("layout", "compact")
-        browsers = _names(fitted["cat_browser"])
-        bot = _names(fitted["cat_device"]).index(BOT_FAMILY) if BOT_FAMILY in _names(fitted["cat_device"]) else None
-        max_history = processed.manifest["parameters"]["max_history"]
-        lengths = np.zeros(max_history + 1, dtype=np.int64)
-        days, splits, browser_counts = [], {}, collections.Counter()
+        parameters = processed.manifest["parameters"]
+        counter = _Counter(fitted, scaler, parameters["max_history"])
+        days, splits = [], {}
         for split in SPLITS:
             totals = collections.Counter()
-            for day, files in _days(processed.path, split, layout):
-                table = pq.ParquetDataset(files).read(columns=COLUMNS)
-                items, labels = table.column("cat_item").to_numpy(), table.column("is_order").to_numpy()
-                unknown = int((items == encoders.UNKNOWN).sum())
-                days.append({"split": split, "dt": day, "examples": len(items),
-                             "label_rate": _share(labels.sum(), len(items)), "unknown_item_share": _share(unknown,
-                                                                                                         len(items))})
-                length = np.rint(np.expm1(table.column("num_history_len").to_numpy().astype(np.float64)
-                                          * scaler.std_["num_history_len"] + scaler.mean_["num_history_len"]))
-                lengths += np.bincount(np.clip(length, 0, max_history).astype(np.int64), minlength=max_history + 1)
-                counts = np.bincount(table.column("cat_browser").to_numpy(), minlength=len(browsers))
-                browser_counts.update({browsers[index]: int(count) for index, count in enumerate(counts) if count})
-                bots = int((table.column("cat_device").to_numpy() == bot).sum()) if bot is not None else 0
-                totals.update(examples=len(items), labels=float(labels.sum()), unknown=unknown, bots=bots)
-            splits[split] = {"examples": totals["examples"], "label_rate": _share(totals["labels"], totals["examples"]),
-                             "unknown_item_share": _share(totals["unknown"], totals["examples"]),
-                             "bot_share": _share(totals["bots"], totals["examples"])}
+            for day, files in _days(processed.path, split, parameters.get("layout", "compact")):
+                counts = counter.count(pq.ParquetDataset(files).read(columns=COLUMNS))
+                days.append({"split": split, "dt": day, **_rates(counts)})
+                totals.update(counts)
+            splits[split] = _rates(totals)
         made_from = processed.manifest["output_sha256"]
     examples = sum(split["examples"] for split in splits.values())
     return {
-        "made_by": MADE_BY, "processed_output_sha256": made_from, "layout": layout,
+        "made_by": MADE_BY, "processed_output_sha256": made_from, "layout": parameters.get("layout", "compact"),
         "splits": splits, "days": days,
-        "history_length": {"max_history": max_history, "counts": lengths.tolist(),
-                           "quantiles": _quantiles(lengths, (0.1, 0.5, 0.9, 0.99))},
-        "browser_families": {name: _share(count, examples) for name, count in browser_counts.most_common()},
+        "history_length": {"max_history": parameters["max_history"], "counts": counter.lengths.tolist(),
+                           "quantiles": _quantiles(counter.lengths, (0.1, 0.5, 0.9, 0.99))},
+        "browser_families": {name: _share(count, examples) for name, count in counter.browsers.most_common()},
         "set_aside": _set_aside(data_dir / "merged"),
     }
+
+
+class _Counter:
+    """Counts over days of examples: per day what `count` returns; across all of them, history lengths and
+    browser families."""
+
+    def __init__(self, fitted, scaler, max_history):
+        self.browser_names = _names(fitted["cat_browser"])
+        devices = _names(fitted["cat_device"])
+        self.bot = devices.index(BOT_FAMILY) if BOT_FAMILY in devices else None
+        self.history_scale = scaler.std_["num_history_len"], scaler.mean_["num_history_len"]
+        self.lengths = np.zeros(max_history + 1, dtype=np.int64)
+        self.browsers = collections.Counter()
+
+    def count(self, table):
+        """{examples, labels, unknown, bots} of one day's examples."""
+        items, labels = table.column("cat_item").to_numpy(), table.column("is_order").to_numpy()
+        std, mean = self.history_scale  # num_history_len is a scaled log1p of the length
+        length = np.rint(np.expm1(table.column("num_history_len").to_numpy().astype(np.float64) * std + mean))
+        self.lengths += np.bincount(np.clip(length, 0, len(self.lengths) - 1).astype(np.int64),
+                                    minlength=len(self.lengths))
+        browsers = np.bincount(table.column("cat_browser").to_numpy(), minlength=len(self.browser_names))
+        self.browsers.update({self.browser_names[i]: int(count) for i, count in enumerate(browsers) if count})
+        devices = table.column("cat_device").to_numpy()
+        return collections.Counter(examples=len(items), labels=float(labels.sum()),
+                                   unknown=int((items == encoders.UNKNOWN).sum()),
+                                   bots=int((devices == self.bot).sum()) if self.bot is not None else 0)
+
+
+def _rates(counts):
+    examples = counts["examples"]
+    return {"examples": examples, "label_rate": _share(counts["labels"], examples),
+            "unknown_item_share": _share(counts["unknown"], examples), "bot_share": _share(counts["bots"], examples)}
 
 
 def summary(profiled):
