@@ -16,8 +16,6 @@ import json
 import re
 from pathlib import Path
 
-import fsspec.config
-
 from recpipe.cli import UserError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -41,6 +39,7 @@ def configure(url, options):
     configuration, which new file system instances take up)."""
     if not options or not is_url(url):
         return
+    import fsspec.config  # here, like universal_pathlib below: the training side reads local folders without them
     scheme = str(url).split("://", 1)[0].lower()
     fsspec.config.conf[scheme] = {**fsspec.config.conf.get(scheme, {}), **options}
 

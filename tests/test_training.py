@@ -368,8 +368,10 @@ def test_train_stops_in_one_line_when_processed_is_swapped_midway(processed_data
 
 @pytest.mark.processes
 def test_train_imports_nothing_of_dask():
-    """The training side runs where only PyTorch, PyArrow, pandas and NumPy are installed (a GPU machine)."""
-    blocked = "import sys; sys.modules.update(dask=None, distributed=None); import train"
+    """The training side runs where only PyTorch, PyArrow, pandas and NumPy are installed (a GPU machine):
+    nothing of Dask, nor of the object storage libraries that --raw uses."""
+    blocked = ("import sys; sys.modules.update(dask=None, distributed=None, fsspec=None, upath=None, s3fs=None); "
+               "import train")
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
