@@ -47,8 +47,9 @@ def parse_args(argv=None):
                               help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=stages.NAMES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
-    commands.add_parser("profile", parents=[common], help="examples, label rate, history lengths, unknown items, "
-                        "user agents and rows set aside, in --data/profile.json and profile.png")
+    profile = commands.add_parser("profile", help="examples, label rate, history lengths, unknown items, user "
+                                  "agents and rows set aside, in --data/profile.json and profile.png")
+    stages.DATA.add_to(profile)  # it reads processed/ and merged/'s manifest, nothing else
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
@@ -164,6 +165,12 @@ def run_stages(args, forced, ran):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
+    if args.command == "profile":
+        profiled = data_profile.profile(args.data)
+        written = data_profile.write(args.data, profiled)
+        print(data_profile.summary(profiled))
+        print(f"wrote {written[0]} and {written[1]}")
+        return
     storage.configure(args.raw, args.storage_options)
     if args.command == "status":
         damaged = [state for state in print_status(args) if state.state == "damaged"]
@@ -172,11 +179,6 @@ def main(argv=None):
             raise UserError(damaged[0].reasons[0] + others)
     elif args.command == "run":
         run(args)
-    elif args.command == "profile":
-        profiled = data_profile.profile(args.data)
-        written = data_profile.write(args.data, profiled)
-        print(data_profile.summary(profiled))
-        print(f"wrote {written[0]} and {written[1]}")
     elif args.target == "leftovers":
         removed = pipeline.remove_leftovers(args.data, args.preprocessors)
         print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")
