@@ -21,7 +21,7 @@ bytes on every run.
 import argparse
 import time
 
-from recpipe import cli
+from recpipe import storage
 from recpipe.cli import entrypoint
 from recpipe.synthetic import generate
 
@@ -40,7 +40,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.customers, args.items, args.days) < 1 or args.actions_per_customer <= 0:
         parser.error("--customers, --items, --days and --actions-per-customer must be positive")
-    cli.local_folders(args, ["out"])  # generate locally, then copy to a bucket: `aws s3 sync data/raw s3://...`
+    storage.local_folders(args, ["out"])  # generate locally, then copy to a bucket: `aws s3 sync data/raw s3://...`
 
     started = time.perf_counter()
     result = generate(args.out, customers=args.customers, items=args.items, days=args.days,

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
     args = parser.parse_args(argv)
-    cli.local_folders(args, [folder.name for folder in stages.FOLDERS],
+    storage.local_folders(args, [folder.name for folder in stages.FOLDERS],
                       [folder.name for folder in stages.FOLDERS if folder.urls])
     return args
 

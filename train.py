@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from recpipe import cli, encoders, folders, stage
+from recpipe import cli, encoders, folders, stage, storage
 from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
@@ -83,7 +83,7 @@ def parse_args(argv=None):
             shown = "" if default is None else f" (default: {default})"
             parser.add_argument(flag, type=kind, default=default, help=words + shown)
     args = parser.parse_args(argv)
-    cli.local_folders(args, ["data", "preprocessors", "out", "resume"])
+    storage.local_folders(args, ["data", "preprocessors", "out", "resume"])
     return args
 
 

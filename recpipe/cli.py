@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import sys
-import urllib.parse
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -36,34 +35,6 @@ NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 def flag(name):
     """The command-line flag of a parameter or option name: max_history -> --max-history."""
     return "--" + name.replace("_", "-")
-
-
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def local_folders(args, names, urls=()):
-    """Check that the folder flags `names` of `args` are paths on this machine's file systems, turning a
-    file:// URL into its path; a URL of anything else (s3://, gs://, abfs://, ...) is a UserError, but for the
-    flags in `urls`, which may name object storage (recpipe/storage.py).
-
-    Without this, pathlib would read s3://bucket/raw as the folder s3:/bucket/raw and report it missing.
-    """
-    for name in names:
-        text = getattr(args, name, None)
-        match = _URL.match(str(text)) if text is not None else None
-        if match is None:
-            continue
-        scheme = match.group(1).lower()
-        if scheme == "file":
-            parsed = urllib.parse.urlparse(str(text))
-            if parsed.netloc in ("", "localhost"):
-                setattr(args, name, urllib.parse.unquote(parsed.path))
-                continue
-        if name in urls:
-            continue
-        raise UserError(f"{flag(name)} {text}: a {scheme}:// URL; this version writes to file systems only (it "
-                        "reads object storage through --raw alone): give a local folder, or one of a file system "
-                        "every machine of the cluster mounts (docs/cluster.md)")
 
 
 class UserError(Exception):

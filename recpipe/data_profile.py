@@ -33,11 +33,12 @@ def profile(data_dir):
     with stage.reading(data_dir, "processed") as processed:
         fitted, scaler, _ = encoders.load(processed.path / encoders.FITTED)
         parameters = processed.manifest["parameters"]
+        layout = parameters.get("layout", "compact")
         counter = _Counter(fitted, scaler, parameters["max_history"])
         days, splits = [], {}
         for split in SPLITS:
             totals = collections.Counter()
-            for day, files in _days(processed.path, split, parameters.get("layout", "compact")):
+            for day, files in _days(processed.path, split, layout):
                 counts = counter.count(pq.ParquetDataset(files).read(columns=COLUMNS))
                 days.append({"split": split, "dt": day, **_rates(counts)})
                 totals.update(counts)
@@ -45,7 +46,7 @@ def profile(data_dir):
         made_from = processed.manifest["output_sha256"]
     examples = sum(split["examples"] for split in splits.values())
     return {
-        "made_by": MADE_BY, "processed_output_sha256": made_from, "layout": parameters.get("layout", "compact"),
+        "made_by": MADE_BY, "processed_output_sha256": made_from, "layout": layout,
         "splits": splits, "days": days,
         "history_length": {"max_history": parameters["max_history"], "counts": counter.lengths.tolist(),
                            "quantiles": _quantiles(counter.lengths, (0.1, 0.5, 0.9, 0.99))},

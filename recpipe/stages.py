@@ -99,7 +99,7 @@ class Stage:
         self.add_parameters(parser)
         cluster.add_arguments(parser)
         args = parser.parse_args(argv)
-        cli.local_folders(args, [folder.name for folder in folders], [folder.name for folder in folders if folder.urls])
+        storage.local_folders(args, [folder.name for folder in folders], [folder.name for folder in folders if folder.urls])
         return args
 
     def asked(self, args):
