@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import sys
 import traceback
-from pathlib import Path
 
 from recpipe import cli, cluster, data_profile, pipeline, stages, storage
 from recpipe.cli import UserError, entrypoint
@@ -50,6 +49,7 @@ def parse_args(argv=None):
     profile = commands.add_parser("profile", help="examples, label rate, history lengths, unknown items, user "
                                   "agents and rows set aside, in --data/profile.json and profile.png")
     stages.DATA.add_to(profile)  # it reads processed/ and merged/'s manifest, nothing else
+    stages.add_storage_options(profile)
     clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
@@ -165,13 +165,13 @@ def run_stages(args, forced, ran):
 @entrypoint
 def main(argv=None):
     args = parse_args(argv)
+    storage.configure(storage.urls(args), args.storage_options)
     if args.command == "profile":
         profiled = data_profile.profile(args.data)
         written = data_profile.write(args.data, profiled)
         print(data_profile.summary(profiled))
         print(f"wrote {written[0]} and {written[1]}")
         return
-    storage.configure(args.raw, args.storage_options)
     if args.command == "status":
         damaged = [state for state in print_status(args) if state.state == "damaged"]
         if damaged:  # the report is above; the exit status and one line tell a script or a person at once
@@ -184,7 +184,7 @@ def main(argv=None):
         print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")
     else:
         freed = pipeline.remove(inspect(args), args.target)
-        print(f"deleted {Path(args.data) / args.target}/, gave back {pipeline.mib(freed)}")
+        print(f"deleted {storage.path(args.data) / args.target}/, gave back {pipeline.mib(freed)}")
         print_status(args)
 
 

@@ -3,6 +3,7 @@
     python train.py                                       # data/, preprocessors/, defaults for this device
     python train.py --data data --preprocessors preprocessors --epochs 3
     python train.py --resume runs/20260101-120000/checkpoint.pt --epochs 5   # continue a run in its folder
+    python train.py --data s3://bucket/data --preprocessors s3://bucket/preprocessors  # from object storage
 
 Reads   --data/processed/ (from preprocess.py) and --preprocessors/ (encoders.json, scaler.json, fit.json)
 Writes  --out (default runs/<timestamp>/; a new or empty folder, or with --resume the checkpoint's own):
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from recpipe import cli, encoders, folders, stage, storage
+from recpipe import cli, encoders, folders, stage, stages, storage
 from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
@@ -68,12 +69,14 @@ LOWEST = dict(epochs=1, max_steps=0, batch_size=1, max_history=0, dim=4, heads=1
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data", help="folder holding processed/ (default: data)")
+    parser.add_argument("--data", default="data", help="folder holding processed/, or its URL (default: data)")
     parser.add_argument("--preprocessors", default="preprocessors",
-                        help="the encoders and scaler processed/ was made with (default: preprocessors)")
+                        help="the encoders and scaler processed/ was made with, a folder or its URL "
+                             "(default: preprocessors)")
     parser.add_argument("--out", default=None, help="run folder, new or empty (default: runs/<timestamp>; "
                                                      "with --resume, the checkpoint's folder)")
     parser.add_argument("--resume", default=None, help="the checkpoint.pt of a run folder, to continue that run")
+    stages.add_storage_options(parser)
     for name, (default, words) in config.items():
         flag = cli.flag(name)
         if isinstance(default, bool):
@@ -83,7 +86,8 @@ def parse_args(argv=None):
             shown = "" if default is None else f" (default: {default})"
             parser.add_argument(flag, type=kind, default=default, help=words + shown)
     args = parser.parse_args(argv)
-    storage.local_folders(args, ["data", "preprocessors", "out", "resume"])
+    storage.local_folders(args, ["data", "preprocessors", "out", "resume"], urls=["data", "preprocessors"])
+    storage.configure(storage.urls(args), args.storage_options)
     return args
 
 
@@ -126,10 +130,10 @@ def main(argv=None):
     # ------------------------------------------------------------------------- data
     # Held for the whole run: no preprocess.py replaces processed/ or preprocessors/ under it (and
     # the loader stops the run, should processed/ be swapped anyway: by hand, or from another machine).
-    with stage.reading(args.data, "processed") as processed, folders.reading(Path(args.preprocessors)):
+    with stage.reading(args.data, "processed") as processed, folders.reading(args.preprocessors):
         manifest = processed.manifest
-        fitted, _, fit = encoders.load(Path(args.preprocessors))
-        preprocessors_sha256 = encoders.fingerprint(Path(args.preprocessors))
+        fitted, _, fit = encoders.load(args.preprocessors)
+        preprocessors_sha256 = encoders.fingerprint(args.preprocessors)
         if preprocessors_sha256 != manifest.get("preprocessors_sha256"):
             raise UserError(f"{args.preprocessors}/ was not fitted with {args.data}/processed/ (their hashes differ): "
                             "run preprocess.py again, or point --preprocessors at the folder it wrote")
@@ -140,7 +144,7 @@ def main(argv=None):
         timelines = Timelines.load(processed) if layout_of(processed) == "timeline" else None
 
         def dataset(split, empty_histories=args.empty_histories):
-            return ProcessedDataset(processed.path, split, batch_size=args.batch_size, max_history=max_history,
+            return ProcessedDataset(processed.folder, split, batch_size=args.batch_size, max_history=max_history,
                                     shuffle=split == "train", seed=args.seed, categorical=categorical,
                                     numeric=fit["numeric"], empty_histories=empty_histories, checked=processed,
                                     timelines=timelines)
@@ -167,19 +171,21 @@ def main(argv=None):
                   f"writing on into {out}/")
         resumed_at = {"at_epoch": state["epoch"], "at_step": state["step"]} if args.resume else None
         # Plain values only: the checkpoint is read back by a loader that refuses anything else.
-        state.update(config=vars(args), max_history=max_history)
+        # --storage-options may hold credentials: they are written nowhere.
+        flags = {name: value for name, value in vars(args).items() if name != "storage_options"}
+        state.update(config=flags, max_history=max_history)
         needed = check_memory(model, device, autocast, args.batch_size, max_history, len(categorical),
                               len(fit["numeric"]), args)
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; a step of {args.batch_size} "
               f"examples needs about {needed / 2**30:.2f} GiB (estimated)")
 
         out.mkdir(parents=True, exist_ok=True)
-        record_run(out, {"flags": vars(args), "max_history": max_history, "device": str(device),
+        record_run(out, {"flags": flags, "max_history": max_history, "device": str(device),
                          "code_version": stage.code_version(),
-                         "processed": {"path": str(processed.path.resolve()),
+                         "processed": {"path": storage.absolute(processed.folder),
                                        "output_sha256": manifest.get("output_sha256"),
                                        "manifest_sha256": processed.manifest_sha256},
-                         "preprocessors": {"path": str(Path(args.preprocessors).resolve()),
+                         "preprocessors": {"path": storage.absolute(args.preprocessors),
                                            "sha256": preprocessors_sha256},
                          "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}, resumed_at)
 

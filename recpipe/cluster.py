@@ -162,6 +162,7 @@ def connect(args):
     """
     with contextlib.ExitStack() as stack:
         client = _start(args, stack)
+        share_storage_options(client, args)
         try:
             yield client
         except (UserError, OutputError, ClusterError):
@@ -344,18 +345,21 @@ class StorageOptions(WorkerPlugin):
     """storage.configure on every worker, those that join later included. The options may hold secrets:
     they travel to the workers with the plugin and are written nowhere (not in a manifest, not in a log)."""
 
-    def __init__(self, url, options):
-        self.url, self.options = str(url), options
+    def __init__(self, urls, options):
+        self.urls, self.options = [str(url) for url in urls], options
 
     def setup(self, worker):
-        storage.configure(self.url, self.options)
+        storage.configure(self.urls, self.options)
 
 
-def share_storage_options(client, url, options):
-    """--storage-options for `url`, in this process and on every worker of the client's cluster."""
-    storage.configure(url, options)
-    if options and storage.is_url(url):
-        client.register_plugin(StorageOptions(url, options), name="recpipe-storage-options")
+def share_storage_options(client, args):
+    """--storage-options for the URLs among the folders `args` gives, in this process and on every worker of
+    the client's cluster."""
+    urls = storage.urls(args)
+    options = getattr(args, "storage_options", None)
+    storage.configure(urls, options)
+    if options and urls:
+        client.register_plugin(StorageOptions(urls, options), name="recpipe-storage-options")
 
 
 def _not_reported_by_client(record):
@@ -378,7 +382,7 @@ def explain_failure(error, client, args):
     The stage's `publish` block is inside this one, so when this runs nothing was published.
     """
     data = getattr(args, "data", None)
-    previous = (f"nothing was published, the previous output in {Path(data).resolve()}/ was left as it was"
+    previous = (f"nothing was published, the previous output in {storage.absolute(data)}/ was left as it was"
                 if data is not None else "nothing was published")
     if isinstance(error, KilledWorker):
         last = getattr(error.last_worker, "address", error.last_worker)

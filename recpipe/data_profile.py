@@ -11,12 +11,13 @@ import collections
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from recpipe import encoders, stage
+from recpipe import encoders, stage, storage, tables
 from recpipe.cli import UserError
 
 PROFILE_JSON = "profile.json"
@@ -29,7 +30,7 @@ COLUMNS = ["is_order", "cat_item", "cat_browser", "cat_device", "num_history_len
 
 def profile(data_dir):
     """The profile of data_dir/processed/ (and merged/'s set-aside rows, when merged/ is there), as a dict."""
-    data_dir = Path(data_dir)
+    data_dir = storage.path(data_dir)
     with stage.reading(data_dir, "processed") as processed:
         fitted, scaler, _ = encoders.load(processed.path / encoders.FITTED)
         parameters = processed.manifest["parameters"]
@@ -39,7 +40,7 @@ def profile(data_dir):
         for split in SPLITS:
             totals = collections.Counter()
             for day, files in _days(processed.path, split, layout):
-                counts = counter.count(pq.ParquetDataset(files).read(columns=COLUMNS))
+                counts = counter.count(pa.concat_tables([tables.read(file, columns=COLUMNS) for file in files]))
                 days.append({"split": split, "dt": day, **_rates(counts)})
                 totals.update(counts)
             splits[split] = _rates(totals)
@@ -134,9 +135,17 @@ def _set_aside(merged_dir):
 def write(data_dir, profiled):
     """Write profile.json and profile.png into data_dir, replacing only a profile this command wrote
     (its profile.json records the picture's hash); return their paths."""
-    data_dir = Path(data_dir)
+    data_dir = storage.path(data_dir)
     json_path, png_path = data_dir / PROFILE_JSON, data_dir / PROFILE_PNG
     _check_ours(json_path, png_path)
+    if storage.is_url(data_dir):  # one object each, written whole: the picture first, the record that vouches last
+        with tempfile.TemporaryDirectory() as scratch:
+            plot(profiled, Path(scratch) / PROFILE_PNG)
+            picture = (Path(scratch) / PROFILE_PNG).read_bytes()
+        png_path.write_bytes(picture)
+        record = {**profiled, "png_sha256": hashlib.sha256(picture).hexdigest()}
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        return json_path, png_path
     png_tmp = png_path.with_name(f".{PROFILE_PNG}.{os.getpid()}.tmp")
     json_tmp = json_path.with_name(f".{PROFILE_JSON}.{os.getpid()}.tmp")
     try:

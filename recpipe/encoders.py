@@ -9,14 +9,13 @@ over the sample, so the client only ever holds one row per distinct value.
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recpipe import folders
+from recpipe import folders, storage
 from recpipe.cli import UserError
 
 MISSING, UNKNOWN = 0, 1
@@ -103,16 +102,18 @@ def _plain(value):
 
 ENCODERS_FILE, SCALER_FILE, FIT_FILE = "encoders.json", "scaler.json", "fit.json"
 README_FILE = "README.md"  # the repository's preprocessors/README.md: a person's, carried over
+FITTED_FILES = (ENCODERS_FILE, SCALER_FILE, FIT_FILE)
 
 
 def save(directory, encoders, scaler, fit_record):
-    """Write encoders.json, scaler.json and fit.json (sample size, seed, parameters) into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write encoders.json, scaler.json and fit.json (sample size, seed, parameters) into `directory`
+    (a path or a URL)."""
+    directory = storage.path(directory)
+    if not storage.is_url(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     for name, content in ((ENCODERS_FILE, {column: encoder.to_json() for column, encoder in encoders.items()}),
                           (SCALER_FILE, scaler.to_json()), (FIT_FILE, fit_record)):
-        with open(directory / name, "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
+        (directory / name).write_text(json.dumps(content, indent=1) + "\n")
 
 
 def not_a_preprocessors_folder(directory):
@@ -130,7 +131,7 @@ def fingerprint(directory):
     """A hash of the fitted encoders and scaler: processed/'s manifest records the one it was made with."""
     digest = hashlib.sha256()
     for name in (ENCODERS_FILE, SCALER_FILE):
-        path = Path(directory) / name
+        path = storage.path(directory) / name
         if not path.is_file():
             raise UserError(f"{path} is missing: run preprocess.py first")
         digest.update(path.read_bytes())
@@ -139,13 +140,14 @@ def fingerprint(directory):
 
 def load(directory):
     """(encoders, scaler, fit record) from a preprocessors folder, or a UserError saying what makes it."""
+    directory = storage.path(directory)
     try:
         fit_record = json.loads((directory / FIT_FILE).read_text())
         encoders = {column: CategoryEncoder.from_json(fitted, fit_record["parameters"]["min_frequency"])
                     for column, fitted in json.loads((directory / ENCODERS_FILE).read_text()).items()}
         scaler = StandardScaler.from_json(json.loads((directory / SCALER_FILE).read_text()))
     except FileNotFoundError as error:
-        raise UserError(f"{error.filename} is missing: run preprocess.py first") from None
+        raise UserError(f"{error.filename or directory} is missing: run preprocess.py first") from None
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{directory}/ is not a preprocessors folder preprocess.py wrote ({error}); "
                         "run preprocess.py again") from None

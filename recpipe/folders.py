@@ -22,22 +22,33 @@ killed run never leaves a folder locked. A command that cannot take its lock sto
 once, naming the processes that hold it (from /proc/locks). On a read-only file system
 readers take no lock: nothing can replace what they read there; on one without flock
 (some network mounts) nobody does, and train.py's loader still notices a swapped folder.
+
+Object storage (a URL) has neither folders to rename nor locks. A stage there writes each run
+into a version folder of its own inside the stage folder (`merged/v20261201T081500123456-host-1234/`),
+marked like a staging folder, and recpipe.stage commits it by writing the manifest that names it;
+`version_leftovers` finds the versions no manifest names.
 """
 
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from recpipe import storage
 from recpipe.cli import NOT_WRITABLE, UserError
 
 MARKER = ".recpipe-staging"
+
+# A version folder of a stage on object storage: when, where and by which process it was written.
+VERSION = re.compile(r"^v\d{8}T\d{12}-[^/]+-\d+$")
 
 
 # --- proof of ownership -----------------------------------------------------------------------------
@@ -45,7 +56,7 @@ MARKER = ".recpipe-staging"
 def refuse_unless_ours(folder, why_not_ours, action, fix):
     """Stop with a UserError unless `folder` is missing, empty, or proven ours by `why_not_ours(folder)`
     (None when it is ours, else what was found). `action` ("replace", "delete") and `fix` go into the message."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if folder.is_symlink():
         raise UserError(f"refusing to {action} {folder}: it is a symbolic link (to {os.readlink(folder)}), "
                         f"and this project replaces only folders it made; {fix}")
@@ -65,7 +76,7 @@ def unexpected_entries(folder, expected):
     """The entries of `folder` (relative paths, files and folders, all depths) that are not in
     `expected` (relative paths of files) nor folders above them; symbolic links and special files
     count as unexpected whatever their name."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     parents = {str(parent) for name in expected for parent in Path(name).parents if str(parent) != "."}
     found = []
     for path in sorted(folder.rglob("*")):
@@ -89,16 +100,27 @@ def listing(names, limit=3):
 
 def make_staging(target):
     """A new, empty staging folder beside `target`, marked as this process's: `.<name>.staging-<host>-<pid>`."""
+    if storage.is_url(target):
+        return make_version(target)
     target = Path(target)
     staging = target.with_name(f".{target.name}.staging-{socket.gethostname()}-{os.getpid()}")
     if staging.exists() or staging.is_symlink():  # this pid's, from an earlier process that had it
         remove(staging)
     staging.mkdir()
-    _mark(staging)
+    mark(staging)
     return staging
 
 
-def _mark(folder):
+def make_version(target):
+    """A new version folder inside a stage folder on object storage, under a name no earlier run used,
+    marked as this process's (the marker is its first object)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    version = storage.path(target) / f"v{stamp}-{socket.gethostname()}-{os.getpid()}"
+    mark(version)
+    return version
+
+
+def mark(folder):
     (folder / MARKER).write_text(json.dumps({"made_by": "recpipe", "host": socket.gethostname(),
                                              "pid": os.getpid()}) + "\n")
 
@@ -107,7 +129,7 @@ def owner(folder):
     """(host, pid) of the process that made a staging or retired folder, from its marker; None when it
     has no readable marker, which means this project cannot prove it made it."""
     try:
-        marker = json.loads((Path(folder) / MARKER).read_text())
+        marker = json.loads((storage.path(folder) / MARKER).read_text())
         return str(marker["host"]), int(marker["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -115,7 +137,7 @@ def owner(folder):
 
 def remove(folder):
     """Delete a staging or retired folder, or refuse (UserError) when it has no marker of ours."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not folder.exists() and not folder.is_symlink():
         return
     if folder.is_symlink() or owner(folder) is None:
@@ -131,6 +153,9 @@ def discard(staging):
     finish what they run): what they add after the sweep stays, under the marker, for
     `clean leftovers` or the stage's next run to remove.
     """
+    if storage.is_url(staging):
+        storage.remove_tree(staging, last=MARKER)
+        return
     staging = Path(staging)
     for entry in sorted(staging.iterdir()) if staging.is_dir() else []:
         if entry.name != MARKER:
@@ -155,7 +180,7 @@ def replace(staging, target):
     staging, target = Path(staging), Path(target)
     retired = target.with_name(f".{target.name}.retired-{socket.gethostname()}-{os.getpid()}")
     if target.exists():
-        _mark(target)
+        mark(target)
         os.rename(target, retired)
     os.rename(staging, target)
     (target / MARKER).unlink(missing_ok=True)
@@ -170,7 +195,11 @@ def make_parents(path):
     A task that outlives its stage (the stage failed and removed its staging folder while
     an external worker still ran) must not make the folder again: it would be a folder
     without a marker, that nothing could then prove to be ours and remove.
+
+    Object storage has no folders to make: a file's name holds them.
     """
+    if storage.is_url(path):
+        return
     parent = Path(path).parent
     above = [parent, *parent.parents]
     root = next((index for index, folder in enumerate(above) if is_temporary_name(folder.name)), None)
@@ -201,34 +230,42 @@ class Leftover:
 
 def leftovers(parent, name):
     """The staging and retired folders of `name` under `parent`, each with whether it may be removed."""
-    host = socket.gethostname()
-    found = []
-    for path in sorted(Path(parent).glob(f".{name}.*-*")):
-        if not is_temporary_name(path.name) or not path.name.startswith(f".{name}."):
-            continue
-        made_by = None if path.is_symlink() else owner(path)
-        if made_by is None:
-            found.append(Leftover(path, False, f"has no {MARKER} marker, so not made by this project: "
-                                               "not touched; delete it yourself if it is yours to delete"))
-        elif made_by[0] != host:
-            found.append(Leftover(path, False, f"made on host {made_by[0]}: a run there may be using it; not touched"))
-        elif pid_alive(made_by[1]):
-            found.append(Leftover(path, False, f"a run in progress ({describe_process(made_by[1])}): not touched"))
-        else:
-            found.append(Leftover(path, True, "left by a killed run: `python pipeline.py clean leftovers` "
-                                              "(or the stage's next run) removes it"))
-    return found
+    return [_leftover(path) for path in sorted(Path(parent).glob(f".{name}.*-*"))
+            if is_temporary_name(path.name) and path.name.startswith(f".{name}.")]
 
 
-def remove_abandoned(parent, name):
-    """Delete the staging and retired folders of `name` whose maker is gone; return them.
+def version_leftovers(target, committed):
+    """The version folders inside a stage folder on object storage but the `committed` one (the one its
+    manifest names), each with whether it may be removed: what runs that did not commit left."""
+    target = storage.path(target)
+    if not target.is_dir():
+        return []
+    return [_leftover(path) for path in sorted(target.iterdir())
+            if VERSION.match(path.name) and path.name != committed]
+
+
+def _leftover(path):
+    made_by = None if path.is_symlink() else owner(path)
+    if made_by is None:
+        return Leftover(path, False, f"has no {MARKER} marker, so not made by this project: "
+                                     "not touched; delete it yourself if it is yours to delete")
+    if made_by[0] != socket.gethostname():
+        return Leftover(path, False, f"made on host {made_by[0]}: a run there may be using it; not touched")
+    if pid_alive(made_by[1]):
+        return Leftover(path, False, f"a run in progress ({describe_process(made_by[1])}): not touched")
+    return Leftover(path, True, "left by a killed run: `python pipeline.py clean leftovers` "
+                                "(or the stage's next run) removes it")
+
+
+def remove_abandoned(found):
+    """Delete the leftovers among `found` whose maker is gone; return their paths.
 
     Marker last, and again a few times while something remains: a task of a stage that was
     stopped may still be finishing a file in it (a worker outlives its cluster's close by a
     moment), and the folder must not lose its proof before it is gone.
     """
     removed = []
-    for leftover in leftovers(parent, name):
+    for leftover in found:
         if leftover.abandoned:
             for attempt in range(5):
                 discard(leftover.path)
@@ -270,7 +307,11 @@ def lock_path(folder):
 
 @contextlib.contextmanager
 def reading(folder):
-    """Hold `folder` for reading: no other command replaces or deletes it meanwhile."""
+    """Hold `folder` for reading: no other command replaces or deletes it meanwhile (on a file system;
+    object storage has no locks, see recpipe.stage)."""
+    if storage.is_url(folder):
+        yield
+        return
     try:
         fd = _lock(folder, fcntl.LOCK_SH, "read")
     except OSError as error:
@@ -290,9 +331,13 @@ def claiming(folder, why_not_ours, action, fix):
     ours (see refuse_unless_ours), or while another command reads or writes it.
 
     Ownership is checked before the lock file is made beside it (so a refused folder's
-    surroundings are not touched either), and again under the lock.
+    surroundings are not touched either), and again under the lock. Object storage has no
+    locks: there only ownership is checked.
     """
     refuse_unless_ours(folder, why_not_ours, action, fix)
+    if storage.is_url(folder):
+        yield
+        return
     try:
         Path(folder).parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

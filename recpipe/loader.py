@@ -30,16 +30,14 @@ workers.
 """
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recpipe import stage
+from recpipe import stage, tables
 from recpipe.cli import UserError
 from recpipe.histories import padded
 
@@ -119,14 +117,15 @@ class ProcessedDataset(IterableDataset):
         super().__init__()
         if batch_size < 1 or (max_history is not None and max_history < 1):
             raise ValueError(f"batch_size and max_history must be at least 1, not {batch_size} and {max_history}")
-        self.processed_dir, self.split = Path(processed_dir), split
+        self.split = split
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.empty_histories = empty_histories
-        checked = checked or stage.open_stage(None, "processed", stage_dir=self.processed_dir)
+        checked = checked or stage.open_stage(None, "processed", stage_dir=processed_dir)
+        self.processed_dir = checked.folder  # where its manifest is; its files are in checked.path
         manifest, self._version = checked.manifest, checked.manifest_sha256
         self.layout = layout_of(checked)
         self.max_history = int(max_history or manifest["parameters"]["max_history"])
-        self.days = _days(self.processed_dir, split, manifest, self.layout)  # [(date, example files, history files)]
+        self.days = _days(checked.path, split, manifest, self.layout)  # [(date, example files, history files)]
         self._day_rows = [sum(_num_rows(path) for path in examples) for _, examples, _ in self.days]
         schema = _schema(self.days[0][1][0]) if self.days else None
         self.categorical = list(categorical) if categorical is not None else _columns(schema, "cat_", ITEM)
@@ -342,8 +341,7 @@ def _days(processed_dir, split, manifest, layout):
     split_dir = processed_dir / split
     if not split_dir.exists() and manifest.get("rows_per_split", {}).get(split) == 0:
         return []  # preprocess.py found no day of this split: an empty split, not a missing one
-    tables = ("examples", "histories") if layout == "compact" else ("examples",)
-    for table in tables:
+    for table in ("examples", "histories") if layout == "compact" else ("examples",):
         if not (split_dir / table).is_dir():
             raise UserError(f"{split_dir / table} is missing: run preprocess.py first")
     days = []
@@ -373,14 +371,14 @@ def _unreadable(path, error):
 
 def _num_rows(path):
     try:
-        return pq.ParquetFile(path).metadata.num_rows
+        return tables.parquet_file(path).metadata.num_rows
     except (pa.ArrowException, OSError) as error:
         raise _unreadable(path, error) from None
 
 
 def _schema(path):
     try:
-        return pq.read_schema(path)
+        return tables.read_schema(path)
     except (pa.ArrowException, OSError) as error:
         raise _unreadable(path, error) from None
 
@@ -398,16 +396,16 @@ def _require_columns(path, names):
 
 
 def _read(paths, columns):
-    tables = []
+    read = []
     for path in paths:
         try:
-            tables.append(pq.read_table(path, columns=columns))
+            read.append(tables.read(path, columns=columns))
         except FileNotFoundError:
             raise UserError(f"{path} has gone: processed/ was replaced or removed while this run read it, so "
                             "this run stopped; start train.py again once preprocess.py has finished") from None
         except (pa.ArrowException, OSError) as error:
             raise _unreadable(path, error) from None
-    return pa.concat_tables(tables)
+    return pa.concat_tables(read)
 
 
 def _numpy(table, name, dtype):

@@ -18,17 +18,14 @@ holds more than one raw file, one day or one bucket.
 
 import collections
 import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import get_worker
 
-from recpipe import cluster, folders, schemas, stage, stages, storage, summary
+from recpipe import cluster, schemas, stage, stages, storage, summary, tables
 from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, clean_impressions,
                               drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
                               typed_impressions)
@@ -70,12 +67,10 @@ class Part:
 def run_stage(args):
     """merge_and_clean.py: publish merged/ from the raw files under args.raw (see stages.STAGES)."""
     this = stages.BY_NAME["merged"]
-    storage.configure(args.raw, args.storage_options)
     raw_files = list_raw_files(args.raw)
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
     with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args) as client:
-        cluster.share_storage_options(client, args.raw, args.storage_options)
         accounting, impression_days, extra_fields = merge_and_clean(
             client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
         for source, fields in extra_fields.items():
@@ -85,7 +80,8 @@ def run_stage(args):
         run.extra["impression_days"] = impression_days
 
     summary.print_summary(run.published)
-    print(f"rows set aside are in {Path(args.data) / this.name / '_quarantine'}/")
+    published = stage.content_dir(storage.path(args.data) / this.name, run.published)
+    print(f"rows set aside are in {published / '_quarantine'}/")
 
 
 def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days, split_bytes=SPLIT_BYTES,
@@ -94,7 +90,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
 
     `line_by_line` reads every row the reference way, and every file whole (see clean_file).
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     scratch = out_dir / "_scratch"
     action_files = sum(len(raw_files[source]) for source in ACTION_SOURCES)
     buckets = min(64, max(1, action_files // 8))  # few enough that bucket pieces are not tiny
@@ -132,8 +128,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
                       for bucket in sorted({bucket for report in reports for bucket in report.get("buckets", [])})]
     day_reports = wait_with_progress(day_futures, "deduplicating impressions by day")
     exact_duplicates = _sum_counters(wait_with_progress(bucket_futures, "counting exact duplicate actions"))
-    if scratch.exists():  # absent when every row was set aside
-        shutil.rmtree(scratch)
+    storage.remove_tree(scratch)  # absent when every row was set aside
     accounting = {}
     for source in SOURCES:
         reports = by_source[source]
@@ -201,7 +196,7 @@ def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=N
     `line_by_line` reads every row the reference way (raw.read_rows) instead of Arrow's blocks
     first; the output is the same, which a test checks.
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     rows_in, extra_fields, cleaned = _clean_rows(path, source, line_by_line, part)
     name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
     report = {"source": source, "file": path, "rows_in": rows_in, "extra_fields": extra_fields}
@@ -274,11 +269,11 @@ def _in_row_order(shown, shown_rest):
 def finish_impression_day(pieces_dir, day, split, out_dir):
     """Pass 2 for one impression day (runs on a worker): dedupe in raw order, label the split, write."""
     # Piece names are the raw files' zero-padded indexes: sorted, they are in raw order.
-    pieces = sorted(Path(pieces_dir).glob("*.parquet"))
-    shown = pa.concat_tables([pq.read_table(piece, schema=SCRATCH_IMPRESSIONS) for piece in pieces]).to_pandas()
+    pieces = sorted(storage.path(pieces_dir).glob("*.parquet"))
+    shown = pa.concat_tables([tables.read(piece, schema=SCRATCH_IMPRESSIONS) for piece in pieces]).to_pandas()
     shown, duplicates = drop_duplicate_impressions(shown)
     shown["split"] = split
-    write_table(shown.drop(columns="row"), Path(out_dir) / "impressions" / f"part-{day}.parquet", schemas.IMPRESSIONS)
+    write_table(shown.drop(columns="row"), storage.path(out_dir) / "impressions" / f"part-{day}.parquet", schemas.IMPRESSIONS)
     return {"day": day, "split": split, "kept": len(shown), "duplicates_dropped": duplicates}
 
 
@@ -291,9 +286,8 @@ def _write_by_bucket(actions, buckets, path):
     table = pa.Table.from_pandas(actions.take(order), schema=schemas.ACTIONS, preserve_index=False)
     present, firsts = np.unique(bucket_of[order], return_index=True)
     bounds = [*firsts.tolist(), len(order)]
-    folders.make_parents(path)
-    with pq.ParquetWriter(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())}),
-                          **SCRATCH_OPTIONS) as writer:
+    with tables.writer(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())}),
+                       **SCRATCH_OPTIONS) as writer:
         for first, last in zip(bounds[:-1], bounds[1:]):
             writer.write_table(table.slice(first, last - first), row_group_size=last - first)
     return present.tolist()
@@ -302,8 +296,8 @@ def _write_by_bucket(actions, buckets, path):
 def count_exact_duplicate_actions(scratch_dir, bucket):
     """Exact repeats among one customer bucket's actions, {action_type: count} (runs on a worker)."""
     pieces = []
-    for path in sorted(Path(scratch_dir).glob("*.parquet")):
-        file = pq.ParquetFile(path)
+    for path in sorted(storage.path(scratch_dir).glob("*.parquet")):
+        file = tables.parquet_file(path, whole=True)
         written = json.loads(file.schema_arrow.metadata[BUCKETS_KEY.encode()])
         if bucket in written:
             pieces.append(file.read_row_group(written.index(bucket)))

@@ -21,10 +21,9 @@ parameters writes the same bytes, so everything made from it stays complete.
 
 import dataclasses
 import datetime as dt
-import shutil
 from pathlib import Path
 
-from recpipe import cli, encoders, folders, stage, stages
+from recpipe import cli, encoders, folders, stage, stages, storage
 from recpipe.cli import UserError
 from recpipe.raw import list_raw_files
 
@@ -88,7 +87,7 @@ def inspect(data_dir, raw_dir, asked, verify=False):
     Every published stage is checked against its manifest (file list, sizes, rows; with
     `verify`, every file's content against its fingerprint too).
     """
-    data_dir = Path(data_dir)
+    data_dir = storage.path(data_dir)
     manifests, broken = {}, {}
     for name in stages.NAMES:
         if (data_dir / name / stage.MANIFEST).is_file():
@@ -190,16 +189,20 @@ def stages_to_run(states, forced=None):
 
 def all_leftovers(data_dir, preprocessors_dir):
     """Temporary folders of stage runs and of preprocess.py's preprocessors folder (folders.Leftover)."""
+    return [*(leftover for name in stages.NAMES for leftover in stage.leftovers(data_dir, name)),
+            *_preprocessors_leftovers(preprocessors_dir)]
+
+
+def _preprocessors_leftovers(preprocessors_dir):
+    if storage.is_url(preprocessors_dir):
+        return []  # written file by file there, through no staging folder
     preprocessors_dir = Path(preprocessors_dir)
-    return [*(leftover for name in stages.NAMES for leftover in folders.leftovers(data_dir, name)),
-            *folders.leftovers(preprocessors_dir.parent, preprocessors_dir.name)]
+    return folders.leftovers(preprocessors_dir.parent, preprocessors_dir.name)
 
 
 def remove_leftovers(data_dir, preprocessors_dir):
     """Delete the temporary folders killed runs left behind (those proven ours); return what was deleted."""
-    preprocessors_dir = Path(preprocessors_dir)
-    return [*(path for name in stages.NAMES for path in folders.remove_abandoned(data_dir, name)),
-            *folders.remove_abandoned(preprocessors_dir.parent, preprocessors_dir.name)]
+    return folders.remove_abandoned(all_leftovers(data_dir, preprocessors_dir))
 
 
 def preprocessors_state(states, preprocessors_dir):
@@ -231,7 +234,7 @@ def remove(states, name):
         if reason:
             raise UserError(f"{state.path}/ is still needed: {reason}; run `python pipeline.py run` first, "
                             "then clean it")
-        shutil.rmtree(state.path)
+        storage.remove_tree(state.path, last=stage.MANIFEST)  # object storage: the proof that it is ours goes last
     return state.bytes
 
 

@@ -24,16 +24,12 @@ writing and re-reading them took 0.95 s per bucket, computing them 0.34 s.
 A worker holds one bucket at a time: its actions, impressions and histories.
 """
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from recpipe import cluster, encoders, folders, schemas, stage, stages, summary
+from recpipe import cluster, encoders, folders, schemas, stage, stages, storage, summary, tables
 from recpipe.cli import OutputError, UserError
 from recpipe.schemas import US_PER_DAY
 from recpipe.cluster import task_key, wait_with_progress
@@ -63,11 +59,11 @@ def run_stage(args):
     (see stages.STAGES)."""
     this = stages.BY_NAME["processed"]
     parameters = this.asked(args)
-    target = Path(args.preprocessors)
+    target = storage.path(args.preprocessors)
     for name in stages.NAMES:
-        if target.resolve().is_relative_to((Path(args.data) / name).resolve()):
-            raise UserError(f"--preprocessors {target} lies inside {Path(args.data) / name}/, a stage folder that "
-                            "its stage replaces as a whole: choose a folder outside the stage folders")
+        if _inside(target, storage.path(args.data) / name):
+            raise UserError(f"--preprocessors {target} lies inside {storage.path(args.data) / name}/, a stage folder "
+                            "that its stage replaces as a whole: choose a folder outside the stage folders")
 
     with stage.reading(args.data, this.reads) as cleaned, \
             folders.claiming(target, encoders.not_a_preprocessors_folder, "replace",
@@ -83,7 +79,8 @@ def run_stage(args):
             run.extra["history_entries_per_example"] = round(history_entries / examples, 2) if examples else None
             run.extra["sample_rows"] = fit_record["sample_rows"]
             run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
-        replace_preprocessors(Path(args.data) / this.name / encoders.FITTED, target, args.data)
+        published = stage.content_dir(storage.path(args.data) / this.name, run.published)
+        replace_preprocessors(published / encoders.FITTED, target, args.data)
 
     summary.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
@@ -92,14 +89,29 @@ def run_stage(args):
           "example")
 
 
+def _inside(folder, other):
+    """Whether `folder` is `other` or lies below it (paths or URLs)."""
+    if storage.is_url(folder) or storage.is_url(other):
+        return f"{folder}/".startswith(f"{other}/")
+    return folder.resolve().is_relative_to(other.resolve())
+
+
 def replace_preprocessors(fitted_dir, target, data_dir):
-    """Copy what processed/ was made with to --preprocessors, through a staging folder beside it."""
+    """Copy what processed/ was made with to --preprocessors: through a staging folder beside it on a file
+    system; on object storage, which renames nothing, file by file (train.py refuses a folder caught between
+    two versions: its encoders and scaler are not the ones processed/'s manifest records)."""
     staging = None
+    fitted_dir = storage.path(fitted_dir)
     try:
+        if storage.is_url(target):
+            for name in encoders.FITTED_FILES:
+                (target / name).write_bytes((fitted_dir / name).read_bytes())
+            return
         staging = folders.make_staging(target)
-        shutil.copytree(fitted_dir, staging, dirs_exist_ok=True)
-        if (Path(target) / encoders.README_FILE).is_file():
-            shutil.copy2(Path(target) / encoders.README_FILE, staging / encoders.README_FILE)
+        for name in encoders.FITTED_FILES:
+            (staging / name).write_bytes((fitted_dir / name).read_bytes())
+        if (target / encoders.README_FILE).is_file():
+            (staging / encoders.README_FILE).write_bytes((target / encoders.README_FILE).read_bytes())
         folders.replace(staging, target)
     except OSError as error:
         if staging is not None:
@@ -128,7 +140,7 @@ TIMELINES_SCHEMA = HISTORIES_SCHEMA
 def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     """Run the three steps into `out_dir` (a staging folder); return (accounting, fit record, rows per split,
     history entries stored)."""
-    cleaned_dir, out_dir = Path(cleaned_dir), Path(out_dir)
+    cleaned_dir, out_dir = storage.path(cleaned_dir), storage.path(out_dir)
     buckets = sorted(path.name for path in (cleaned_dir / "impressions").glob("bucket=*"))
     futures = [client.submit(summarize_bucket, str(cleaned_dir), bucket, params,
                              key=task_key(f"histories-{bucket}"), pure=False) for bucket in buckets]
@@ -149,7 +161,7 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
                                  ("seed", "sample_frac", "min_frequency", "lookback_days", "max_history")},
                   "vocabulary_sizes": {name: encoder.size for name, encoder in fitted.items()},
                   "categorical": list(CATEGORICAL), "numeric": NUMERIC_FEATURES}
-    encoders.save(Path(preprocessors_dir), fitted, scaler, fit_record)
+    encoders.save(preprocessors_dir, fitted, scaler, fit_record)
 
     futures = [client.submit(write_bucket, str(cleaned_dir), bucket, str(out_dir), str(preprocessors_dir), params,
                              key=task_key(f"write-{bucket}"), pure=False)
@@ -247,10 +259,10 @@ def check_timelines(windows, customers, offsets, taken, history_end, lookback_da
 
 def read_bucket(cleaned_dir, bucket):
     """A bucket's impressions of the three splits (Arrow), its actions (pandas), and how many rows it had."""
-    impressions = read_parts(Path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS, EXAMPLE_SOURCES)
+    impressions = read_parts(storage.path(cleaned_dir) / "impressions" / bucket, schemas.CLEANED_IMPRESSIONS, EXAMPLE_SOURCES)
     rows_in = impressions.num_rows
     impressions = impressions.filter(pc.is_in(impressions.column("split"), value_set=pa.array(SPLITS)))
-    actions = read_parts(Path(cleaned_dir) / "actions" / bucket, schemas.ACTIONS).to_pandas()
+    actions = read_parts(storage.path(cleaned_dir) / "actions" / bucket, schemas.ACTIONS).to_pandas()
     return impressions, actions, rows_in
 
 
@@ -297,7 +309,7 @@ def _encode_lists(lists, encode, value_type):
 def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
     """Step 3 for one bucket (runs on a worker): rows written per split, rows read, rows outside the splits,
     and the history entries stored."""
-    fitted, scaler, _ = encoders.load(Path(preprocessors_dir))
+    fitted, scaler, _ = encoders.load(preprocessors_dir)
     impressions, actions, rows_in = read_bucket(cleaned_dir, bucket)
     examples_keys, keys = _keys(impressions)
     key_of_example = _key_index(keys, examples_keys)
@@ -324,7 +336,7 @@ def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
                              "actions": _lists(offsets, fitted["cat_item"].transform(windows.item_id[taken]), pa.int64()),
                              "action_types": _lists(offsets, windows.action_type[taken], pa.int8())},
                             schema=TIMELINES_SCHEMA)
-        _write(timeline, Path(out_dir) / "timelines" / bucket / "part-00000.parquet", EXAMPLE_ROW_GROUP)
+        _write(timeline, storage.path(out_dir) / "timelines" / bucket / "part-00000.parquet", EXAMPLE_ROW_GROUP)
         stored = len(taken)
     else:
         actions = _encode_lists(histories.column("history_items"), fitted["cat_item"].transform, pa.int64())
@@ -339,7 +351,7 @@ def write_bucket(cleaned_dir, bucket, out_dir, preprocessors_dir, params):
     for (split, day), example_rows in splits_and_days.groupby(["split", "dt"], sort=True).indices.items():
         day_name = f"dt={pd.Timestamp(day).date().isoformat()}"
         of_day = examples.take(pa.array(example_rows))
-        base = Path(out_dir) / split
+        base = storage.path(out_dir) / split
         if layout == "wide":
             _write_wide(of_day, actions, action_types, key_of_example[example_rows],
                         base / day_name / f"part-{bucket}.parquet", max_history)
@@ -361,8 +373,7 @@ def _lists(offsets, values, value_type):
 
 
 def _write(table, path, row_group_size):
-    folders.make_parents(path)
-    pq.write_table(table, path, row_group_size=row_group_size)
+    tables.write(table, path, row_group_size=row_group_size)
 
 
 def wide_schema(examples_schema, max_history):
@@ -375,13 +386,12 @@ def wide_schema(examples_schema, max_history):
 
 def _write_wide(examples, actions, action_types, key_rows, path, max_history):
     schema = wide_schema(examples.schema, max_history)
-    folders.make_parents(path)
     # Encoding the 2 x max_history values of every row is nearly all of this stage's time (py-spy, 10 M
     # actions: 81%). Dictionaries and min/max statistics on mostly-zero padding cost more than they save;
     # plain values with zstd write 32% faster, read as fast, for files 1.8x larger (docs/benchmarks.md).
     example_columns = examples.schema.names
-    with pq.ParquetWriter(path, schema, use_dictionary=example_columns, write_statistics=example_columns,
-                          compression="zstd", compression_level=1) as writer:
+    with tables.writer(path, schema, use_dictionary=example_columns, write_statistics=example_columns,
+                       compression="zstd", compression_level=1) as writer:
         for start in range(0, max(len(key_rows), 1), WIDE_CHUNK):
             rows = key_rows[start:start + WIDE_CHUNK]
             chunk = examples.slice(start, len(rows))

@@ -124,10 +124,11 @@ def _list_objects(raw_url, source):
             raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw "
                             f"{raw_url}")
         files = []
-        for path in sorted(source_dir.iterdir(), key=str):
-            if path.name.startswith((".", "_")) or not path.name:  # no name: the prefix's own marker object
-                continue
-            if path.is_dir():
+        for entry in sorted(source_dir.fs.ls(source_dir.path, detail=True), key=lambda entry: entry["name"]):
+            path = source_dir / storage.name(entry["name"])
+            if storage.name(entry["name"]).startswith((".", "_")) or entry["name"].rstrip("/") == source_dir.path:
+                continue  # the prefix's own marker object, or a name to skip
+            if entry["type"] == "directory":
                 raise UserError(f"{path}/: a folder inside {source_dir}/; only the objects directly in a source "
                                 "folder are read: move them up, or prefix the folder's name with _ to keep it unread")
             files.append(path)

@@ -15,14 +15,10 @@ file cuts it by bucket into a scratch folder; one task per (table, bucket) gathe
 its pieces, sorts them with PyArrow and writes them with tables.write_sized.
 """
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from recpipe import cluster, folders, schemas, stage, stages, summary
+from recpipe import cluster, schemas, stage, stages, storage, summary, tables
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.tables import write_sized
 
@@ -80,7 +76,7 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
 
     Returns (accounting, {table: in-memory sizes in bytes of the row groups written}).
     """
-    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    merged_dir, out_dir = storage.path(merged_dir), storage.path(out_dir)
     scratch = out_dir / "_scratch"
     files = [(table, path) for table in TABLES for path in sorted((merged_dir / table).glob("*.parquet"))]
     futures = [client.submit(cut_by_bucket, str(path), table, str(scratch), buckets,
@@ -99,14 +95,13 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
         table = future.key.split("-")[1]
         rows_out[table] += rows
         group_sizes[table] += sizes
-    if scratch.exists():  # absent when merged/ kept no rows (every raw row was set aside)
-        shutil.rmtree(scratch)
+    storage.remove_tree(scratch)  # absent when merged/ kept no rows (every raw row was set aside)
     return {table: {"rows_in": rows_in[table], "kept": rows_out[table]} for table in TABLES}, group_sizes
 
 
 def cut_by_bucket(path, table, scratch, buckets):
     """Pass 1 for one merged file (runs on a worker): its rows, cut by bucket into scratch/<table>/bucket=N/."""
-    data = pq.read_table(path, schema=TABLES[table][0])
+    data = tables.read(path, schema=TABLES[table][0])
     bucket = bucket_of(data.column("customer_id").to_numpy(), buckets)
     order = np.argsort(bucket, kind="stable")
     data = data.take(pa.array(order))
@@ -114,9 +109,8 @@ def cut_by_bucket(path, table, scratch, buckets):
     start = 0
     for number, count in enumerate(counts):
         if count:
-            piece_dir = Path(scratch) / table / bucket_name(number)
-            folders.make_parents(piece_dir / "piece")
-            pq.write_table(data.slice(start, count), piece_dir / f"{Path(path).stem}.parquet")
+            tables.write(data.slice(start, count),
+                         storage.path(scratch) / table / bucket_name(number) / f"{storage.path(path).stem}.parquet")
             start += count
     return data.num_rows
 
@@ -124,7 +118,7 @@ def cut_by_bucket(path, table, scratch, buckets):
 def write_bucket(pieces_dir, table, out_dir, row_group_mb):
     """Pass 2 for one bucket of one table (runs on a worker): gather, sort, write sized row groups."""
     schema, sort_keys = TABLES[table]
-    pieces = sorted(Path(pieces_dir).glob("*.parquet"))
-    data = pa.concat_tables([pq.read_table(piece, schema=schema) for piece in pieces])
+    pieces = sorted(storage.path(pieces_dir).glob("*.parquet"))
+    data = pa.concat_tables([tables.read(piece, schema=schema) for piece in pieces])
     data = data.sort_by(sort_keys)
     return data.num_rows, write_sized(data, out_dir, schema, row_group_mb)

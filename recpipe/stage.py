@@ -17,6 +17,15 @@ A failed, interrupted or terminated stage removes its staging folder; a SIGKILLe
 leaves it behind, and the next run of that stage removes it. A stage replaces only a
 folder it can prove a stage published (recpipe.folders), and holds it locked meanwhile.
 
+Object storage (--data s3://bucket/data) has no rename: there a stage writes into a version
+folder of its own inside the stage folder (`merged/v<UTC time>-<host>-<pid>/`), commits it by
+writing `_stage.json` last (one object, which names the version: `"version"`), and only then
+deletes the version the previous manifest named. Readers open the version the manifest names,
+so they see the previous output or the new one, never a part; a killed run leaves only a version
+no manifest names, which `pipeline.py status` reports and `clean leftovers` (or the stage's
+next run) removes. Object storage has no locks either: run one command at a time on a stage
+folder there (docs/operations.md).
+
 A reader (the next stage, the loader, `pipeline.py status`) checks the folder against its
 manifest before trusting it: the files listed, their sizes and row counts (cheap), or,
 asked for, their contents against `output_sha256`. A folder that differs is refused,
@@ -36,9 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from recpipe import folders, stages, storage
+from recpipe import folders, stages, storage, tables
 from recpipe.cli import OutputError, UserError, output_failure
 
 MANIFEST = "_stage.json"
@@ -51,7 +59,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 def read_manifest(stage_dir, name=None):
     """The manifest of a stage folder, checked to be one a stage wrote (`name`: which stage; default
     the folder's name); a truncated, hand-edited or foreign one is a UserError saying what is wrong."""
-    stage_dir = Path(stage_dir)
+    stage_dir = storage.path(stage_dir)
     name = name or stage_dir.name
     path = stage_dir / MANIFEST
     try:
@@ -69,7 +77,8 @@ def read_manifest(stage_dir, name=None):
 
 _FIELDS = {"stage": str, "parameters": dict, "tables": dict, "finished_at": str, "accounting": dict,
            "inputs": list}
-_OPTIONAL = {"output_sha256": str, "lineage": dict, "files": dict}  # absent in manifests of older versions
+_OPTIONAL = {"output_sha256": str, "lineage": dict, "files": dict,  # absent in manifests of older versions
+             "version": str}  # only on object storage
 
 
 def _manifest_problem(manifest, name):
@@ -89,6 +98,8 @@ def _manifest_problem(manifest, name):
         dt.datetime.fromisoformat(manifest["finished_at"])
     except ValueError:
         return f"'finished_at' is {manifest['finished_at']!r}, not a date and time"
+    if "version" in manifest and not folders.VERSION.match(manifest["version"]):
+        return f"'version' is {manifest['version'][:40]!r}, not the name of a version folder"
     for file, described in manifest.get("files", {}).items():
         if not (isinstance(described, dict) and isinstance(described.get("bytes"), int)):
             return f"'files' lists {file!r} without its size"
@@ -97,24 +108,32 @@ def _manifest_problem(manifest, name):
 
 def manifest_digest(stage_dir):
     """sha256 of a stage folder's manifest: it changes whenever the folder is published again."""
-    return _sha256_file(Path(stage_dir) / MANIFEST)
+    return _sha256_file(storage.path(stage_dir) / MANIFEST)
+
+
+def content_dir(stage_dir, manifest):
+    """Where a published stage's files are: its folder, or on object storage the version folder its
+    manifest names."""
+    stage_dir = storage.path(stage_dir)
+    return stage_dir / manifest["version"] if "version" in manifest else stage_dir
 
 
 def damage(stage_dir, manifest, full=False):
     """How a stage folder differs from what its manifest says was published, in a few words; None
-    when it does not. Cheap: the file list, sizes, and Parquet row counts (footers only). `full`:
-    also every file's content against `output_sha256` (as fast as the disk reads).
+    when it does not. Cheap: the file list, sizes, and Parquet row counts (footers only; on object
+    storage, whose objects are written whole and never changed in place, one listing of names and
+    sizes). `full`: also every file's content against `output_sha256` (as fast as the disk reads).
 
     Manifests of older versions list no files: only their fingerprint can tell, so it is used.
     """
-    stage_dir = Path(stage_dir)
+    stage_dir = content_dir(stage_dir, manifest)
     listed = manifest.get("files")
     problems = []
     if listed is not None:
-        on_disk = dict(stage_files(stage_dir))
+        on_disk = stage_files(stage_dir)
         missing = [name for name in listed if name not in on_disk]
         changed = [name for name, described in listed.items()
-                   if name in on_disk and _file_differs(on_disk[name], described)]
+                   if name in on_disk and _file_differs(stage_dir / name, on_disk[name], described)]
         unlisted = [name for name in on_disk if name not in listed]
         for names, words in ((missing, "missing"), (changed, "changed (size or rows)"),
                              (unlisted, "not written by the stage")):
@@ -127,13 +146,13 @@ def damage(stage_dir, manifest, full=False):
     return "; ".join(problems) or None
 
 
-def _file_differs(path, described):
-    if path.stat().st_size != described["bytes"]:
+def _file_differs(path, size, described):
+    if size != described["bytes"]:
         return True
-    if "rows" not in described:
+    if "rows" not in described or storage.is_url(path):  # a footer there is a request per file: see damage()
         return False
     try:
-        return pq.ParquetFile(path).metadata.num_rows != described["rows"]
+        return tables.parquet_file(path).metadata.num_rows != described["rows"]
     except (OSError, pa.ArrowException):
         return True
 
@@ -148,24 +167,30 @@ def damage_message(stage_dir, name, problem):
 
 @dataclass
 class StageInput:
-    """A stage folder checked against its manifest, as a later stage or the loader reads it."""
+    """A stage folder checked against its manifest, as a later stage or the loader reads it: `path` holds
+    its files (`folder` itself, or the version its manifest names on object storage)."""
 
     name: str
     path: Path
     manifest: dict
     manifest_sha256: str
+    folder: Path
 
     def entry(self):
         """What a stage's manifest records of this input: path, fingerprints, parameters, lineage."""
-        return {"stage": self.name, "path": str(self.path.resolve()), "manifest_sha256": self.manifest_sha256,
+        return {"stage": self.name, "path": storage.absolute(self.folder), "manifest_sha256": self.manifest_sha256,
                 "output_sha256": self.manifest.get("output_sha256"), "parameters": self.manifest["parameters"],
                 "lineage": self.manifest.get("lineage", {})}
 
 
 def open_stage(data_dir, name, stage_dir=None, full=False):
     """An input stage, or a UserError saying which script makes it, or what differs from its manifest."""
-    stage_dir = Path(stage_dir) if stage_dir is not None else Path(data_dir) / name
-    if not (stage_dir / MANIFEST).is_file():
+    stage_dir = storage.path(stage_dir if stage_dir is not None else storage.path(data_dir) / name)
+    try:
+        published = (stage_dir / MANIFEST).is_file()
+    except Exception as error:  # object storage's own errors: no such bucket, no endpoint, no credentials
+        raise storage.failure(error, stage_dir) from None
+    if not published:
         state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
         raise UserError(f"{stage_dir}/ {state}: run {stages.script(name, 'the stage')} first")
     digest = manifest_digest(stage_dir)
@@ -173,14 +198,14 @@ def open_stage(data_dir, name, stage_dir=None, full=False):
     problem = damage(stage_dir, manifest, full)
     if problem:
         raise UserError(damage_message(stage_dir, name, problem))
-    return StageInput(name, stage_dir, manifest, digest)
+    return StageInput(name, content_dir(stage_dir, manifest), manifest, digest, stage_dir)
 
 
 @contextlib.contextmanager
 def reading(data_dir, name, stage_dir=None):
     """Hold an input stage for reading (no command replaces or deletes it meanwhile) and yield it
     checked against its manifest (StageInput)."""
-    stage_dir = Path(stage_dir) if stage_dir is not None else Path(data_dir) / name
+    stage_dir = storage.path(stage_dir if stage_dir is not None else storage.path(data_dir) / name)
     with folders.reading(stage_dir):
         yield open_stage(data_dir, name, stage_dir)
 
@@ -191,9 +216,10 @@ def raw_input(raw_dir, files):
     Hashing the content of terabytes of logs on every run would cost more than the
     stage; names, sizes and mtimes change whenever a file is replaced or appended to.
     """
-    listing = [(storage.relative(f, raw_dir), *storage.stat(f)) for f in sorted(files, key=str)]
+    stats = storage.stats(files, raw_dir)
+    listing = [(storage.relative(f, raw_dir), *stats[f]) for f in sorted(files, key=str)]
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    where = str(raw_dir) if storage.is_url(raw_dir) else str(Path(raw_dir).resolve())
+    where = storage.absolute(raw_dir)
     return {"raw": where, "files": len(listing),
             "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
 
@@ -217,7 +243,7 @@ class StageRun:
 
     def __init__(self, name, data_dir, staging, parameters, inputs):
         self.name = name
-        self.data_dir = Path(data_dir)
+        self.data_dir = data_dir
         self.path = staging
         self.parameters = parameters
         self.inputs = inputs
@@ -250,8 +276,11 @@ class StageRun:
 def not_a_stage_folder(folder, name):
     """None when `folder` is a stage folder a stage of this pipeline published: a valid manifest of
     stage `name`, and nothing in it but the files that manifest lists. Otherwise what was found."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not (folder / MANIFEST).is_file():
+        if storage.is_url(folder) and all(folders.VERSION.match(entry.name) and folders.owner(entry)
+                                          for entry in folder.iterdir()):
+            return None  # on object storage: only versions of runs that did not commit, each marked ours
         return f"it has no {MANIFEST}"
     try:
         manifest = read_manifest(folder, name)
@@ -262,7 +291,14 @@ def not_a_stage_folder(folder, name):
         if manifest.get("output_sha256") and output_fingerprint(folder) == manifest["output_sha256"]:
             return None
         return f"its {MANIFEST} lists no files and its contents differ from its fingerprint"
-    unexpected = folders.unexpected_entries(folder, {*listed, MANIFEST, folders.MARKER})
+    if "version" in manifest:  # object storage: the version it names, and versions of runs that did not commit
+        version = manifest["version"]
+        unexpected = [f"{version}/{name}" for name in
+                      folders.unexpected_entries(folder / version, {*listed, folders.MARKER})]
+        unexpected += [entry.name for entry in folder.iterdir() if entry.name not in (MANIFEST, version)
+                       and not (folders.VERSION.match(entry.name) and folders.owner(entry))]
+    else:
+        unexpected = folders.unexpected_entries(folder, {*listed, MANIFEST, folders.MARKER})
     if unexpected:
         return f"it holds what {stages.script(name, 'the stage')} did not write: {folders.listing(unexpected)}"
     return None
@@ -277,6 +313,10 @@ def publish(data_dir, name, parameters, inputs):
     (including SystemExit from SIGTERM and KeyboardInterrupt) removes the staging folder and
     leaves the previous output untouched. A full disk or a read-only folder is an OutputError.
     """
+    if storage.is_url(data_dir):
+        with _publish_to_store(storage.path(data_dir), name, parameters, inputs) as run:
+            yield run
+        return
     data_dir = Path(data_dir).resolve()
     target = data_dir / name
     made_data_dir = not data_dir.exists()
@@ -284,7 +324,7 @@ def publish(data_dir, name, parameters, inputs):
         data_dir.mkdir(parents=True, exist_ok=True)
         with folders.claiming(target, lambda folder: not_a_stage_folder(folder, name), "replace",
                               "move it away or delete it yourself, or point --data at another folder"):
-            for leftover in folders.remove_abandoned(data_dir, name):
+            for leftover in folders.remove_abandoned(folders.leftovers(data_dir, name)):
                 print(f"removed {leftover}, left behind by a killed run")
             staging = folders.make_staging(target)
             run = StageRun(name, data_dir, staging, parameters, inputs)
@@ -311,6 +351,58 @@ def publish(data_dir, name, parameters, inputs):
         raise OutputError(message) from error
 
 
+@contextlib.contextmanager
+def _publish_to_store(data_dir, name, parameters, inputs):
+    """publish() on object storage, which renames nothing: write a new version folder, commit it by
+    writing the manifest that names it, then delete the version the previous manifest named."""
+    target = data_dir / name
+    fix = "move it away or delete it yourself, or point --data at another location"
+    try:
+        for leftover in folders.remove_abandoned(leftovers(data_dir, name)):
+            print(f"removed {leftover}, left behind by a killed run")
+        folders.refuse_unless_ours(target, lambda folder: not_a_stage_folder(folder, name), "replace", fix)
+        version = folders.make_version(target)
+    except UserError:
+        raise
+    except Exception as error:  # object storage's own errors: no such bucket, no endpoint, no credentials
+        raise storage.failure(error, target) from None
+    run = StageRun(name, data_dir, version, parameters, inputs)
+    try:
+        yield run
+        manifest = run.manifest()
+        manifest["version"] = version.name
+        run.published = manifest
+        previous = _committed_version(target)
+        if previous is not None:
+            folders.mark(target / previous)  # ours to delete, even if this process dies before it does
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    except BaseException:
+        folders.discard(version)
+        raise
+    if previous is not None and previous != version.name:
+        folders.discard(target / previous)
+
+
+def _committed_version(target):
+    """The version folder the manifest of a stage folder on object storage names; None when it has none."""
+    try:
+        return json.loads((storage.path(target) / MANIFEST).read_bytes()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def leftovers(data_dir, name):
+    """What killed runs of a stage left (folders.Leftover): staging and retired folders beside its folder,
+    or on object storage the versions inside it that its manifest does not name."""
+    if storage.is_url(data_dir):
+        target = storage.path(data_dir) / name
+        committed = _committed_version(target)
+        if committed is None and (target / MANIFEST).is_file():
+            return []  # a manifest that names no version: which one it meant cannot be told, so nothing is left over
+        return folders.version_leftovers(target, committed)
+    return folders.leftovers(data_dir, name)
+
+
 def check_accounting(accounting):
     """Every row in ends in exactly one place; a stage that cannot show it does not publish."""
     for source, counts in accounting.items():
@@ -330,11 +422,10 @@ def size_stats(sizes):
 
 
 def stage_files(stage_dir):
-    """(relative path, path) of every file a stage wrote into its folder, sorted: all but the manifest
+    """{relative path: bytes} of every file a stage wrote into its folder, sorted: all but the manifest
     and the staging marker."""
-    stage_dir = Path(stage_dir)
-    return [(str(path.relative_to(stage_dir)), path) for path in sorted(stage_dir.rglob("*"))
-            if path.is_file() and path.relative_to(stage_dir).parts not in ((MANIFEST,), (folders.MARKER,))]
+    return {name: size for name, size in sorted(storage.files(stage_dir).items())
+            if name not in (MANIFEST, folders.MARKER)}
 
 
 def describe(stage_dir):
@@ -344,15 +435,16 @@ def describe(stage_dir):
     A table is a sub-folder holding Parquet; its partition folders (`dt=…`, `bucket=…`)
     belong to it.
     """
-    files, tables, group_sizes = {}, {}, {}
-    for name, path in stage_files(stage_dir):
-        files[name] = {"bytes": path.stat().st_size}
-        if path.suffix != ".parquet":
+    stage_dir = storage.path(stage_dir)
+    files, by_table, group_sizes = {}, {}, {}
+    for name, size in stage_files(stage_dir).items():
+        files[name] = {"bytes": size}
+        if not name.endswith(".parquet"):
             continue
-        metadata = pq.ParquetFile(path).metadata
+        metadata = tables.parquet_file(stage_dir / name).metadata
         files[name]["rows"] = metadata.num_rows
         table = "/".join(part for part in Path(name).parent.parts if "=" not in part) or "."
-        entry = tables.setdefault(table, {"rows": 0, "files": 0, "bytes": 0})
+        entry = by_table.setdefault(table, {"rows": 0, "files": 0, "bytes": 0})
         entry["rows"] += metadata.num_rows
         entry["files"] += 1
         entry["bytes"] += files[name]["bytes"]
@@ -360,8 +452,8 @@ def describe(stage_dir):
             metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     for table, sizes in group_sizes.items():
         if sizes:
-            tables[table]["parquet_row_group_mib"] = size_stats(sizes)
-    return files, tables
+            by_table[table]["parquet_row_group_mib"] = size_stats(sizes)
+    return files, by_table
 
 
 def output_fingerprint(stage_dir):
@@ -371,18 +463,19 @@ def output_fingerprint(stage_dir):
     writes the same bytes, so what was made from it stays fresh. Files are hashed on
     a thread each per core (hashlib releases the GIL), about 1 GB/s per core.
     """
-    files = stage_files(stage_dir)
+    stage_dir = storage.path(stage_dir)
+    files = list(stage_files(stage_dir))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        hashes = list(pool.map(_sha256_file, [path for _, path in files]))
+        hashes = list(pool.map(_sha256_file, [stage_dir / name for name in files]))
     digest = hashlib.sha256()
-    for (name, _), file_hash in zip(files, hashes):
+    for name, file_hash in zip(files, hashes):
         digest.update(f"{name}\0{file_hash}\n".encode())
     return digest.hexdigest()
 
 
 def folder_bytes(path):
     """Bytes of every file under a folder: what deleting it gives back."""
-    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file() and not file.is_symlink())
+    return sum(storage.files(path).values())
 
 
 def code_version():
@@ -405,7 +498,7 @@ def code_version():
 
 def _sha256_file(path):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while chunk := f.read(8 * 2**20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -59,9 +59,10 @@ class Folder:
                             help=f"{self.help} (default: {self.default})")
 
 
-DATA = Folder("data", "data", "folder holding the stage folders")
+DATA = Folder("data", "data", "folder holding the stage folders, or its URL (s3://bucket/data)", urls=True)
 RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source, or its URL (s3://bucket/raw)", urls=True)
-PREPROCESSORS = Folder("preprocessors", "preprocessors", "where the fitted encoders and scaler go")
+PREPROCESSORS = Folder("preprocessors", "preprocessors", "where the fitted encoders and scaler go, a folder or its URL",
+                       urls=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Stage:
         cluster.add_arguments(parser)
         args = parser.parse_args(argv)
         storage.local_folders(args, [folder.name for folder in folders], [folder.name for folder in folders if folder.urls])
+        storage.configure(storage.urls(args), getattr(args, "storage_options", None))
         return args
 
     def asked(self, args):

@@ -1,7 +1,9 @@
-"""Where raw files are read from: a folder on this machine's file systems, or object storage named
+"""Where the pipeline reads and writes: a folder on this machine's file systems, or object storage named
 by a URL (s3://bucket/raw, gs://..., abfs://...), through fsspec and universal_pathlib.
 
-A URL's files are read by the workers themselves, so no machine needs a copy. Credentials and
+`path` gives a pathlib.Path or a UPath (the same interface over fsspec), so the code that lists, opens
+and deletes files reads the same for both; `arrow` gives what PyArrow needs to read or write one.
+A URL's files are read and written by the workers themselves, so no machine needs a copy. Credentials and
 endpoints come the way each store's library looks for them, on the client and on every worker:
 the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS,
 AZURE_STORAGE_CONNECTION_STRING, ...), the libraries' configuration files, or the machine's
@@ -14,6 +16,7 @@ s3fs is installed with requirements.txt; gcsfs (gs://) and adlfs (abfs://) are n
 import argparse
 import json
 import re
+import shutil
 import urllib.parse
 from pathlib import Path
 
@@ -27,7 +30,7 @@ PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": 
 def local_folders(args, names, urls=()):
     """Check that the folder flags `names` of `args` are paths on this machine's file systems, turning a
     file:// URL into its path; a URL of anything else (s3://, gs://, abfs://, ...) is a UserError, but for the
-    flags in `urls`, which may name object storage (`path`).
+    flags in `urls`, which may name object storage (`path`): --raw, --data, --preprocessors.
 
     Without this, pathlib would read s3://bucket/raw as the folder s3:/bucket/raw and report it missing.
     """
@@ -44,9 +47,9 @@ def local_folders(args, names, urls=()):
                 continue
         if name in urls:
             continue
-        raise UserError(f"{cli.flag(name)} {text}: a {scheme}:// URL; this version writes to file systems only (it "
-                        "reads object storage through --raw alone): give a local folder, or one of a file system "
-                        "every machine of the cluster mounts (docs/cluster.md)")
+        raise UserError(f"{cli.flag(name)} {text}: a {scheme}:// URL, and {cli.flag(name)} is a folder on this "
+                        "machine: give a local path (object storage is for --raw, --data and --preprocessors, "
+                        "docs/cluster.md)")
 
 
 def options_flag(text):
@@ -61,14 +64,21 @@ def options_flag(text):
     return options
 
 
-def configure(url, options):
-    """Make `options` the defaults of every file system of `url`'s scheme in this process (fsspec's
-    configuration, which new file system instances take up)."""
-    if not options or not is_url(url):
+def urls(args):
+    """The URLs of object storage among the folder flags of a script's `args` (--raw, --data, --preprocessors)."""
+    return [str(getattr(args, name)) for name in ("raw", "data", "preprocessors")
+            if getattr(args, name, None) is not None and is_url(getattr(args, name))]
+
+
+def configure(urls, options):
+    """Make `options` the defaults of every file system of the schemes of `urls` (folders given: paths or URLs)
+    in this process (fsspec's configuration, which new file system instances take up)."""
+    schemes = {str(url).split("://", 1)[0].lower() for url in urls if is_url(url)}
+    if not options or not schemes:
         return
     import fsspec.config  # here, like universal_pathlib below: the training side reads local folders without them
-    scheme = str(url).split("://", 1)[0].lower()
-    fsspec.config.conf[scheme] = {**fsspec.config.conf.get(scheme, {}), **options}
+    for scheme in schemes:
+        fsspec.config.conf[scheme] = {**fsspec.config.conf.get(scheme, {}), **options}
 
 
 def is_url(text):
@@ -88,10 +98,73 @@ def path(text):
                         f"s3://, gs:// or abfs:// URL")
     from upath import UPath  # here: only a URL needs it
     try:
-        return UPath(text)
+        # Without a listings cache: workers in other processes write what this one lists.
+        return UPath(text, use_listings_cache=False)
     except ImportError:
         raise UserError(f"{text}: reading {scheme}:// needs the {PACKAGES[scheme]} package: "
                         f"`pip install {PACKAGES[scheme]}` on this machine and every worker") from None
+
+
+def arrow(file):
+    """(where, filesystem): the arguments that PyArrow's readers and writers take for a path or URL."""
+    if not is_url(file):
+        return str(file), None
+    file = file if hasattr(file, "fs") else path(file)
+    return file.path, file.fs
+
+
+def read_bytes(file):
+    """The content of a file, local or in object storage (one request there: no request for its size first)."""
+    if not is_url(file):
+        return Path(file).read_bytes()
+    file = path(file)
+    # From byte 0 on: one ranged GET. Without a range s3fs asks for the size first (a HEAD) to fetch a
+    # large object in parallel parts, a request more for each of the many small files stages write.
+    return file.fs.cat_file(file.path, start=0)
+
+
+def remove_tree(folder, last=None):
+    """Delete a folder and everything under it, local or in object storage (a prefix); nothing when it is
+    missing. In object storage, which deletes one object at a time, its file `last` (a name directly in it)
+    goes after all the others: a marker or manifest that proves whose the rest is."""
+    if not is_url(folder):
+        if Path(folder).exists():
+            shutil.rmtree(folder)
+        return
+    folder = path(folder)
+    files = folder.fs.find(folder.path)
+    final = f"{folder.path}/{last}"
+    if others := [file for file in files if file != final]:
+        folder.fs.rm(others)
+    if final in files:
+        folder.fs.rm(final)
+
+
+def copy(source, target):
+    """Copy a file, making the folders above its target; in object storage the store copies it itself."""
+    from recpipe import folders  # folders reads paths through this module
+    if not is_url(target):
+        folders.make_parents(target)
+        shutil.copyfile(source, target)
+        return
+    source, target = path(source), path(target)
+    target.fs.copy(source.path, target.path)
+
+
+def files(folder):
+    """{name below `folder`, with / between parts: size in bytes} of every file under a folder, local or in
+    object storage (one listing there, not a request per file)."""
+    folder = path(folder)
+    if not is_url(folder):
+        return {str(file.relative_to(folder)): file.stat().st_size
+                for file in folder.rglob("*") if file.is_file()}
+    found = folder.fs.find(folder.path, detail=True)
+    return {name[len(folder.path):].lstrip("/"): int(info["size"]) for name, info in found.items()}
+
+
+def absolute(where):
+    """A path made absolute, or a URL as it is: what a manifest or config records of where something was."""
+    return str(where) if is_url(where) else str(Path(where).resolve())
 
 
 def name(file):
@@ -105,13 +178,19 @@ def bucket(url):
     return path(f"{scheme}://{rest.split('/', 1)[0]}")
 
 
-def stat(file):
-    """(size in bytes, modification time in ns) of a raw file, local or in object storage."""
-    if not is_url(file):
-        info = Path(file).stat()
-        return info.st_size, info.st_mtime_ns
-    info = path(file).stat()
-    return int(info.st_size), int(info.st_mtime * 10**9)
+def stats(files, folder):
+    """{file: (size in bytes, modification time in ns)} of raw files under `folder`, local or in object storage
+    (one listing there, not a request per object)."""
+    if not is_url(folder):
+        return {file: (Path(file).stat().st_size, Path(file).stat().st_mtime_ns) for file in files}
+    from upath._stat import UPathStatResult  # what UPath.stat() makes of the same listing entry
+    folder = path(folder)
+    found = folder.fs.find(folder.path, detail=True)
+    listed = {}
+    for file in files:
+        info = UPathStatResult.from_info(found[path(file).path])
+        listed[file] = (int(info.st_size), int(info.st_mtime * 10**9))
+    return listed
 
 
 def relative(file, folder):

@@ -1,14 +1,50 @@
 """Parquet tables as every stage writes and reads them: exactly their schema, row groups of a chosen
-size, folders of parts read back in the order they were written."""
-
-from pathlib import Path
+size, folders of parts read back in the order they were written; at a local path or a URL of object
+storage alike (recpipe.storage)."""
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from recpipe import folders
+from recpipe import folders, storage
 from recpipe.cli import UserError
+
+
+def read(path, **options):
+    """pyarrow.parquet.read_table of one file, local or in object storage (fetched whole there, in one request:
+    a request costs more than the bytes of the columns left unread)."""
+    if storage.is_url(path):
+        return pq.read_table(pa.BufferReader(storage.read_bytes(path)), **options)
+    return pq.read_table(path, **options)
+
+
+def parquet_file(path, whole=False):
+    """pyarrow.parquet.ParquetFile of one file, local or in object storage. `whole`: fetch it in one request
+    there, for a caller that reads most of it (else its footer, then what is read, each a request)."""
+    if not storage.is_url(path):
+        return pq.ParquetFile(path)
+    if whole:
+        return pq.ParquetFile(pa.BufferReader(storage.read_bytes(path)))
+    path = storage.path(path)
+    return pq.ParquetFile(path.fs.open(path.path, "rb"))
+
+
+def read_schema(path):
+    where, filesystem = storage.arrow(path)
+    return pq.read_schema(where, filesystem=filesystem)
+
+
+def write(table, path, **options):
+    """pyarrow.parquet.write_table to one file, local or in object storage, making the folders above it."""
+    where, filesystem = storage.arrow(path)
+    folders.make_parents(path)
+    pq.write_table(table, where, filesystem=filesystem, **options)
+
+
+def writer(path, schema, **options):
+    """A pyarrow.parquet.ParquetWriter of one file, local or in object storage, made with the folders above it."""
+    where, filesystem = storage.arrow(path)
+    folders.make_parents(path)
+    return pq.ParquetWriter(where, schema, filesystem=filesystem, **options)
 
 
 def write_table(frame, path, schema, row_group_size=None, **options):
@@ -19,13 +55,12 @@ def write_table(frame, path, schema, row_group_size=None, **options):
     `options` go to pyarrow.parquet.write_table.
     """
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    folders.make_parents(path)
-    pq.write_table(table, path, row_group_size=row_group_size, **options)
+    write(table, path, row_group_size=row_group_size, **options)
     return table.num_rows
 
 
 def write_sized(table, directory, schema, row_group_mb, basename="part"):
-    """Write an Arrow table with PyArrow's dataset writer: row groups near `row_group_mb` of
+    """Write an Arrow table in files of whole row groups: row groups near `row_group_mb` of
     uncompressed data, files of whole row groups (at most 16), rows in their given order.
     Returns the in-memory size in bytes of each row group written.
 
@@ -34,23 +69,17 @@ def write_sized(table, directory, schema, row_group_mb, basename="part"):
     encoding, often several times smaller.
     """
     table = table.cast(schema)
-    directory = Path(directory)
-    folders.make_parents(directory / "part")
-    if table.num_rows == 0:  # the dataset writer writes no file for no rows; keep the folder readable
-        pq.write_table(table, directory / f"{basename}-00000.parquet")
+    directory = storage.path(directory)
+    if table.num_rows == 0:  # keep the folder readable: a table with no rows is still one file
+        write(table, directory / f"{basename}-00000.parquet")
         return []
     bytes_per_row = max(1.0, table.nbytes / table.num_rows)
     rows_per_group = max(1, int(row_group_mb * 2**20 / bytes_per_row))
-    ds.write_dataset(
-        table, directory, format="parquet", basename_template=f"{basename}-{{i}}.unnumbered",
-        min_rows_per_group=rows_per_group, max_rows_per_group=rows_per_group,
-        max_rows_per_file=16 * rows_per_group, preserve_order=True,
-        existing_data_behavior="overwrite_or_ignore", create_dir=False,  # made above, inside its staging folder
-    )
-    # pyarrow numbers files 0, 1, … 10 unpadded; padded names sort in write order (part-2 before part-10).
-    for written in directory.glob(f"{basename}-*.unnumbered"):
-        number = int(written.name[len(basename) + 1:-len(".unnumbered")])
-        written.rename(directory / f"{basename}-{number:05d}.parquet")
+    rows_per_file = 16 * rows_per_group
+    # Zero-padded numbers: the names sort in write order (part-00002 before part-00010).
+    for number, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        write(table.slice(start, rows_per_file), directory / f"{basename}-{number:05d}.parquet",
+              row_group_size=rows_per_group)
     return [table.slice(start, rows_per_group).nbytes for start in range(0, table.num_rows, rows_per_group)]
 
 
@@ -62,11 +91,11 @@ def read_parts(directory, schema, columns=None):
     """
     if columns is not None:
         schema = pa.schema([schema.field(name) for name in columns])
-    files = sorted(path for path in Path(directory).glob("*.parquet") if not path.name.startswith((".", "_")))
+    files = sorted(path for path in storage.path(directory).glob("*.parquet") if not path.name.startswith((".", "_")))
     tables = []
     for path in files:
         try:
-            tables.append(pq.read_table(path, schema=schema, columns=schema.names))
+            tables.append(read(path, schema=schema, columns=schema.names))
         except (OSError, pa.ArrowException) as error:
             raise UserError(f"{path}: not a readable table of {', '.join(schema.names)} ({error}); "
                             "run the stage that wrote it again") from None

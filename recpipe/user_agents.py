@@ -23,20 +23,17 @@ The columns added (schemas.USER_AGENT_FIELDS), by these rules:
 """
 
 import importlib.metadata
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ua_parser
 
-from recpipe import cluster, folders, schemas, stage, stages, summary
+from recpipe import cluster, schemas, stage, stages, storage, summary
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.tables import read_parts, write_sized
+from recpipe.tables import parquet_file, read_parts, write_sized
 
 FIELDS = [name for name, _ in schemas.USER_AGENT_FIELDS]
 TYPES = dict(schemas.USER_AGENT_FIELDS)
@@ -164,10 +161,10 @@ def parse_partition(table):
 
 def clean_impressions_bucket(bucket_dir, out_dir, row_group_mb):
     """One impressions bucket (runs on a worker): parse its user agents, write it in the same row order."""
-    bucket_dir = Path(bucket_dir)
+    bucket_dir = storage.path(bucket_dir)
     impressions = read_parts(bucket_dir, schemas.IMPRESSIONS)
     cleaned, stats = parse_partition(impressions)
-    target = Path(out_dir) / "impressions" / bucket_dir.name
+    target = storage.path(out_dir) / "impressions" / bucket_dir.name
     group_sizes = write_sized(cleaned, target, schemas.CLEANED_IMPRESSIONS, row_group_mb)
     return {"bucket": bucket_dir.name, "rows_in": impressions.num_rows, "kept": cleaned.num_rows,
             "group_sizes": group_sizes, "parser": parser_version(), **stats}
@@ -180,12 +177,12 @@ def copy_actions_folder(folder, in_root, out_root):
     and leave cleaned/ whole.
     """
     rows = 0
-    for path in sorted(Path(folder).glob("*.parquet")):
-        target = Path(out_root) / path.relative_to(in_root)
-        folders.make_parents(target)
-        shutil.copyfile(path, target)
+    in_root = storage.path(in_root)
+    for path in sorted(storage.path(folder).glob("*.parquet")):
+        target = storage.path(out_root) / str(path.relative_to(in_root))
+        storage.copy(path, target)
         try:
-            rows += pq.ParquetFile(target).metadata.num_rows
+            rows += parquet_file(target).metadata.num_rows
         except (OSError, pa.ArrowException) as error:
             raise UserError(f"{path}: not a readable Parquet file ({error}); run repartition.py again "
                             "to rewrite repartitioned/") from None
@@ -199,7 +196,7 @@ def parse_ua_strings(client, in_dir, out_dir, row_group_mb, expected_rows=None):
     `expected_rows` ({table: rows}, from repartitioned/'s manifest) is checked against what
     was read. Returns (accounting, user-agent summary, in-memory row group sizes of impressions).
     """
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    in_dir, out_dir = storage.path(in_dir), storage.path(out_dir)
     buckets = sorted(path for path in (in_dir / "impressions").glob("bucket=*") if path.is_dir())
     action_folders = sorted({path.parent for path in (in_dir / "actions").rglob("*.parquet")})
     if not buckets:
@@ -211,7 +208,7 @@ def parse_ua_strings(client, in_dir, out_dir, row_group_mb, expected_rows=None):
     futures = [client.submit(clean_impressions_bucket, str(bucket), str(out_dir), row_group_mb,
                              key=task_key(f"parse-user-agents-{bucket.name}"), pure=False) for bucket in buckets]
     futures += [client.submit(copy_actions_folder, str(folder), str(in_dir), str(out_dir),
-                              key=task_key(f"copy-actions-{folder.relative_to(in_dir).as_posix()}"), pure=False)
+                              key=task_key(f"copy-actions-{folder.relative_to(in_dir)}"), pure=False)
                 for folder in action_folders]
     results = wait_with_progress(futures, "parsing user agents and copying actions")
     reports, action_rows = results[:len(buckets)], sum(results[len(buckets):])

@@ -292,16 +292,17 @@ class ExternalCluster:
 
 @contextlib.contextmanager
 def start_external_cluster(home):
-    """An ExternalCluster whose processes run in `home` (their logs land there), stopped on exit."""
+    """An ExternalCluster whose scheduler runs in `home` and each worker in a folder of its own inside it (their
+    logs land in `home`), stopped on exit."""
     import time
     dask = Path(sys.executable).parent / "dask"
     scheduler_file = home / "scheduler.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DASK_SCHEDULER_ADDRESS")}
     logs = []
 
-    def start(*argv, log):
+    def start(*argv, log, cwd=home):
         logs.append(open(home / log, "wb"))
-        return subprocess.Popen([dask, *argv], cwd=home, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
+        return subprocess.Popen([dask, *argv], cwd=cwd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
 
     scheduler = start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
                       "--scheduler-file", scheduler_file, log="scheduler.log")
@@ -315,10 +316,11 @@ def start_external_cluster(home):
             with contextlib.suppress(OSError, ValueError, KeyError):  # not there yet, or half written
                 address = json.loads(scheduler_file.read_text())["address"]
             time.sleep(0.1)
-        for name in ("worker-1", "worker-2"):
+        for name in ("worker-1", "worker-2"):  # each in a working folder of its own, as on machines of their own
+            (home / name).mkdir()
             workers.append(start("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--host", "127.0.0.1",
                                  "--dashboard-address", ":0", "--memory-limit", "2GiB", "--name", name,
-                                 log=f"{name}.log"))
+                                 log=f"{name}.log", cwd=home / name))
         cluster = ExternalCluster(address, home, scheduler, workers, env)
         assert cluster.wait_for_workers(2) == 2
         yield cluster

@@ -294,5 +294,5 @@ def test_faults_scheduler_lost_midway_is_one_line_and_keeps_the_previous_output(
                            "stage ran"), line
     assert line.endswith(f"nothing was published, the previous output in {data}/ was left as it was"), line
     assert file_hashes(data / "merged") == {name.removeprefix("merged/"): digest for name, digest in before.items()}
-    folders.remove_abandoned(data.resolve(), "merged")
+    folders.remove_abandoned(folders.leftovers(data.resolve(), "merged"))
     assert sorted(path.name for path in data.iterdir()) == ["merged"]

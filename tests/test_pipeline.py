@@ -407,13 +407,10 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(s
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("merge_and_clean.py", ["--data", "s3://my-bucket/data"]),
-    ("repartition.py", ["--data", "gs://bucket/data"]),
-    ("preprocess.py", ["--preprocessors", "abfs://container/pre"]),
-    ("pipeline.py", ["status", "--preprocessors", "s3://my-bucket/pre"]),
-    ("train.py", ["--data", "s3://my-bucket/data"]),
+    ("train.py", ["--out", "gs://bucket/runs/1"]),
+    ("train.py", ["--resume", "abfs://container/runs/1/checkpoint.pt"]),
 ])
-def test_pipeline_a_url_for_a_folder_is_one_line_naming_it(tmp_path, monkeypatch, script, argv):
+def test_pipeline_a_url_for_a_local_folder_is_one_line_naming_it(tmp_path, monkeypatch, script, argv):
     monkeypatch.chdir(tmp_path)
     result = run_in_process(script, *argv, check=False)
     url = argv[-1]

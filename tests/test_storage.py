@@ -1,9 +1,11 @@
-"""Raw files in object storage: merge_and_clean.py reading s3:// from an S3-compatible server (moto's, started
-here on loopback as a separate process) gives what it gives from a local folder; URLs it cannot open are one line."""
+"""Object storage: the pipeline reading raw files from s3:// and writing its stages there, on an S3-compatible server
+(moto's, started here on loopback as a separate process), makes what it makes from and to local folders; a stage
+there is committed by its manifest; URLs it cannot open are one line."""
 
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,11 +13,12 @@ import time
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import one_line, run_in_process, run_script, write_planted_raw
-from recpipe import merge, pipeline, raw, stage
+from conftest import DEAD_PID, ROOT, one_line, run_in_process, run_script, write_planted_raw
+from recpipe import merge, pipeline, raw, stage, storage, tables
 
 BUCKET = "logs"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -73,7 +76,7 @@ def s3(tmp_path_factory):
                     os.environ[name] = value
 
 
-def tables(merged):
+def merged_frames(merged):
     """merged/'s tables as frames, the quarantine's source_file made relative to the raw folder or URL."""
     manifest = stage.read_manifest(merged)
     found = {name: pq.read_table(merged / name).to_pandas() for name in ("actions", "impressions", "_quarantine")}
@@ -94,8 +97,8 @@ def merged(s3, tmp_path_factory):
 
 
 def test_storage_merge_reads_raw_files_from_s3_as_from_a_local_folder(merged):
-    from_s3, s3_manifest = tables(merged["s3"] / "merged")
-    from_folder, folder_manifest = tables(merged["folder"] / "merged")
+    from_s3, s3_manifest = merged_frames(merged["s3"] / "merged")
+    from_folder, folder_manifest = merged_frames(merged["folder"] / "merged")
     assert s3_manifest["inputs"][0]["raw"] == f"s3://{BUCKET}/raw"
     assert s3_manifest["accounting"] == folder_manifest["accounting"]
     for name in from_folder:
@@ -163,28 +166,158 @@ def test_storage_options_reach_this_process_and_every_worker(s3, merged, tmp_pat
     assert "endpoint_url" not in (tmp_path / "merged" / stage.MANIFEST).read_text()  # options are recorded nowhere
 
 
+def publish_rows(data, rows, fail=False):
+    """Publish merged/ under `data` holding one table of `rows` rows; `fail`: raise once its file is written."""
+    with stage.publish(data, "merged", {}, []) as run:
+        tables.write_table(pd.DataFrame({"customer_id": range(rows)}), run.path / "actions" / "part.parquet",
+                           pa.schema([("customer_id", pa.int64())]))
+        run.accounting = {"clicks": {"rows_in": rows, "kept": rows}}
+        if fail:
+            raise RuntimeError("stopped midway")
+    return run
+
+
+def objects(prefix):
+    """The names of every object under a prefix of the bucket, relative to it."""
+    return sorted(name.removeprefix(f"{BUCKET}/{prefix}/") for name in fsspec.filesystem("s3").find(f"{BUCKET}/{prefix}"))
+
+
+def test_storage_a_stage_on_s3_is_committed_by_its_manifest_and_replaces_only_the_version_it_names(s3):
+    """Publishing on object storage renames nothing: each run writes a version folder of its own, the manifest
+    written last names it, and the version it replaced goes only after that; a run that fails leaves the
+    previous version as it was, and nothing of its own."""
+    data = f"s3://{BUCKET}/versions"
+    first = publish_rows(data, 3).published["version"]
+    assert objects("versions/merged") == ["_stage.json", f"{first}/.recpipe-staging", f"{first}/actions/part.parquet"]
+    with pytest.raises(RuntimeError, match="stopped midway"):
+        publish_rows(data, 5, fail=True)
+    assert objects("versions/merged") == ["_stage.json", f"{first}/.recpipe-staging", f"{first}/actions/part.parquet"]
+    opened = stage.open_stage(data, "merged")
+    assert str(opened.path) == f"{data}/merged/{first}" and opened.manifest["tables"]["actions"]["rows"] == 3
+
+    second = publish_rows(data, 5).published["version"]
+    assert second != first
+    assert objects("versions/merged") == ["_stage.json", f"{second}/.recpipe-staging", f"{second}/actions/part.parquet"]
+    assert tables.read(stage.open_stage(data, "merged").path / "actions" / "part.parquet").num_rows == 5
+
+
+def test_storage_what_a_killed_run_left_on_s3_is_reported_and_removed(s3):
+    """A version folder no manifest names, marked by a process that is gone: `status` lists it, readers never
+    see it, `clean leftovers` deletes it; one marked by a live process, or not marked at all, is left alone."""
+    data = f"s3://{BUCKET}/leftovers"
+    publish_rows(data, 3)
+    store = fsspec.filesystem("s3")
+    host = socket.gethostname()
+    killed, running = f"v20260101T000000000000-{host}-{DEAD_PID}", f"v20260101T000000000001-{host}-{os.getppid()}"
+    for version, pid in ((killed, DEAD_PID), (running, os.getppid())):  # the parent: a live process
+        store.pipe(f"{BUCKET}/leftovers/merged/{version}/.recpipe-staging",
+                   json.dumps({"made_by": "recpipe", "host": host, "pid": pid}).encode())
+        store.pipe(f"{BUCKET}/leftovers/merged/{version}/actions/part.parquet", b"half written")
+    found = {leftover.path.name: leftover for leftover in stage.leftovers(data, "merged")}
+    assert found.keys() == {killed, running}
+    assert found[killed].abandoned and not found[running].abandoned
+    assert stage.open_stage(data, "merged").manifest["tables"]["actions"]["rows"] == 3  # the committed version only
+
+    status = run_in_process("pipeline.py", "status", "--data", data, "--raw", f"s3://{BUCKET}/raw",
+                            "--preprocessors", f"{data}/preprocessors")
+    assert f"temporary folder {data}/merged/{killed} " in status.stdout and "left by a killed run" in status.stdout
+    cleaned = run_in_process("pipeline.py", "clean", "leftovers", "--data", data, "--raw", f"s3://{BUCKET}/raw",
+                             "--preprocessors", f"{data}/preprocessors")
+    assert cleaned.stdout.strip() == f"deleted {data}/merged/{killed}/, left by a killed run"
+    assert not any(name.startswith(killed) for name in objects("leftovers/merged"))
+    assert any(name.startswith(running) for name in objects("leftovers/merged"))
+
+
+def test_storage_a_prefix_the_pipeline_did_not_write_is_not_replaced(s3):
+    store = fsspec.filesystem("s3")
+    store.pipe(f"{BUCKET}/foreign/merged/notes.txt", b"someone's notes")
+    result = run_in_process("merge_and_clean.py", "--raw", f"s3://{BUCKET}/raw", "--data", f"s3://{BUCKET}/foreign",
+                            check=False)
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"error: refusing to replace s3://{BUCKET}/foreign/merged/: it has no "
+                                              "_stage.json")
+    assert objects("foreign") == ["merged/notes.txt"]
+
+
 @pytest.mark.processes
-def test_storage_workers_elsewhere_read_the_raw_files_from_s3_and_make_what_a_local_run_makes(
+def test_storage_a_stage_killed_midway_on_s3_leaves_the_previous_version_readable(s3, tmp_path):
+    """merge_and_clean.py SIGKILLed (its LocalCluster with it) while it writes a new version of merged/ on S3: the
+    manifest still names the previous version, which reads as before; what the killed run wrote is a version no
+    manifest names, which the next run removes."""
+    data = f"s3://{BUCKET}/killed"
+    run_in_process("merge_and_clean.py", "--raw", f"s3://{BUCKET}/raw", "--data", data, "--scheduler", s3[2])
+    previous = stage.open_stage(data, "merged")
+    manifest = fsspec.filesystem("s3").cat(f"{BUCKET}/killed/merged/_stage.json")
+
+    process = subprocess.Popen([sys.executable, "merge_and_clean.py", "--raw", f"s3://{BUCKET}/raw", "--data", data],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not [name for name in objects("killed/merged")
+                   if not name.startswith(previous.manifest["version"]) and "/actions/" in name]:
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+    assert fsspec.filesystem("s3").cat(f"{BUCKET}/killed/merged/_stage.json") == manifest
+    reopened = stage.open_stage(data, "merged")
+    assert reopened.path == previous.path
+    pd.testing.assert_frame_equal(merged_table(reopened, "actions"), merged_table(previous, "actions"))
+    left = [leftover for leftover in stage.leftovers(data, "merged")]
+    assert len(left) == 1 and left[0].abandoned
+
+    rerun = run_in_process("merge_and_clean.py", "--raw", f"s3://{BUCKET}/raw", "--data", data, "--scheduler", s3[2])
+    assert f"removed {left[0].path}, left behind by a killed run" in rerun.stdout
+    version = stage.open_stage(data, "merged").manifest["version"]
+    assert {name.split("/")[0] for name in objects("killed/merged")} == {"_stage.json", version}
+
+
+def merged_table(opened, name):
+    where, filesystem = storage.arrow(opened.path / name)
+    return pq.read_table(where, filesystem=filesystem).to_pandas()
+
+
+@pytest.mark.processes
+def test_storage_workers_elsewhere_run_every_stage_on_s3_and_train_reads_it(
         s3, external_cluster, processed_data, cleaned_data, tmp_path):
-    """`pipeline.py run --scheduler` on the session's `dask scheduler` and two `dask worker`s, started in a folder
-    of their own before this module set the endpoint, which they learn from --storage-options alone: the four
-    stages from s3:// make, from repartitioned/ on, the bytes the stage scripts made on a LocalCluster from the
-    same files in a local folder (the session's data), and the same preprocessors. (merged/ differs only in
-    its quarantine's source_file; test_merge runs merge_and_clean.py on an external cluster from a folder.)"""
+    """`pipeline.py run --scheduler` on the session's `dask scheduler` and two `dask worker`s, each started in a
+    folder of its own before this module set the endpoint, which they learn from --storage-options alone: the raw
+    files, the stage folders and the preprocessors are all in the bucket, and no path is common to this process
+    and the workers. From repartitioned/ on the stages are the bytes the stage scripts made on a LocalCluster
+    from the same files in local folders (the session's data), with the same preprocessors; then train.py reads
+    processed/ and the preprocessors from the bucket, and `clean merged` deletes merged/'s objects."""
     endpoint = s3[0]
-    fsspec.filesystem("s3").put(f"{cleaned_data / 'raw'}/", f"{BUCKET}/session/", recursive=True)
+    fsspec.filesystem("s3").put(f"{cleaned_data / 'raw'}/", f"{BUCKET}/session/raw/", recursive=True)
     options = json.dumps({"endpoint_url": endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
                           "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]})
-    result = run_script("pipeline.py", "run", "--raw", f"s3://{BUCKET}/session", "--data", tmp_path / "data",
-                        "--preprocessors", tmp_path / "pre", "--buckets", "3", "--max-history", "60",
-                        "--scheduler", external_cluster.address, "--storage-options", options)
+    folders = ["--raw", f"s3://{BUCKET}/session/raw", "--data", f"s3://{BUCKET}/session/data",
+               "--preprocessors", f"s3://{BUCKET}/session/preprocessors", "--storage-options", options]
+    result = run_script("pipeline.py", "run", *folders, "--buckets", "3", "--max-history", "60",
+                        "--scheduler", external_cluster.address)
     assert result.stdout.count(f"joined scheduler {external_cluster.address} (2 workers)") == 1  # said once
     assert result.stdout.count("Dask dashboard: ") == 1
+    data = f"s3://{BUCKET}/session/data"
     for name in ("repartitioned", "cleaned", "processed"):
-        assert stage.read_manifest(tmp_path / "data" / name)["output_sha256"] == \
+        assert stage.read_manifest(f"{data}/{name}")["output_sha256"] == \
             stage.read_manifest(processed_data[0] / name)["output_sha256"], name
-    assert (tmp_path / "pre" / "encoders.json").read_bytes() == (processed_data[1] / "encoders.json").read_bytes()
-    assert stage.read_manifest(tmp_path / "data" / "merged")["inputs"][0]["raw"] == f"s3://{BUCKET}/session"
+    assert stage.read_manifest(f"{data}/merged")["accounting"] == \
+        stage.read_manifest(processed_data[0] / "merged")["accounting"]
+    assert fsspec.filesystem("s3").cat(f"{BUCKET}/session/preprocessors/encoders.json") == \
+        (processed_data[1] / "encoders.json").read_bytes()
+    assert not list(external_cluster.home.rglob("*.parquet"))  # the workers wrote nothing on their disks
+
+    trained = run_script("train.py", "--data", data, "--preprocessors", f"s3://{BUCKET}/session/preprocessors",
+                         "--epochs", "1", "--max-steps", "5", "--out", tmp_path / "run", "--storage-options", options)
+    assert "test AUC" in trained.stdout
+    config = (tmp_path / "run" / "config.json").read_text()
+    assert json.loads(config)["processed"]["path"] == f"{data}/processed" and endpoint not in config
+
+    status = run_in_process("pipeline.py", "status", *folders)
+    assert status.stdout.count(" complete ") == 4
+    run_in_process("pipeline.py", "clean", "merged", *folders)
+    assert objects("session/data/merged") == []
 
 
 def test_storage_status_sees_a_replaced_object(merged):

@@ -314,5 +314,5 @@ def test_synthetic_generate_data_refuses_a_url_for_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_in_process("generate_data.py", "--out", "s3://bucket/raw", check=False)
     assert result.returncode == 2
-    assert one_line(result.stderr).startswith("error: --out s3://bucket/raw: a s3:// URL; this version writes to file")
+    assert one_line(result.stderr).startswith("error: --out s3://bucket/raw: a s3:// URL, and --out is a folder on this machine")
     assert list(tmp_path.iterdir()) == []
