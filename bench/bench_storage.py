@@ -1,13 +1,14 @@
-"""Benchmark `pipeline.py run` with the raw files in a local folder and in S3 (moto's server on loopback).
+"""Benchmark `pipeline.py run` from and to local folders and S3 (moto's server on loopback).
 
     .venv/bin/python bench/bench_storage.py
 
 For the demo's size (generate_data.py's defaults) and about 5 M actions (--customers 50000
 --actions-per-customer 100), generates the raw files (reused when their parameters match),
 copies them into a bucket of an S3-compatible server started here on 127.0.0.1 (moto's, in
-its own process), and runs the whole pipeline twice from scratch: --raw the local folder, and
---raw s3://bench/raw-<size>. Prints and saves (bench/results/storage.json) seconds and peak
-memory of the pipeline's process tree (the server's own memory is reported apart).
+its own process), and runs the whole pipeline three times from scratch: everything in local
+folders; --raw s3://bench/raw-<size> with the stages in local folders; and --raw, --data and
+--preprocessors all in the bucket. Prints and saves (bench/results/storage.json) seconds and
+peak memory of the pipeline's process tree (the server's own memory is reported apart).
 """
 
 import argparse
@@ -62,15 +63,19 @@ def main():
             work = Path(args.work) / size
             raw, parameters = ensure_raw(argparse.Namespace(work=work, days=18, seed=0, **SIZES[size]))
             started = time.monotonic()
-            store.put(f"{raw}/", f"bench/raw-{size}/", recursive=True)
+            store.put(f"{raw}/", f"bench/{size}/raw/", recursive=True)
             upload = time.monotonic() - started
-            for where, raw_flag in (("local folder", raw), ("S3 on loopback", f"s3://bench/raw-{size}")):
-                out = work / ("out-s3" if raw_flag != raw else "out-local")
-                shutil.rmtree(out, ignore_errors=True)
-                run = run_measured([sys.executable, "pipeline.py", "run", "--raw", str(raw_flag), "--data",
-                                    str(out / "data"), "--preprocessors", str(out / "preprocessors")], cwd=ROOT, env=env)
+            s3 = f"s3://bench/{size}"
+            runs = {"local folder": (raw, work / "out-local"),
+                    "S3 on loopback": (f"{s3}/raw", work / "out-s3"),
+                    "everything in S3 on loopback": (f"{s3}/raw", f"{s3}/out")}
+            for where, (raw_flag, out) in runs.items():
+                if isinstance(out, Path):
+                    shutil.rmtree(out, ignore_errors=True)
+                argv = ["--raw", str(raw_flag), "--data", f"{out}/data", "--preprocessors", f"{out}/preprocessors"]
+                run = run_measured([sys.executable, "pipeline.py", "run", *argv], cwd=ROOT, env=env)
                 if run["returncode"] != 0:
-                    raise SystemExit(f"pipeline.py run --raw {raw_flag} failed with status {run['returncode']}")
+                    raise SystemExit(f"pipeline.py run {' '.join(argv)} failed with status {run['returncode']}")
                 results.setdefault(size, {"parameters": parameters, "upload_seconds": round(upload, 1)})[where] = {
                     "seconds": round(run["seconds"], 1),
                     "peak_rss_gib_all_processes": round(run["peak_rss_bytes"] / 2**30, 2),
