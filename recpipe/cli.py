@@ -87,6 +87,9 @@ def failure(error):
                          (ClusterError, EXIT_CLUSTER_FAILED)):
         if isinstance(error, kind):
             return status, str(error)
+    from recpipe import storage  # here: storage imports this module
+    if (cause := storage.store_error(error)) is not None:  # object storage: credentials, endpoint, bucket
+        return EXIT_USER_ERROR, str(storage.failure(cause))
     # Outside a stage's cluster block (cluster.connect explains failures inside it, naming
     # --data): e.g. preprocess.py replacing preprocessors/ after publishing.
     message = output_failure(error)

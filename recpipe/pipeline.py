@@ -87,6 +87,8 @@ def inspect(data_dir, raw_dir, asked, verify=False):
     Every published stage is checked against its manifest (file list, sizes, rows; with
     `verify`, every file's content against its fingerprint too).
     """
+    if storage.is_url(data_dir):
+        storage.require_bucket(data_dir, "--data")
     data_dir = storage.path(data_dir)
     manifests, broken = {}, {}
     for name in stages.NAMES:

@@ -117,10 +117,7 @@ def _list_objects(raw_url, source):
     source_dir = storage.path(raw_url) / source
     try:
         if not source_dir.is_dir():
-            bucket = storage.bucket(raw_url)
-            if not bucket.exists():
-                raise UserError(f"--raw {raw_url}: the bucket (or container) {bucket} does not exist, or these "
-                                "credentials may not list it")
+            storage.require_bucket(raw_url, "--raw")
             raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw "
                             f"{raw_url}")
         files = []

@@ -186,11 +186,9 @@ class StageInput:
 def open_stage(data_dir, name, stage_dir=None, full=False):
     """An input stage, or a UserError saying which script makes it, or what differs from its manifest."""
     stage_dir = storage.path(stage_dir if stage_dir is not None else storage.path(data_dir) / name)
-    try:
-        published = (stage_dir / MANIFEST).is_file()
-    except Exception as error:  # object storage's own errors: no such bucket, no endpoint, no credentials
-        raise storage.failure(error, stage_dir) from None
-    if not published:
+    if not (stage_dir / MANIFEST).is_file():
+        if storage.is_url(stage_dir):
+            storage.require_bucket(stage_dir)
         state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
         raise UserError(f"{stage_dir}/ {state}: run {stages.script(name, 'the stage')} first")
     digest = manifest_digest(stage_dir)

@@ -198,8 +198,9 @@ def relative(file, folder):
     return str(file)[len(str(folder)):].lstrip("/") if is_url(folder) else str(Path(file).relative_to(folder))
 
 
-def failure(error, where):
-    """A UserError for an error of object storage at `where` (a URL): what the library said, in one line."""
+def failure(error, where=None):
+    """A UserError for an error of object storage at `where` (a URL, when known): what the library said, in one
+    line."""
     kind = type(error).__name__
     text = str(error) or kind
     if "NoCredentials" in kind or "Unable to locate credentials" in text:
@@ -210,4 +211,32 @@ def failure(error, where):
         cause = f"the bucket does not exist ({text})"
     else:
         cause = f"{kind}: {text}"
-    return UserError(f"{where}: cannot be read: {cause}")
+    return UserError(f"{where}: cannot be read: {cause}" if where else f"object storage cannot be used: {cause}")
+
+
+# The libraries behind fsspec's object stores: an exception of theirs is the store's (or the network's, or the
+# credentials'), not this project's.
+_STORE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "google", "adlfs", "azure"}
+
+
+def store_error(error):
+    """The exception of an object store's library that `error` is, or was raised from; None if none is."""
+    while error is not None:
+        if type(error).__module__.split(".")[0] in _STORE_LIBRARIES:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def require_bucket(url, flag=None):
+    """A UserError unless the bucket (or container) of a URL exists and may be listed: one line naming the URL (and
+    its flag) and the cause, a missing bucket, an unreachable endpoint or no credentials."""
+    where = bucket(url)
+    named = f"{flag} {url}" if flag else str(url)
+    try:
+        where.fs.info(where.path)
+    except FileNotFoundError:
+        raise UserError(f"{named}: the bucket (or container) {where} does not exist, or these credentials may not "
+                        "list it") from None
+    except Exception as error:  # the store's library: no credentials, an unreachable endpoint, access denied
+        raise failure(error, named) from None

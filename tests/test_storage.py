@@ -145,6 +145,33 @@ def test_storage_a_url_that_cannot_be_opened_is_one_line(s3, tmp_path, monkeypat
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("script, environment, message", [
+    ("repartition.py", {}, "s3://no-such-bucket/data/merged: the bucket (or container) s3://no-such-bucket/ does not "
+                           "exist"),
+    ("train.py", {"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed}", "AWS_MAX_ATTEMPTS": "1"},
+     "s3://no-such-bucket/data/processed: cannot be read: the endpoint cannot be reached"),
+    ("pipeline.py", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+     "--data s3://no-such-bucket/data: cannot be read: no credentials found"),
+])
+def test_storage_a_data_url_that_cannot_be_opened_is_one_line(s3, monkeypatch, script, environment, message):
+    for name, value in environment.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value.format(closed=free_port()))
+    # File systems are cached by their arguments: one made before (or during) this test read the environment then.
+    s3fs_class = type(fsspec.filesystem("s3"))
+    s3fs_class.clear_instance_cache()
+    argv = ["status", "--raw", f"s3://{BUCKET}/raw"] if script == "pipeline.py" else []
+    try:
+        result = run_in_process(script, *argv, "--data", "s3://no-such-bucket/data", check=False)
+    finally:
+        s3fs_class.clear_instance_cache()
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"error: {message}")
+
+
 def test_storage_options_reach_this_process_and_every_worker(s3, merged, tmp_path, monkeypatch):
     """A bucket on a second endpoint that only --storage-options names: the environment, here and on the
     workers, points at the first, which has no such bucket."""
@@ -287,7 +314,8 @@ def test_storage_workers_elsewhere_run_every_stage_on_s3_and_train_reads_it(
     files, the stage folders and the preprocessors are all in the bucket, and no path is common to this process
     and the workers. From repartitioned/ on the stages are the bytes the stage scripts made on a LocalCluster
     from the same files in local folders (the session's data), with the same preprocessors; then train.py reads
-    processed/ and the preprocessors from the bucket, and `clean merged` deletes merged/'s objects."""
+    processed/ and the preprocessors from the bucket, `pipeline.py profile` writes its profile there, and
+    `clean merged` deletes merged/'s objects."""
     endpoint = s3[0]
     fsspec.filesystem("s3").put(f"{cleaned_data / 'raw'}/", f"{BUCKET}/session/raw/", recursive=True)
     options = json.dumps({"endpoint_url": endpoint, "key": S3_ENV["AWS_ACCESS_KEY_ID"],
@@ -314,6 +342,10 @@ def test_storage_workers_elsewhere_run_every_stage_on_s3_and_train_reads_it(
     config = (tmp_path / "run" / "config.json").read_text()
     assert json.loads(config)["processed"]["path"] == f"{data}/processed" and endpoint not in config
 
+    run_in_process("pipeline.py", "profile", "--data", data, "--storage-options", options)
+    profiled = json.loads(fsspec.filesystem("s3").cat(f"{BUCKET}/session/data/profile.json"))
+    assert sum(split["examples"] for split in profiled["splits"].values()) == \
+        sum(stage.read_manifest(f"{data}/processed")["rows_per_split"].values())
     status = run_in_process("pipeline.py", "status", *folders)
     assert status.stdout.count(" complete ") == 4
     run_in_process("pipeline.py", "clean", "merged", *folders)
