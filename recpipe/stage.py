@@ -422,7 +422,8 @@ def size_stats(sizes):
 def stage_files(stage_dir):
     """{relative path: bytes} of every file a stage wrote into its folder, sorted: all but the manifest
     and the staging marker."""
-    return {name: size for name, size in sorted(storage.files(stage_dir).items())
+    # In the order of their paths' parts, as pathlib sorts them: `output_sha256` hashes in this order.
+    return {name: size for name, size in sorted(storage.files(stage_dir).items(), key=lambda item: item[0].split("/"))
             if name not in (MANIFEST, folders.MARKER)}
 
 

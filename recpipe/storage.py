@@ -182,8 +182,10 @@ def stats(files, folder):
     """{file: (size in bytes, modification time in ns)} of raw files under `folder`, local or in object storage
     (one listing there, not a request per object)."""
     if not is_url(folder):
-        return {file: (Path(file).stat().st_size, Path(file).stat().st_mtime_ns) for file in files}
-    from upath._stat import UPathStatResult  # what UPath.stat() makes of the same listing entry
+        return {file: (info.st_size, info.st_mtime_ns) for file in files for info in [Path(file).stat()]}
+    # What UPath.stat() makes of the same listing entry (the modification time of each store's own field);
+    # universal_pathlib is pinned in requirements.txt.
+    from upath._stat import UPathStatResult
     folder = path(folder)
     found = folder.fs.find(folder.path, detail=True)
     listed = {}
