@@ -59,11 +59,18 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 def read_manifest(stage_dir, name=None):
     """The manifest of a stage folder, checked to be one a stage wrote (`name`: which stage; default
     the folder's name); a truncated, hand-edited or foreign one is a UserError saying what is wrong."""
+    return _read_manifest(stage_dir, name)[0]
+
+
+def _read_manifest(stage_dir, name=None):
+    """(read_manifest's manifest, the sha256 of the bytes it was read from): one read, so that the two
+    are of the same version, and one request on object storage."""
     stage_dir = storage.path(stage_dir)
     name = name or stage_dir.name
     path = stage_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
+        content = storage.read_bytes(path)
+        manifest = json.loads(content)
     except (OSError, ValueError) as error:  # ValueError: JSON, and text that is not UTF-8
         problem = f"not readable as JSON: {error}"
     else:
@@ -72,7 +79,7 @@ def read_manifest(stage_dir, name=None):
         raise UserError(f"{path}: not a manifest that {stages.script(name, 'a stage')} wrote ({problem}); this "
                         f"project does not delete a folder it cannot prove it wrote, so delete {stage_dir}/ "
                         f"yourself and run {stages.script(name, 'the stage')} again")
-    return manifest
+    return manifest, hashlib.sha256(content).hexdigest()
 
 
 _FIELDS = {"stage": str, "parameters": dict, "tables": dict, "finished_at": str, "accounting": dict,
@@ -191,8 +198,7 @@ def open_stage(data_dir, name, stage_dir=None, full=False):
             storage.require_bucket(stage_dir)
         state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
         raise UserError(f"{stage_dir}/ {state}: run {stages.script(name, 'the stage')} first")
-    digest = manifest_digest(stage_dir)
-    manifest = read_manifest(stage_dir, name)
+    manifest, digest = _read_manifest(stage_dir, name)
     problem = damage(stage_dir, manifest, full)
     if problem:
         raise UserError(damage_message(stage_dir, name, problem))
