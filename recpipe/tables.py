@@ -29,6 +29,7 @@ def parquet_file(path, whole=False):
 
 
 def read_schema(path):
+    """The Arrow schema of one Parquet file, local or in object storage (its footer only)."""
     where, filesystem = storage.arrow(path)
     return pq.read_schema(where, filesystem=filesystem)
 
