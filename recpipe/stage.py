@@ -245,9 +245,8 @@ def lineage(inputs):
 class StageRun:
     """A stage being written: `path` is its staging folder; `accounting` ends up in the manifest."""
 
-    def __init__(self, name, data_dir, staging, parameters, inputs):
+    def __init__(self, name, staging, parameters, inputs):
         self.name = name
-        self.data_dir = data_dir
         self.path = staging
         self.parameters = parameters
         self.inputs = inputs
@@ -331,7 +330,7 @@ def publish(data_dir, name, parameters, inputs):
             for leftover in folders.remove_abandoned(folders.leftovers(data_dir, name)):
                 print(f"removed {leftover}, left behind by a killed run")
             staging = folders.make_staging(target)
-            run = StageRun(name, data_dir, staging, parameters, inputs)
+            run = StageRun(name, staging, parameters, inputs)
             try:
                 yield run
                 manifest = run.manifest()
@@ -370,7 +369,7 @@ def _publish_to_store(data_dir, name, parameters, inputs):
         raise
     except Exception as error:  # object storage's own errors: no such bucket, no endpoint, no credentials
         raise storage.failure(error, target) from None
-    run = StageRun(name, data_dir, version, parameters, inputs)
+    run = StageRun(name, version, parameters, inputs)
     try:
         yield run
         manifest = run.manifest()
