@@ -177,8 +177,26 @@ def _check_ours(json_path, png_path):
                             "only what it wrote; move it away or delete it, then run this again")
 
 
+# Reasons drawn one bar each in the set-aside panel; the rest share one bar that says how many they are.
+SET_ASIDE_BARS = 12
+# History lengths are drawn in this many bins below the cap; the cap (--max-history) gets a bar of its own,
+# since a one-length-wide bar among a thousand is narrower than a pixel.
+HISTORY_BINS = 50
+LABEL_CHARS = 30  # longer tick labels are cut, so that they do not squeeze their panel
+
+
 def plot(profiled, path):
-    """The profile as one picture of six panels."""
+    """The profile as one picture of six panels, written to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = draw(profiled)
+    figure.savefig(path, dpi=80, format="png")
+    plt.close(figure)
+
+
+def draw(profiled):
+    """The matplotlib figure of `plot`: examples and label rate per day, history lengths, unknown shown items,
+    browser families, bots, rows set aside."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,33 +212,48 @@ def plot(profiled, path):
     step = max(1, len(days) // 6)
     ax.set_xticks(positions[::step], [day["dt"][5:] for day in days][::step], rotation=45)
     ax.set_title("examples per day, label rate (line)")
+    ax.set_ylabel("examples")
     rate = ax.twinx()
-    rate.plot(positions, [day["label_rate"] or 0 for day in days], color="black", marker=".")
+    rates = [day["label_rate"] or 0 for day in days]
+    rate.plot(positions, rates, color="black", marker=".")
+    # From zero: an axis fitted to the line makes a wobble of a point look like a collapse.
+    rate.set_ylim(0, max(rates, default=0) * 1.25 or 1)
     rate.set_ylabel("label rate (is_order)")
     ax.legend(handles=[Patch(color=colour, label=split) for split, colour in colours.items()], loc="lower left")
 
     ax = axes[0, 1]
     history = profiled["history_length"]
-    ax.bar(np.arange(len(history["counts"])), history["counts"], width=1.0, color="tab:purple")
+    counts = np.asarray(history["counts"], dtype=np.int64)
+    cap = len(counts) - 1
+    edges = np.unique(np.linspace(0, cap, HISTORY_BINS + 1).astype(np.int64))
+    binned = np.add.reduceat(counts[:cap], edges[:-1]) if cap else np.zeros(0, dtype=np.int64)
+    ax.bar(edges[:-1], binned, width=np.diff(edges), align="edge", color="tab:purple", label="below the cap")
+    ax.bar([cap], [counts[cap]], width=max(1, cap / HISTORY_BINS), color="tab:red",
+           label=f"at the cap ({cap}): {counts[cap]:,}")
     ax.set_yscale("log")
     quantiles = ", ".join(f"{name} {value}" for name, value in history["quantiles"].items())
     ax.set_title(f"history length: {quantiles}")
     ax.set_xlabel("actions in the history")
+    ax.set_ylabel("examples")
+    ax.legend(loc="upper center")
 
     ax = axes[0, 2]
     splits = profiled["splits"]
     ax.bar(list(splits), [split["unknown_item_share"] or 0 for split in splits.values()],
            color=[colours[name] for name in splits])
     ax.set_title("unknown shown items (cat_item 1)")
+    ax.set_ylabel("share of examples")
 
     ax = axes[1, 0]
     families = list(profiled["browser_families"].items())[:12][::-1]
-    ax.barh([name for name, _ in families], [share for _, share in families], color="tab:gray")
-    ax.set_title("browser families (share of examples)")
+    _bars_by_name(ax, families, color="tab:gray")
+    ax.set_title("browser families (top 12)")
+    ax.set_xlabel("share of examples")
 
     ax = axes[1, 1]
     ax.bar(list(splits), [split["bot_share"] or 0 for split in splits.values()], color=[colours[n] for n in splits])
     ax.set_title(f"bot share (device family {BOT_FAMILY})")
+    ax.set_ylabel("share of examples")
 
     ax = axes[1, 2]
     set_aside = profiled["set_aside"]
@@ -229,9 +262,28 @@ def plot(profiled, path):
         ax.set_axis_off()
     else:
         reasons = sorted(((f"{source}: {reason}", rows) for source, counts in set_aside.items()
-                          for reason, rows in counts.items()), key=lambda pair: pair[1])[-14:]
-        ax.barh([name for name, _ in reasons], [rows for _, rows in reasons], color="tab:red")
-        ax.set_title("rows set aside, by reason")
+                          for reason, rows in counts.items()), key=lambda pair: -pair[1])
+        shown, rest = reasons[:SET_ASIDE_BARS], reasons[SET_ASIDE_BARS:]
+        if len(rest) == 1:
+            shown, rest = reasons, []
+        if rest:
+            shown.append((f"{len(rest)} other reasons", sum(rows for _, rows in rest)))
+        _bars_by_name(ax, shown[::-1], color=["tab:gray" if rest else "tab:red"] + ["tab:red"] * (len(shown) - 1))
+        ax.set_title(f"rows set aside, by reason ({len(reasons)} reasons)")
+        ax.set_xlabel("rows")
+    for ax in axes.flat:
+        ax.tick_params(labelsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=80, format="png")
-    plt.close(figure)
+    return figure
+
+
+def _bars_by_name(ax, pairs, color):
+    """Horizontal bars of (name, value) pairs, bottom up, labelled by their names cut to LABEL_CHARS (by
+    position: two names cut alike stay two bars)."""
+    positions = np.arange(len(pairs))
+    ax.barh(positions, [value for _, value in pairs], color=color)
+    ax.set_yticks(positions, [_short(name) for name, _ in pairs])
+
+
+def _short(label):
+    return label if len(label) <= LABEL_CHARS else label[:LABEL_CHARS - 1] + "…"
