@@ -145,6 +145,12 @@ def preprocess(client, cleaned_dir, out_dir, preprocessors_dir, params):
     futures = [client.submit(summarize_bucket, str(cleaned_dir), bucket, params,
                              key=task_key(f"histories-{bucket}"), pure=False) for bucket in buckets]
     summaries = wait_with_progress(futures, "computing the sample's statistics")
+    train_rows = sum(of_bucket["train_rows"] for of_bucket in summaries)
+    if train_rows and not sum(of_bucket["sample_rows"] for of_bucket in summaries):
+        # Encoders fitted on nothing encode every value as unknown, and a scaler's moments of nothing are NaN.
+        raise UserError(f"--sample-frac {params['sample_frac']:g} sampled none of the {train_rows:,} train examples, "
+                        "and encoders fitted on no rows would encode every value as unknown: give a larger "
+                        f"--sample-frac (default {stages.BY_NAME['processed'].parameter('sample_frac').default})")
 
     counts = {name: pd.Series(dtype="int64") for name in CATEGORICAL}
     moments = {name: np.zeros(3) for name in NUMERIC_FEATURES}
@@ -183,7 +189,8 @@ def in_sample(ranking_id, position, seed, fraction):
     Per row, not per partition: the same rows are sampled whatever the buckets are.
     """
     text = pd.util.hash_array(np.asarray(ranking_id, dtype=object), categorize=False)
-    salt = splitmix64(np.asarray(position, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):  # the multiply wraps modulo 2^64 by design, for every seed above 1
+        salt = splitmix64(np.asarray(position, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
     uniform = (splitmix64(text ^ salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
     return uniform < fraction
 
@@ -294,7 +301,7 @@ def summarize_bucket(cleaned_dir, bucket, params):
     features = _features(windows.features, _key_index(keys, examples))
     moments = {name: np.array([len(values), values.sum(), np.square(values).sum()])
                for name, values in features.items()}
-    return {"counts": counts, "moments": moments, "sample_rows": sampled.num_rows}
+    return {"counts": counts, "moments": moments, "sample_rows": sampled.num_rows, "train_rows": train.num_rows}
 
 
 def _encode_lists(lists, encode, value_type):

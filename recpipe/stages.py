@@ -11,13 +11,18 @@ Adding a stage is one entry in STAGES, in the order the stages run, one module h
 import argparse
 import dataclasses
 import importlib
+import math
 
 from recpipe import cli, storage
 
 
 @dataclasses.dataclass(frozen=True)
 class Parameter:
-    """A flag of a stage that decides its output, and so is recorded in its manifest."""
+    """A flag of a stage that decides its output, and so is recorded in its manifest.
+
+    Its range is declared here once: `parse` holds a flag's text to it, `check` a value from
+    anywhere else (a manifest's parameters), so that no stage ever runs on a value outside it.
+    """
 
     name: str
     type: type
@@ -32,17 +37,43 @@ class Parameter:
     def flag(self):
         return cli.flag(self.name)
 
-    def parse(self, text):
-        try:
-            value = self.type(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.type is int else ' number'}")
+    def check(self, value, given=None):
+        """`value` if this parameter allows it (a float as float), else a ValueError saying what it must be;
+        `given` is how the value was written, for the message (default: the value itself).
+
+        A float must be finite: NaN fails every comparison with a bound, so it would pass them all.
+        """
+        given = value if given is None else given
+        if self.choices is not None:
+            if not (isinstance(value, str) and value in self.choices):
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {given!r}")
+            return value
+        if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"must be an integer, got {given!r}")
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"must be a number, got {given!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"must be a finite number, got {given}")
+            value = float(value)
         for bound, broken, words in ((self.low, lambda b: value < b, "at least"),
                                      (self.above, lambda b: value <= b, "more than"),
                                      (self.high, lambda b: value > b, "at most")):
             if bound is not None and broken(bound):
-                raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {text}")
+                raise ValueError(f"must be {words} {bound}, got {given}")
         return value
+
+    def parse(self, text):
+        """A flag's text as its value, or argparse's error saying why not."""
+        try:
+            value = self.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if self.type is int else ' number'}") \
+                from None
+        try:
+            return self.check(value, given=text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +104,10 @@ class Stage:
     reads: str               # the stage folder it is made from; None: the raw files
     folders: tuple = ()      # folder flags beyond --data
     parameters: tuple = ()   # flags that decide its output
+
+    def parameter(self, name):
+        """The declaration of one of its parameters."""
+        return next(parameter for parameter in self.parameters if parameter.name == name)
 
     def add_parameters(self, parser, defaults=True):
         """Add the parameter flags to a parser, as a group titled by the script.
@@ -124,24 +159,33 @@ def add_storage_options(parser):
                              "the library's config files give); sent to every worker, recorded nowhere")
 
 
+# Ranges beyond which a value means nothing more, or breaks what it feeds.
+DAYS = 3_652_425  # 10,000 years: every span of dates the cleaning keeps (years 1 ... 9999) is shorter
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
 STAGES = (
     Stage("merged", "merge_and_clean.py", "merge", reads=None, folders=(RAW,), parameters=(
-        Parameter("test_days", int, 1, "latest impression days labelled test", low=0),
-        Parameter("val_days", int, 1, "days before those labelled val", low=0),
-        Parameter("train_days", int, 14, "days before those labelled train", low=0),
+        Parameter("test_days", int, 1, "latest impression days labelled test", low=0, high=DAYS),
+        Parameter("val_days", int, 1, "days before those labelled val", low=0, high=DAYS),
+        Parameter("train_days", int, 14, "days before those labelled train", low=0, high=DAYS),
     )),
     Stage("repartitioned", "repartition.py", "repartition", reads="merged", parameters=(
         Parameter("buckets", int, 16, "customer buckets; size them so that one bucket fits a worker many times over",
-                  low=1, high=99999),
-        Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size", above=0),
+                  low=1, high=99999),  # bucket=NNNNN: five digits
+        # A reader holds a row group whole: one of a TiB fits no worker, and a size near 2^63 bytes overflows
+        # the row count it becomes.
+        Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size, in MiB", above=0,
+                  high=2**20),
     )),
     Stage("cleaned", "parse_ua_strings.py", "user_agents", reads="repartitioned"),
     Stage("processed", "preprocess.py", "preprocess", reads="cleaned", folders=(PREPROCESSORS,), parameters=(
-        Parameter("lookback_days", int, 365, "history window before the impression day", low=1),
-        Parameter("max_history", int, 1000, "most recent actions kept per history", low=1),
+        Parameter("lookback_days", int, 365, "history window before the impression day", low=1, high=DAYS),
+        # A history's length is an Arrow list length (int32), in every layout.
+        Parameter("max_history", int, 1000, "most recent actions kept per history", low=1, high=2**31 - 1),
         Parameter("sample_frac", float, 0.2, "share of train examples to fit on, in (0, 1]", above=0, high=1),
-        Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1),
-        Parameter("seed", int, 0, "seed of the fitting sample"),
+        Parameter("min_frequency", int, 3, "rarer values encode as unknown (1)", low=1, high=INT64_MAX),  # counts: int64
+        Parameter("seed", int, 0, "seed of the fitting sample", low=0, high=UINT64_MAX),  # a uint64 in in_sample
         Parameter("layout", str, "timeline", "timeline (each customer's actions once), compact (a history per "
                   "customer and day) or wide (padded histories per example)", choices=("timeline", "compact", "wide")),
     )),

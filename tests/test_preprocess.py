@@ -1,6 +1,8 @@
 """preprocess.py end to end on generated data, after every earlier stage: the one test of all stages."""
 
+import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, listing, one_line, run_in_process, run_joined, run_main
+from recpipe import stages
 from recpipe.histories import history_windows, padded, timelines
 from recpipe.preprocess import LeakError, check_histories, check_timelines, in_sample
 
@@ -184,6 +187,77 @@ def test_preprocess_sample_is_seeded_and_about_the_fraction():
     assert (first == in_sample(ranking_ids, positions, seed=0, fraction=0.2)).all()
     assert (first != in_sample(ranking_ids, positions, seed=1, fraction=0.2)).any()
     assert 0.18 < first.mean() < 0.22
+    with np.errstate(all="raise"):  # the largest seed --seed takes wraps without a warning on every worker
+        assert 0.18 < in_sample(ranking_ids, positions, seed=2**64 - 1, fraction=0.2).mean() < 0.22
+
+
+def test_stage_parameters_refuse_every_value_outside_their_range():
+    """Every parameter of every stage, given text no flag should take, either refuses it or gets a value
+    inside its declared range (a NaN passed every bound: it compares false)."""
+    texts = ["nan", "inf", "-inf", "1e400", "-1", "0", "1.5", "x", "", str(2**64), str(10**30)]
+    for stage in stages.STAGES:
+        for parameter in stage.parameters:
+            assert parameter.check(parameter.default) == parameter.default
+            if parameter.choices:
+                continue
+            assert (parameter.low, parameter.above, parameter.high).count(None) < 3, parameter.name
+            assert parameter.high is not None, f"{parameter.name} has no upper bound"
+            for text in texts:
+                try:
+                    value = parameter.parse(text)
+                except argparse.ArgumentTypeError:
+                    continue
+                assert math.isfinite(value) and type(value) is parameter.type, (parameter.name, text)
+                assert parameter.low is None or value >= parameter.low, (parameter.name, text)
+                assert parameter.above is None or value > parameter.above, (parameter.name, text)
+                assert value <= parameter.high, (parameter.name, text)
+
+
+def test_stage_parameter_check_takes_values_as_a_manifest_holds_them():
+    seed, fraction, layout = (stages.BY_NAME["processed"].parameter(name) for name in ("seed", "sample_frac", "layout"))
+    assert seed.check(2**64 - 1) == 2**64 - 1 and fraction.check(1) == 1.0 and type(fraction.check(1)) is float
+    for parameter, value, message in [(seed, True, "must be an integer, got True"),
+                                      (seed, 3.0, "must be an integer, got 3.0"),
+                                      (seed, "3", "must be an integer, got '3'"),
+                                      (seed, -1, "must be at least 0, got -1"),
+                                      (fraction, float("nan"), "must be a finite number, got nan"),
+                                      (fraction, None, "must be a number, got None"),
+                                      (fraction, 0, "must be more than 0, got 0"),
+                                      (layout, "tall", "must be one of timeline, compact, wide, got 'tall'")]:
+        with pytest.raises(ValueError, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+            parameter.check(value)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--sample-frac", "nan", "must be a finite number, got nan"),  # it used to publish empty encoders, exit 0
+    ("--seed", "-1", "must be at least 0, got -1"),
+    ("--lookback-days", "1e3", "'1e3' is not an integer"),
+    ("--max-history", str(2**31), f"must be at most {2**31 - 1}, got {2**31}"),
+], ids=["sample-frac-nan", "seed--1", "lookback-1e3", "max-history-2^31"])
+def test_preprocess_refuses_a_flag_out_of_range_before_anything_runs(default_run, tmp_path, flag, value, message):
+    data, pre = tmp_path / "data", tmp_path / "pre"
+    shutil.copytree(default_run[0], data)
+    shutil.copytree(default_run[1], pre)
+    before = listing(tmp_path)
+    result = run_in_process("preprocess.py", "--data", data, "--preprocessors", pre, flag, value, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f": error: argument {flag}: {message}")  # argparse: after its usage
+    assert listing(tmp_path) == before
+
+
+def test_preprocess_refuses_a_sample_that_holds_no_train_example(session_cluster, default_run, tmp_path):
+    data, pre = tmp_path / "data", tmp_path / "pre"
+    shutil.copytree(default_run[0], data)
+    shutil.copytree(default_run[1], pre)
+    before = listing(tmp_path)
+    result = run_joined(session_cluster, "preprocess.py", "--data", data, "--preprocessors", pre,
+                        "--sample-frac", "1e-300", check=False)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert line.startswith("error: --sample-frac 1e-300 sampled none of the ")
+    assert line.endswith(" train examples, and encoders fitted on no rows would encode every value as unknown: "
+                         "give a larger --sample-frac (default 0.2)")
+    assert listing(tmp_path) == before
 
 
 def test_preprocess_padded_right_pads_and_truncates():

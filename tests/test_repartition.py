@@ -3,11 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import run_in_process, run_joined
+from conftest import listing, run_in_process, run_joined
 from recpipe import schemas, stage, tables
 from recpipe.repartition import bucket_of
 from recpipe.tables import read_parts, write_sized
@@ -106,3 +107,19 @@ def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(ses
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
     assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0}, "impressions": {"rows_in": 0, "kept": 0}}
     assert not (data / "repartitioned" / "_scratch").exists()
+
+
+@pytest.mark.parametrize("value, message", [("nan", "must be a finite number, got nan"),
+                                            ("inf", "must be a finite number, got inf"),
+                                            ("1e7", "must be at most 1048576, got 1e7"),
+                                            ("0", "must be more than 0, got 0")])
+def test_repartition_refuses_a_row_group_size_out_of_range_before_anything_runs(session_cluster, raw_dir, tmp_path,
+                                                                                 value, message):
+    """--row-group-mb nan and inf used to be tracebacks from inside the tasks, after merged/ was read."""
+    data = tmp_path / "data"
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data)
+    before = listing(tmp_path)
+    result = run_in_process("repartition.py", "--data", data, "--row-group-mb", value, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f": error: argument --row-group-mb: {message}")  # after the usage
+    assert listing(tmp_path) == before
