@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recpipe.cli import UserError
 from recpipe.raw import FIELDS, true_where
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER, QUARANTINE, US_PER_DAY
 
@@ -326,21 +327,72 @@ def drop_duplicate_impressions(shown):
     return shown[~duplicated].reset_index(drop=True), int(duplicated.sum())
 
 
-def split_days(days, test_days, val_days, train_days):
+def split_days(days, test_days, val_days, train_days, files_by_day=None):
     """Map each impression day to 'test', 'val', 'train' or 'unused' (docs/data.md, The split).
 
     The windows are calendar days counted back from the latest impression day, so a
     day with no data (an outage) does not shift train days into val.
+
+    A split that would leave a window without impressions while older days have some is
+    refused (UserError, see check_split); `files_by_day` ({day: raw files holding it}, optional)
+    lets the message name the files of the days it counts back from.
     """
     days = pd.to_datetime(pd.Series(sorted(set(days))))
     if days.empty:
         return {}
     age = (days.max() - days).dt.days
+    check_split(days, age.to_numpy(), test_days, val_days, train_days, files_by_day or {})
     split = np.select(
         [age < test_days, age < test_days + val_days, age < test_days + val_days + train_days],
         ["test", "val", "train"], default="unused",
     )
     return dict(zip(days.dt.date, map(str, split)))
+
+
+def check_split(days, age, test_days, val_days, train_days, files_by_day):
+    """Refuse a split with a window (val or train) that holds no impression day while an older day exists.
+
+    The split counts back from the latest day, so one mistaken far-future date (2034 among days
+    of 2024) would make itself the test split and leave every real day unused, or val empty,
+    with exit status 0. Told apart by the data alone, never by the clock (a daily run's result
+    must not depend on when it ran): real days follow one another, so a window left empty while
+    older days have impressions means either a mistaken date or a gap the windows do not span;
+    either way the user must decide, so nothing is labelled. A day or two of an outage inside
+    a window leaves it holding days, and is not refused.
+    """
+    windows, start = [], 0
+    for name, length in (("test", test_days), ("val", val_days), ("train", train_days)):
+        windows.append((name, start, start + length))
+        start += length
+    empty = [(name, first, end) for name, first, end in windows
+             if end > first and not ((age >= first) & (age < end)).any() and (age >= end).any()]
+    if not empty:
+        return
+    latest = days.max()
+    counted_from = days[age < empty[0][1]].dt.date.tolist()  # the days before the first empty window
+    before = days[age >= empty[0][2]].max()
+
+    def dates(first, end):
+        newest, oldest = (latest - pd.Timedelta(days=age) for age in (first, end - 1))
+        return f"{newest.date()}" if first == end - 1 else f"{oldest.date()} to {newest.date()}"
+
+    files = sorted({str(file) for day in counted_from for file in files_by_day.get(day, ())})
+    one = len(counted_from) == 1
+    raise UserError(
+        f"the split counts back from the latest impression day, {latest.date()}, which leaves "
+        + _and([f"{name} ({dates(first, end)})" for name, first, end in empty])
+        + f" without impressions, though older days have them (the latest, {before.date()}, "
+        f"{(latest - before).days:,} days earlier): if {_and(list(map(str, counted_from)))} "
+        f"{'is a mistaken date' if one else 'are mistaken dates'}, correct or remove {'its' if one else 'their'} "
+        f"rankings in the raw impressions{f' ({_and(files)})' if files else ''}; otherwise choose --test-days, "
+        "--val-days and --train-days that reach the days you mean")
+
+
+def _and(names, limit=3):
+    """'a', 'a and b', 'a, b and c', 'a, b, c and 4 more'."""
+    if len(names) > limit:
+        return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 import datetime as dt
 import random
 
+import json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
+from conftest import IMPRESSION_LINES, listing, one_line, run_joined, write_jsonl
 from recpipe.cleaning import (PYTHON_WHITESPACE, _typed_dates, _typed_times, clean_actions, clean_impressions,
                               drop_duplicate_impressions, parse_dates, parse_ids, parse_timestamps, split_days,
                               strip_text, validate)
+from recpipe.cli import UserError
 
 
 def rows(source_fields, *records):
@@ -126,6 +131,40 @@ def test_split_days_counts_calendar_days_back_from_the_latest():
     assert split_days(days, test_days=1, val_days=2, train_days=2) == {
         dt.date(2024, 3, 1): "unused", dt.date(2024, 3, 2): "unused", dt.date(2024, 3, 3): "train",
         dt.date(2024, 3, 5): "val", dt.date(2024, 3, 6): "val", dt.date(2024, 3, 7): "test"}
+
+
+def test_split_days_refuses_a_window_left_empty_while_older_days_have_impressions():
+    days = [dt.date(2024, 3, d) for d in range(1, 21)]
+    with pytest.raises(UserError) as refused:
+        split_days([*days, dt.date(2034, 3, 10)], test_days=1, val_days=1, train_days=14,
+                   files_by_day={dt.date(2034, 3, 10): ["raw/impressions/late.jsonl"]})
+    assert str(refused.value).startswith(
+        "the split counts back from the latest impression day, 2034-03-10, which leaves val (2034-03-09) and train "
+        "(2034-02-23 to 2034-03-08) without impressions, though older days have them (the latest, 2024-03-20, "
+        "3,642 days earlier): if 2034-03-10 is a mistaken date, correct or remove its rankings in the raw "
+        "impressions (raw/impressions/late.jsonl); ")
+    with pytest.raises(UserError, match="leaves val"):  # a train window wide enough to reach back is no way round
+        split_days([*days, dt.date(2034, 3, 10)], test_days=1, val_days=1, train_days=5000)
+    # Nothing older than the windows, or windows that each hold a day: labelled as before.
+    assert set(split_days(days[:1], test_days=1, val_days=1, train_days=14).values()) == {"test"}
+    assert split_days([dt.date(2024, 3, 1), dt.date(2024, 3, 3)], test_days=1, val_days=0, train_days=0) == {
+        dt.date(2024, 3, 1): "unused", dt.date(2024, 3, 3): "test"}
+
+
+def test_merge_refuses_a_far_future_impression_day_naming_it(raw_dir, session_cluster, tmp_path):
+    """One ranking dated 2034 used to become the test split, with every real day unused, exit 0."""
+    late = json.loads(IMPRESSION_LINES[0]) | {"dt": "2034-03-10", "ranking_id": "r-late"}
+    write_jsonl(raw_dir / "impressions" / "late.jsonl", [json.dumps(late)])
+    data = tmp_path / "data"
+    data.mkdir()
+    before = listing(tmp_path)
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data, check=False)
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(
+        "error: the split counts back from the latest impression day, 2034-03-10, which leaves val (2034-03-09) "
+        "and train (2034-02-23 to 2034-03-08) without impressions, though older days have them (the latest, 2024-03-03, 3,659 days earlier): if "
+        "2034-03-10 is a mistaken date, correct or remove its rankings in the raw impressions")
+    assert listing(tmp_path) == before  # nothing published, no staging folder left
 
 
 def test_clean_impressions_keeps_text_and_entries_nested_deeper_than_orjson_writes():
