@@ -1,8 +1,9 @@
 """Stage 1: read every raw source, clean it by the rules of docs/data.md, write merged/.
 
-    python merge_and_clean.py --raw data/raw --data data
+    python merge_and_clean.py --data data                  # reads data/raw
+    python merge_and_clean.py --data data --raw /logs/raw  # raw files elsewhere
 
-Reads   --raw (default data/raw): the files directly in impressions/, clicks/, add_to_carts/,
+Reads   --raw (default raw/ under --data: data/raw): the files directly in impressions/, clicks/, add_to_carts/,
         previous_orders/, in JSON Lines, CSV or Parquet, optionally gzipped.
 Writes  --data/merged/ (default data/merged), atomically, with _stage.json:
           impressions/  one row per shown item, with position and split

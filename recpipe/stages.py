@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib
 import math
+import posixpath
 
 from recpipe import cli, storage
 
@@ -84,14 +85,38 @@ class Folder:
     default: str
     help: str
     urls: bool = False  # may be a URL of object storage (recpipe/storage.py)
+    under_data: str = None  # its default is this folder under --data, whatever --data is
 
     def add_to(self, parser):
-        parser.add_argument(cli.flag(self.name), default=self.default,
-                            help=f"{self.help} (default: {self.default})")
+        if self.name == "data":
+            parser.add_argument(cli.flag(self.name), default=self.default, action=_DataFolder,
+                                help=f"{self.help} (default: {self.default})")
+        elif self.under_data:
+            parser.add_argument(cli.flag(self.name), default=_Default(self.default),
+                                help=f"{self.help} (default: {self.under_data}/ under --data: {self.default})")
+        else:
+            parser.add_argument(cli.flag(self.name), default=self.default,
+                                help=f"{self.help} (default: {self.default})")
+
+
+class _Default(str):
+    """A folder flag's default, told apart from the same text given on the command line."""
+
+
+class _DataFolder(argparse.Action):
+    """--data, which moves the defaults of the folders under it along: `--data other` reads other/raw, not the
+    raw files of ./data (whose stages would then be made from another pipeline's raw files)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        for folder in FOLDERS:
+            if folder.under_data and isinstance(getattr(namespace, folder.name, None), _Default):
+                setattr(namespace, folder.name, _Default(posixpath.join(value, folder.under_data)))  # URLs too
 
 
 DATA = Folder("data", "data", "folder holding the stage folders, or its URL (s3://bucket/data)", urls=True)
-RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source, or its URL (s3://bucket/raw)", urls=True)
+RAW = Folder("raw", "data/raw", "folder with one sub-folder per raw source, or its URL (s3://bucket/raw)", urls=True,
+             under_data="raw")
 PREPROCESSORS = Folder("preprocessors", "preprocessors", "where the fitted encoders and scaler go, a folder or its URL",
                        urls=True)
 

@@ -1,4 +1,4 @@
-"""The cleaning rules (docs/data.md) on tiny literal frames."""
+"""The cleaning rules (docs/data.md) on tiny literal frames, and through merge_and_clean.py where a rule stops it."""
 
 import datetime as dt
 import random
@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from conftest import IMPRESSION_LINES, listing, one_line, run_joined, write_jsonl
+from conftest import IMPRESSION_LINES, listing, one_line, run_joined, write_jsonl, write_planted_raw
 from recpipe.cleaning import (PYTHON_WHITESPACE, _typed_dates, _typed_times, clean_actions, clean_impressions,
                               drop_duplicate_impressions, parse_dates, parse_ids, parse_timestamps, split_days,
                               strip_text, validate)
@@ -165,6 +165,16 @@ def test_merge_refuses_a_far_future_impression_day_naming_it(raw_dir, session_cl
         "and train (2034-02-23 to 2034-03-08) without impressions, though older days have them (the latest, 2024-03-03, 3,659 days earlier): if "
         "2034-03-10 is a mistaken date, correct or remove its rankings in the raw impressions")
     assert listing(tmp_path) == before  # nothing published, no staging folder left
+
+
+def test_merge_reads_the_raw_folder_under_its_data_folder_by_default(session_cluster, tmp_path):
+    """--raw used to default to ./data/raw whatever --data was: a second pipeline was made from the first's logs."""
+    data = tmp_path / "data"
+    write_planted_raw(data)  # data/raw
+    run_joined(session_cluster, "merge_and_clean.py", "--data", data)
+    manifest = json.loads((data / "merged" / "_stage.json").read_text())
+    assert [entry["raw"] for entry in manifest["inputs"]] == [str(data / "raw")]
+    assert manifest["accounting"]["clicks"]["rows_in"] == 6
 
 
 def test_clean_impressions_keeps_text_and_entries_nested_deeper_than_orjson_writes():
