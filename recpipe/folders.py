@@ -10,7 +10,8 @@ made when it is missing or empty; otherwise the caller gives the proof (`why_not
 - generate_data.py's raw folder: its `_generated.json` lists every file it wrote
   (recpipe.synthetic.not_a_generated_folder);
 - a staging or retired folder: the marker `.recpipe-staging` written into it when this
-  project made it, naming the host and process that made it.
+  project made it, naming the host and process that made it, and when that process started
+  (so that another process given the same pid later is not taken for it).
 
 Anything else is refused with a UserError naming what was found, and left untouched;
 a symbolic link is never replaced (the folder it points to is not ours to move).
@@ -18,7 +19,9 @@ a symbolic link is never replaced (the folder it points to is not ours to move).
 Who uses a folder: a command that reads a stage folder holds a shared lock on
 `.<name>.lock` beside it, one that replaces or deletes it the exclusive lock. They are
 flock(2) locks: the kernel drops them when their process ends, SIGKILL included, so a
-killed run never leaves a folder locked. A command that cannot take its lock stops at
+killed run never leaves a folder locked. The last holder removes the lock file; one a
+killed command left is free to take (an flock on it is nobody's), and `leftovers` lists it
+for `clean leftovers` to remove. A command that cannot take its lock stops at
 once, naming the processes that hold it (from /proc/locks). On a read-only file system
 readers take no lock: nothing can replace what they read there; on one without flock
 (some network mounts) nobody does, and train.py's loader still notices a swapped folder.
@@ -38,12 +41,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from recpipe import storage
-from recpipe.cli import NOT_WRITABLE, UserError
+from recpipe.cli import NOT_WRITABLE, OutputError, UserError
 
 MARKER = ".recpipe-staging"
 
@@ -121,17 +125,26 @@ def make_version(target):
 
 
 def mark(folder):
-    (folder / MARKER).write_text(json.dumps({"made_by": "recpipe", "host": socket.gethostname(),
-                                             "pid": os.getpid()}) + "\n")
+    marker = {"made_by": "recpipe", "host": socket.gethostname(), "pid": os.getpid()}
+    if (started := process_started(os.getpid())) is not None:
+        marker["started"] = started
+    (folder / MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def owner(folder):
     """(host, pid) of the process that made a staging or retired folder, from its marker; None when it
     has no readable marker, which means this project cannot prove it made it."""
+    made_by = _marker(folder)
+    return made_by and made_by[:2]
+
+
+def _marker(folder):
+    """(host, pid, when that process started or None) from a folder's marker; None without a readable one."""
     try:
         marker = json.loads((storage.path(folder) / MARKER).read_text())
-        return str(marker["host"]), int(marker["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        started = marker.get("started")
+        return str(marker["host"]), int(marker["pid"]), started if isinstance(started, str) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -220,18 +233,29 @@ def is_temporary_name(name):
 
 @dataclass
 class Leftover:
-    """A staging or retired folder beside a target: `abandoned` when its maker is gone (remove it),
-    `note` says why it is kept otherwise."""
+    """A staging or retired folder beside a target (or a lock file no process holds): `abandoned` when
+    its maker is gone (remove it), `note` says why it is kept otherwise; `what` names it in a report."""
 
     path: Path
     abandoned: bool
     note: str
+    what: str = "temporary folder"
+
+
+LOCK_FILE = "lock file"
 
 
 def leftovers(parent, name):
-    """The staging and retired folders of `name` under `parent`, each with whether it may be removed."""
-    return [_leftover(path) for path in sorted(Path(parent).glob(f".{name}.*-*"))
-            if is_temporary_name(path.name) and path.name.startswith(f".{name}.")]
+    """The staging and retired folders of `name` under `parent`, each with whether it may be removed, and
+    its lock file when no process holds it (a killed command's: free to take, but clutter)."""
+    found = [_leftover(path) for path in sorted(Path(parent).glob(f".{name}.*-*"))
+             if is_temporary_name(path.name) and path.name.startswith(f".{name}.")]
+    lock = lock_path(Path(parent) / name)
+    if _unheld_lock_file(lock):
+        found.append(Leftover(lock, True, "a lock no process holds, left by a killed command: `python pipeline.py "
+                                          "clean leftovers` (or the next command that locks it) removes it",
+                              LOCK_FILE))
+    return found
 
 
 def version_leftovers(target, committed):
@@ -245,13 +269,13 @@ def version_leftovers(target, committed):
 
 
 def _leftover(path):
-    made_by = None if path.is_symlink() else owner(path)
+    made_by = None if path.is_symlink() else _marker(path)
     if made_by is None:
         return Leftover(path, False, f"has no {MARKER} marker, so not made by this project: "
                                      "not touched; delete it yourself if it is yours to delete")
     if made_by[0] != socket.gethostname():
         return Leftover(path, False, f"made on host {made_by[0]}: a run there may be using it; not touched")
-    if pid_alive(made_by[1]):
+    if pid_alive(made_by[1], made_by[2]):
         return Leftover(path, False, f"a run in progress ({describe_process(made_by[1])}): not touched")
     return Leftover(path, True, "left by a killed run: `python pipeline.py clean leftovers` "
                                 "(or the stage's next run) removes it")
@@ -263,22 +287,44 @@ def remove_abandoned(found):
     Marker last, and again a few times while something remains: a task of a stage that was
     stopped may still be finishing a file in it (a worker outlives its cluster's close by a
     moment), and the folder must not lose its proof before it is gone.
+
+    On object storage a delete the store refuses raises storage.NotDeleted (discard); here a folder that
+    is still there after the tries is not reported removed either: an OutputError names what stayed.
     """
     removed = []
     for leftover in found:
-        if leftover.abandoned:
-            for attempt in range(5):
-                discard(leftover.path)
-                if not leftover.path.exists():
-                    break
-                time.sleep(0.2)
-            removed.append(leftover.path)
+        if not leftover.abandoned:
+            continue
+        if leftover.what == LOCK_FILE:
+            if _remove_unheld_lock_file(leftover.path):
+                removed.append(leftover.path)
+            continue
+        for attempt in range(5):
+            discard(leftover.path)
+            if not leftover.path.exists():
+                break
+            time.sleep(0.2)
+        else:
+            raise _not_removed(leftover.path)
+        removed.append(leftover.path)
     return removed
 
 
-def pid_alive(pid):
+def _not_removed(folder):
+    """The OutputError for a temporary folder that discard could not empty: what stayed, and why."""
+    stayed = sorted(name for name in storage.files(folder) if storage.name(name) != MARKER)
+    why = "files were still being written into it"  # by a late task (on object storage a refusal raised already)
+    if stayed and not storage.is_url(folder) and not os.access((Path(folder) / stayed[0]).parent, os.W_OK | os.X_OK):
+        why = "permission denied"
+    return OutputError(f"could not delete {folder}/: {why} ({listing(stayed) or 'empty folders'} stayed, under its "
+                       f"{MARKER} marker); delete it yourself, or fix what keeps it, then run this again")
+
+
+def pid_alive(pid, started=None):
     """Whether a process runs with this pid on this host (this process counts as gone: whatever it
-    left from an earlier life with the same pid is not in use)."""
+    left from an earlier life with the same pid is not in use). `started`: when the process meant
+    started (process_started), if known: a process with that pid that started at another time is
+    another one, which was given the pid after the one meant ended."""
     if pid == os.getpid():
         return False
     try:
@@ -286,8 +332,26 @@ def pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if started is not None and (now := process_started(pid)) is not None and now != started:
+        return False
     return True
+
+
+def process_started(pid):
+    """When a process started, exactly: '<boot id>:<clock ticks after boot>' from /proc; None where that
+    cannot be read (no /proc, or no such process).
+
+    Not psutil's create_time(): that adds the boot time, which the kernel derives from the wall clock,
+    so it shifts when the clock is stepped, and a live run must never look like another process.
+    """
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # Field 22, counted after the command name, which is in parentheses and may hold spaces or ")".
+        return f"{boot}:{int(status[status.rindex(')') + 2:].split()[19])}"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _fsync_dir(path):
@@ -374,6 +438,40 @@ def _lock(folder, kind, action):
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
+        os.close(fd)
+
+
+def _unheld_lock_file(path):
+    """Whether `path` is a lock file (a regular file, not a link) that no process holds, from /proc/locks:
+    looking takes no lock, so it never gets in a command's way."""
+    try:
+        info = os.lstat(path)
+        held = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return False
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146376 0 EOF": device and inode are the sixth field.
+    return not any(len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(info.st_ino)
+                   for fields in map(str.split, held.splitlines()))
+
+
+def _remove_unheld_lock_file(path):
+    """Remove a lock file if no one holds it now, as _unlock does: under its lock, so that a command that
+    opened it meanwhile sees it gone (_lock checks the inode) and makes a new one. Whether it was removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # BlockingIOError: a command took it meanwhile, and is its holder now
+        return False
+    finally:
         os.close(fd)
 
 

@@ -21,7 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 from recpipe import cli
-from recpipe.cli import UserError
+from recpipe.cli import OutputError, UserError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "abfs": "adlfs", "az": "adlfs"}
@@ -126,7 +126,8 @@ def read_bytes(file):
 def remove_tree(folder, last=None):
     """Delete a folder and everything under it, local or in object storage (a prefix); nothing when it is
     missing. In object storage, which deletes one object at a time, its file `last` (a name directly in it)
-    goes after all the others: a marker or manifest that proves whose the rest is."""
+    goes after all the others: a marker or manifest that proves whose the rest is. There, objects the store
+    refuses to delete raise NotDeleted (and `last` is kept)."""
     if not is_url(folder):
         if Path(folder).exists():
             shutil.rmtree(folder)
@@ -134,10 +135,71 @@ def remove_tree(folder, last=None):
     folder = path(folder)
     files = folder.fs.find(folder.path)
     final = f"{folder.path}/{last}"
-    if others := [file for file in files if file != final]:
-        folder.fs.rm(others)
-    if final in files:
-        folder.fs.rm(final)
+    kept = [final] if final in files else []
+    stayed, why = delete(folder, [file for file in files if file != final])
+    if not stayed:
+        (stayed, why), kept = delete(folder, kept), []
+    if stayed:
+        raise NotDeleted(_not_deleted(folder, stayed + kept, len(files), why))
+
+
+class NotDeleted(OutputError):
+    """Objects of ours that a delete left in place: the store refused them (credentials that may not delete
+    there, an object lock). Exit status 74, like a read-only folder."""
+
+
+def delete(folder, names):
+    """Delete objects (paths as `folder.fs` names them) under a folder in object storage: (those still there
+    afterwards, {name or None: why the store refused it}).
+
+    A delete is not taken at its word: S3's DeleteObjects answers 200 with an error per object it refused,
+    which s3fs's bulk delete drops (and S3's quiet mode lists nothing deleted), and other stores' libraries
+    may drop them too. So what is still listed afterwards is what stayed; S3's errors say why.
+    """
+    if not names:
+        return [], {}
+    store = folder.fs
+    why = {}
+    try:
+        if hasattr(store, "call_s3"):  # s3fs
+            why = _delete_s3(store, names)
+        else:
+            store.rm(names)
+    except PermissionError as error:  # the whole request refused
+        why = {None: str(error) or type(error).__name__}
+    store.invalidate_cache(folder.path)
+    return sorted(set(names) & set(store.find(folder.path))), why
+
+
+def _delete_s3(store, names):
+    """Delete objects through S3's DeleteObjects, 1,000 a request: {name: 'Code (Message)'} of those it refused."""
+    keys, refused = {}, {}
+    for name in names:
+        bucket, key, _ = store.split_path(name)
+        keys.setdefault(bucket, []).append(key)
+    for bucket, listed in keys.items():
+        for start in range(0, len(listed), 1000):
+            answer = store.call_s3("delete_objects", Bucket=bucket, Delete={
+                "Objects": [{"Key": key} for key in listed[start:start + 1000]], "Quiet": True})
+            for error in answer.get("Errors", []):
+                refused[f"{bucket}/{error.get('Key')}"] = f"{error.get('Code')} ({error.get('Message')})"
+    return refused
+
+
+def _not_deleted(folder, stayed, total, why):
+    """NotDeleted's one line: how many objects stayed, the store's reasons, and the fix."""
+    reasons = sorted({reason for name, reason in why.items() if name is None or name in stayed})
+    cause = "; ".join(reasons) or "the store reported no error, yet they are still listed"
+    if _denied(cause):
+        cause += ": these credentials may not delete there"
+    scheme = str(folder).split("://", 1)[0]
+    return (f"could not delete {len(stayed)} of {total} objects under {folder}/: {cause} (e.g. "
+            f"{scheme}://{stayed[0]}); they are still there: run this again with credentials that may delete there "
+            "(on S3: s3:DeleteObject on the prefix)")
+
+
+def _denied(text):
+    return any(word in text for word in ("AccessDenied", "Access Denied", "Forbidden"))
 
 
 def copy(source, target):
@@ -201,19 +263,47 @@ def relative(file, folder):
 
 
 def failure(error, where=None):
-    """A UserError for an error of object storage at `where` (a URL, when known): what the library said, in one
-    line."""
+    """The error to raise for an error of object storage at `where` (a URL, when known): what the library said,
+    in one line, and whether reading or writing failed. A UserError (exit 2), but an OutputError (74, as for a
+    read-only folder) when a write was refused; this project's own errors are returned as they are."""
+    if isinstance(error, (UserError, OutputError)):
+        return error
     kind = type(error).__name__
     text = str(error) or kind
+    writing = _operation(error).startswith(_WRITES)
+    verb = "written" if writing else "read"
     if "NoCredentials" in kind or "Unable to locate credentials" in text:
         cause = "no credentials found (set them in the environment or the library's config file)"
     elif "EndpointConnection" in kind or "Could not connect" in text or "Cannot connect" in text:
         cause = f"the endpoint cannot be reached ({text})"
     elif "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         cause = f"the bucket does not exist ({text})"
+    elif isinstance(error, PermissionError) or _denied(text):
+        cause = (f"access denied ({text}): these credentials may not {'write' if writing else 'read'} there; use "
+                 f"credentials that may{', or write elsewhere' if writing else ''}")
+        if writing:
+            return OutputError(f"{where}: cannot be written: {cause}" if where
+                               else f"object storage cannot be written: {cause}")
     else:
         cause = f"{kind}: {text}"
-    return UserError(f"{where}: cannot be read: {cause}" if where else f"object storage cannot be used: {cause}")
+    return UserError(f"{where}: cannot be {verb}: {cause}" if where else f"object storage cannot be used: {cause}")
+
+
+# The store's requests that write (S3's names, as botocore gives them): a refusal of one is an output that
+# cannot be written, not an input that cannot be read.
+_WRITES = ("Put", "Delete", "Copy", "Create", "Upload", "Complete", "Abort", "Restore")
+
+
+def _operation(error):
+    """The name of the request that failed (botocore's ClientError.operation_name, on `error` or an error it
+    was raised from: s3fs raises PermissionError from it); '' when none says."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(getattr(error, "operation_name", None), str):
+            return error.operation_name
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 # The libraries behind fsspec's object stores: an exception of theirs is the store's (or the network's, or the

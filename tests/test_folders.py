@@ -1,12 +1,13 @@
 """What the project may replace or delete, staging markers, and the locks on folders in use."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, listing, one_line, run_in_process, temporary_folder
 from recpipe import folders
 from recpipe.cli import UserError
 
@@ -80,3 +81,70 @@ def test_folders_a_reader_keeps_a_replacer_out_and_is_named(tmp_path):
     with folders.claiming(target, lambda folder: None, "delete", "fix"):
         assert folders.lock_path(target).exists()
     assert not folders.lock_path(target).exists()  # the last holder removes the lock file
+
+
+def clean_leftovers(data, tmp_path):
+    return run_in_process("pipeline.py", "clean", "leftovers", "--data", data, "--raw", tmp_path / "raw",
+                          "--preprocessors", tmp_path / "preprocessors", check=False)
+
+
+def test_folders_a_lock_file_a_killed_command_left_is_free_and_clean_leftovers_removes_it(tmp_path):
+    """A SIGKILLed command leaves its `.<stage>.lock` (the kernel drops the flock, not the file): the next command
+    takes it as free, and `clean leftovers` removes it; a lock file a process holds is left alone."""
+    data = tmp_path / "data"
+    (data / "merged").mkdir(parents=True)
+    (data / "cleaned").mkdir()
+    stale = folders.lock_path(data / "merged")
+    stale.write_text("")  # what a killed holder leaves: a file that no process has an flock on
+    with folders.reading(data / "merged"):  # free to take, and its last holder removes it
+        pass
+    assert not stale.exists()
+    stale.write_text("")
+    assert [(found.path, found.abandoned, found.what) for found in folders.leftovers(data, "merged")] == [
+        (stale, True, folders.LOCK_FILE)]
+    before = listing(tmp_path)
+    with folders.reading(data / "cleaned"):  # held meanwhile, by this process: not a leftover
+        held = folders.lock_path(data / "cleaned")
+        assert folders.leftovers(data, "cleaned") == []
+        result = clean_leftovers(data, tmp_path)
+        assert held.exists()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"deleted {stale}")
+    assert listing(tmp_path) == {name: size for name, size in before.items() if name != "data/.merged.lock"}
+
+
+def test_folders_a_staging_folder_whose_pid_was_reused_is_a_leftover(tmp_path):
+    """The marker records when its process started: a live process with the same pid that started at another
+    time was given the pid after the run that made the folder ended (here: this test's parent, a live pid)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    reused, running = (temporary_folder(data, name, pid=os.getppid()) for name in ("merged", "cleaned"))
+    for folder, started in ((reused, "another-boot:12345"), (running, folders.process_started(os.getppid()))):
+        marker = json.loads((folder / folders.MARKER).read_text())
+        (folder / folders.MARKER).write_text(json.dumps({**marker, "started": started}))
+    assert [found.abandoned for found in folders.leftovers(data, "merged")] == [True]
+    assert [found.abandoned for found in folders.leftovers(data, "cleaned")] == [False]
+    before = listing(tmp_path)
+    result = clean_leftovers(data, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"deleted {reused}/, left by a killed run"
+    assert listing(tmp_path) == {name: size for name, size in before.items() if not name.startswith(
+        f"data/{reused.name}")}
+
+
+def test_folders_clean_leftovers_that_could_not_delete_says_so(tmp_path, monkeypatch):
+    """A leftover that stays after the tries (here: rmtree removes nothing, as for a folder this user may not empty)
+    is not reported deleted: one line, exit 74."""
+    data = tmp_path / "data"
+    data.mkdir()
+    dead = temporary_folder(data, "merged")
+    monkeypatch.setattr(folders.shutil, "rmtree", lambda path, ignore_errors: None)
+    monkeypatch.setattr(folders.time, "sleep", lambda seconds: None)
+    before = listing(tmp_path)
+    result = clean_leftovers(data, tmp_path)
+    assert result.returncode == 74, result.stdout + result.stderr
+    assert one_line(result.stderr) == (
+        f"error: could not delete {dead}/: files were still being written into it (actions/part.parquet stayed, under its "
+        f"{folders.MARKER} marker); delete it yourself, or fix what keeps it, then run this again")
+    assert "deleted" not in result.stdout
+    assert listing(tmp_path) == before

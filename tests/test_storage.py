@@ -352,6 +352,135 @@ def test_storage_workers_elsewhere_run_every_stage_on_s3_and_train_reads_it(
     assert objects("session/data/merged") == []
 
 
+IAM_BUCKET = "guarded"
+# What each user may do, as AWS's managed AmazonS3ReadOnlyAccess words it (moto asks for s3:HeadBucket where AWS
+# asks for s3:ListBucket); the writer may put but not delete.
+READ = ["s3:Get*", "s3:List*", "s3:HeadBucket"]
+USERS = {"admin": ["s3:*"], "reader": READ, "writer": [*READ, "s3:PutObject"]}
+
+
+@pytest.fixture(scope="module")
+def iam_s3(s3):
+    """A second S3 endpoint that checks credentials as AWS does (moto's IAM authorization, switched on once the users
+    are made): a user of each of USERS, with the actions it may take on every bucket; {user: --storage-options}."""
+    import urllib.request
+    with moto_server() as endpoint:
+        iam = __import__("boto3").client("iam", endpoint_url=endpoint)
+        options = {}
+        for user, actions in USERS.items():
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            options[user] = {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+        fsspec.filesystem("s3", **options["admin"]).mkdir(IAM_BUCKET)
+        # From the next request on, every request is authorized against its user's policy (moto's "reset-auth").
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0",
+                                                      headers={"Content-Type": "text/plain"})).read()
+        yield options
+
+
+def guarded_objects(options, prefix):
+    """{name: size} of every object under a prefix of the guarded bucket, as its admin lists them."""
+    store = fsspec.filesystem("s3", **options["admin"], skip_instance_cache=True)
+    return {name: info["size"] for name, info in store.find(f"{IAM_BUCKET}/{prefix}", detail=True).items()}
+
+
+@pytest.fixture
+def as_admin(iam_s3, monkeypatch):
+    """This process reads and writes the guarded bucket as its admin until the test ends."""
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(iam_s3["admin"]))
+
+
+def test_storage_clean_with_credentials_that_may_not_delete_says_so_and_deletes_nothing(iam_s3, as_admin):
+    """`clean merged` with read-only credentials: S3's DeleteObjects answers 200 with an error for each object, which
+    s3fs's bulk delete drops; the command must say in one line what stayed and why, and exit 74 (not permitted)."""
+    data = f"s3://{IAM_BUCKET}/clean"
+    publish_rows(data, 3)
+    with stage.publish(data, "repartitioned", {}, [stage.open_stage(data, "merged").entry()]) as run:
+        tables.write_table(pd.DataFrame({"customer_id": [1]}), run.path / "actions" / "part.parquet",
+                           pa.schema([("customer_id", pa.int64())]))
+        run.accounting = {"actions": {"rows_in": 1, "kept": 1}}
+    before = guarded_objects(iam_s3, "clean")
+    result = run_in_process("pipeline.py", "clean", "merged", "--data", data, "--raw", f"s3://{IAM_BUCKET}/raw",
+                            "--preprocessors", f"{data}/preprocessors",
+                            "--storage-options", json.dumps(iam_s3["reader"]), check=False)
+    assert result.returncode == 74, result.stdout + result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: could not delete 3 of 3 objects under {data}/merged/: AccessDenied (Access "
+                           "Denied): these credentials may not delete there (e.g. "), line
+    assert line.endswith("run this again with credentials that may delete there (on S3: s3:DeleteObject on the "
+                         "prefix)")
+    assert "deleted" not in result.stdout
+    assert guarded_objects(iam_s3, "clean") == before
+
+
+def test_storage_clean_leftovers_that_may_not_delete_says_so(iam_s3, as_admin):
+    """`clean leftovers` with credentials that may write but not delete: it said "deleted" of a version it left."""
+    data = f"s3://{IAM_BUCKET}/leftovers"
+    publish_rows(data, 3)
+    store = fsspec.filesystem("s3")
+    killed = f"v20260101T000000000000-{socket.gethostname()}-{DEAD_PID}"
+    store.pipe(f"{IAM_BUCKET}/leftovers/merged/{killed}/.recpipe-staging",
+               json.dumps({"made_by": "recpipe", "host": socket.gethostname(), "pid": DEAD_PID}).encode())
+    store.pipe(f"{IAM_BUCKET}/leftovers/merged/{killed}/actions/part.parquet", b"half written")
+    before = guarded_objects(iam_s3, "leftovers")
+    result = run_in_process("pipeline.py", "clean", "leftovers", "--data", data, "--raw", f"s3://{IAM_BUCKET}/raw",
+                            "--preprocessors", f"{data}/preprocessors",
+                            "--storage-options", json.dumps(iam_s3["writer"]), check=False)
+    assert result.returncode == 74, result.stdout + result.stderr
+    assert one_line(result.stderr).startswith(
+        f"error: could not delete 2 of 2 objects under {data}/merged/{killed}/: AccessDenied (Access Denied): these "
+        "credentials may not delete there")
+    assert "deleted" not in result.stdout
+    assert guarded_objects(iam_s3, "leftovers") == before
+
+
+def test_storage_a_denied_write_is_called_a_write(iam_s3, s3, tmp_path, monkeypatch):
+    """merge_and_clean.py with read-only credentials for --data: "cannot be written", not "cannot be read"; exit 74
+    like a read-only folder."""
+    from distributed import Client
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})  # what --storage-options sets here is undone after the test
+    raw_dir = write_planted_raw(tmp_path)
+    data = f"s3://{IAM_BUCKET}/denied"
+    try:
+        result = run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler", s3[2],
+                                "--storage-options", json.dumps(iam_s3["reader"]), check=False)
+    finally:
+        with Client(s3[2]) as client, contextlib.suppress(ValueError):  # none when it stopped before sharing them
+            client.unregister_worker_plugin("recpipe-storage-options")
+            client.run(lambda: fsspec.config.conf.pop("s3", None))
+    assert result.returncode == 74, result.stdout + result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: {data}/merged: cannot be written: access denied (")
+    assert "may not write there" in line and "cannot be read" not in line, line
+    assert guarded_objects(iam_s3, "denied") == {}
+
+
+def test_storage_a_stage_that_may_write_but_not_delete_stops_saying_so(iam_s3, s3, tmp_path, monkeypatch):
+    """merge_and_clean.py with credentials that may write but not delete: its scratch objects cannot be removed,
+    so the version it wrote would not be what a stage writes; it stops in one line, exit 74, and the version it
+    leaves is one no manifest names (status lists it, `clean leftovers` with other credentials removes it)."""
+    from distributed import Client
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    raw_dir = write_planted_raw(tmp_path)
+    data = f"s3://{IAM_BUCKET}/scratch"
+    try:
+        result = run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler", s3[2],
+                                "--storage-options", json.dumps(iam_s3["writer"]), check=False)
+    finally:
+        with Client(s3[2]) as client, contextlib.suppress(ValueError):
+            client.unregister_worker_plugin("recpipe-storage-options")
+            client.run(lambda: fsspec.config.conf.pop("s3", None))
+    assert result.returncode == 74, result.stdout + result.stderr
+    line = one_line(result.stderr)
+    assert line.startswith(f"error: could not delete "), line
+    assert "these credentials may not delete there" in line
+    print(line)
+    left = guarded_objects(iam_s3, "scratch")
+    assert left and f"{IAM_BUCKET}/scratch/merged/_stage.json" not in left
+
+
 def test_storage_status_sees_a_replaced_object(merged):
     """Last in this module: it changes an object of the bucket the other tests read."""
     url = f"s3://{BUCKET}/raw"
