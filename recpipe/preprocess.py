@@ -24,6 +24,9 @@ writing and re-reading them took 0.95 s per bucket, computing them 0.34 s.
 A worker holds one bucket at a time: its actions, impressions and histories.
 """
 
+import json
+import posixpath
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -65,9 +68,18 @@ def run_stage(args):
             raise UserError(f"--preprocessors {target} lies inside {storage.path(args.data) / name}/, a stage folder "
                             "that its stage replaces as a whole: choose a folder outside the stage folders")
 
+    processed_dir = posixpath.join(storage.absolute(args.data), this.name)
+
     with stage.reading(args.data, this.reads) as cleaned, \
-            folders.claiming(target, encoders.not_a_preprocessors_folder, "replace",
+            folders.claiming(target, not_a_preprocessors_folder, "replace",
                              "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"):
+        other = fitted_for_another(target, processed_dir)
+        if other:
+            raise UserError(
+                f"refusing to replace {target}/: it holds the preprocessors that {other}/ was made with, which "
+                f"train.py needs to read it; point --preprocessors at a folder of its own for {processed_dir}/ "
+                "(and give train.py the same), or delete "
+                f"{target}/ yourself if {other}/ is no longer used")
         with stage.publish(args.data, this.name, parameters, [cleaned.entry()]) as run, \
                 cluster.connect(args) as client:
             # Fitted into the stage first: processed/ keeps the copy it was made with.
@@ -80,7 +92,7 @@ def run_stage(args):
             run.extra["sample_rows"] = fit_record["sample_rows"]
             run.extra["preprocessors_sha256"] = encoders.fingerprint(fitted_dir)
         published = stage.content_dir(storage.path(args.data) / this.name, run.published)
-        replace_preprocessors(published / encoders.FITTED, target, args.data)
+        replace_preprocessors(published / encoders.FITTED, target, args.data, processed_dir)
 
     summary.print_summary(run.published)
     print(f"rows per split: {rows_per_split}; encoders and scaler fitted on {fit_record['sample_rows']:,} "
@@ -96,20 +108,56 @@ def _inside(folder, other):
     return folder.resolve().is_relative_to(other.resolve())
 
 
-def replace_preprocessors(fitted_dir, target, data_dir):
-    """Copy what processed/ was made with to --preprocessors: through a staging folder beside it on a file
-    system; on object storage, which renames nothing, file by file (train.py refuses a folder caught between
-    two versions: its encoders and scaler are not the ones processed/'s manifest records)."""
+# Which processed/ the preprocessors of a --preprocessors folder were fitted for, so that fitting another
+# one's does not silently replace them. Beside the fitted files, not among them: an absolute path would make
+# processed/'s copy, and its fingerprint, depend on where the data lies.
+FITTED_FOR = "fitted_for.json"
+
+
+def not_a_preprocessors_folder(directory):
+    """encoders' rule for a folder preprocess.py may replace, with FITTED_FOR, which this module writes there."""
+    unexpected = folders.unexpected_entries(directory, {*encoders.FITTED_FILES, encoders.README_FILE, FITTED_FOR,
+                                                        folders.MARKER})
+    if unexpected:
+        return f"it holds {folders.listing(unexpected)}, which preprocess.py does not write"
+    return None
+
+
+def fitted_for_another(target, processed_dir):
+    """The processed/ folder other than `processed_dir` that was made with the preprocessors in `target` and
+    still records them (train.py needs them to read it); None when there is none: no record (a folder of an
+    older version), the same folder, or one since deleted, damaged or made with others."""
+    try:
+        other = json.loads(storage.read_bytes(target / FITTED_FOR))["processed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(other, str) or other == processed_dir:
+        return None
+    try:
+        recorded = stage.read_manifest(other, "processed").get("preprocessors_sha256")
+        return other if recorded == encoders.fingerprint(target) else None
+    except (UserError, OSError):
+        return None
+
+
+def replace_preprocessors(fitted_dir, target, data_dir, processed_dir):
+    """Copy what processed/ was made with to --preprocessors, with the record that they are `processed_dir`'s:
+    through a staging folder beside it on a file system; on object storage, which renames nothing, file by
+    file (train.py refuses a folder caught between two versions: its encoders and scaler are not the ones
+    processed/'s manifest records)."""
     staging = None
     fitted_dir = storage.path(fitted_dir)
+    record = (json.dumps({"processed": processed_dir}, indent=2) + "\n").encode()
     try:
         if storage.is_url(target):
             for name in encoders.FITTED_FILES:
                 (target / name).write_bytes((fitted_dir / name).read_bytes())
+            (target / FITTED_FOR).write_bytes(record)
             return
         staging = folders.make_staging(target)
         for name in encoders.FITTED_FILES:
             (staging / name).write_bytes((fitted_dir / name).read_bytes())
+        (staging / FITTED_FOR).write_bytes(record)
         if (target / encoders.README_FILE).is_file():
             (staging / encoders.README_FILE).write_bytes((target / encoders.README_FILE).read_bytes())
         folders.replace(staging, target)

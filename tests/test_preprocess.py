@@ -95,7 +95,8 @@ def test_preprocess_twice_gives_identical_output_and_preprocessors(default_run, 
     for name in ("encoders.json", "scaler.json", "fit.json"):
         assert (default_run[1] / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
-        "README.md", "encoders.json", "fit.json", "scaler.json"]
+        "README.md", "encoders.json", "fit.json", "fitted_for.json", "scaler.json"]
+    assert json.loads((tmp_path / "b" / "fitted_for.json").read_text()) == {"processed": str(data / "processed")}
     assert (tmp_path / "b" / "README.md").read_text() == "What preprocess.py fits lands here.\n"
 
 
@@ -333,3 +334,36 @@ def test_preprocess_through_pipeline_refuses_a_preprocessors_folder_it_did_not_w
     assert result.stderr.splitlines()[0].startswith(f"error: refusing to replace {tmp_path / 'raw'}/: it holds ")
     assert "preprocess.py failed (exit status 2)" in result.stderr.splitlines()[1]
     assert listing(tmp_path) == before
+
+
+def test_preprocess_refuses_to_replace_the_preprocessors_another_processed_folder_was_made_with(default_run, tmp_path):
+    """A second data folder preprocessed with the default --preprocessors used to replace the first one's,
+    after which train.py refused the first."""
+    data, pre = tmp_path / "second" / "data", tmp_path / "preprocessors"
+    shutil.copytree(default_run[0], data)
+    shutil.copytree(default_run[1], pre)  # fitted for default_run's processed/, which still records them
+    before = listing(tmp_path)
+    result = run_in_process("preprocess.py", "--data", data, "--preprocessors", pre, *CLUSTER, check=False)
+    assert result.returncode == 2
+    first = default_run[0] / "processed"
+    assert one_line(result.stderr) == (
+        f"error: refusing to replace {pre}/: it holds the preprocessors that {first}/ was made with, which train.py "
+        f"needs to read it; point --preprocessors at a folder of its own for {data / 'processed'}/ (and give "
+        f"train.py the same), or delete {pre}/ yourself if {first}/ is no longer used")
+    assert listing(tmp_path) == before
+
+
+def test_preprocess_replaces_preprocessors_whose_processed_folder_is_gone_or_this_one(default_run, tmp_path):
+    from recpipe.preprocess import FITTED_FOR, fitted_for_another
+    pre = tmp_path / "pre"
+    shutil.copytree(default_run[1], pre)
+    first = str(default_run[0] / "processed")
+    assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) == first
+    assert fitted_for_another(pre, first) is None
+    (pre / FITTED_FOR).write_text(json.dumps({"processed": str(tmp_path / "gone" / "processed")}))
+    assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
+    (pre / "scaler.json").write_text("{}")  # no longer what the first processed/ records
+    (pre / FITTED_FOR).write_text(json.dumps({"processed": first}))
+    assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
+    (pre / FITTED_FOR).write_text("[")
+    assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
