@@ -177,11 +177,13 @@ class Stage:
         importlib.import_module(f"recpipe.{self.module}").run_stage(args)
 
 
-def add_storage_options(parser):
+def add_storage_options(parser, workers=True):
+    """--storage-options; `workers`: whether the command has Dask workers, which it sends the options to."""
     parser.add_argument("--storage-options", type=storage.options_flag, default=None, metavar="JSON",
                         help="options of the object storage library for a URL given as a folder, e.g. "
                              "'{\"endpoint_url\": \"https://s3.example.com\"}' (default: what the environment and "
-                             "the library's config files give); sent to every worker, recorded nowhere")
+                             "the library's config files give); " + ("sent to every worker, " if workers else "")
+                             + "recorded nowhere")
 
 
 # Ranges beyond which a value means nothing more, or breaks what it feeds.
