@@ -481,6 +481,27 @@ def test_storage_a_stage_that_may_write_but_not_delete_stops_saying_so(iam_s3, s
     assert left and f"{IAM_BUCKET}/scratch/merged/_stage.json" not in left
 
 
+@pytest.mark.xfail(strict=True, reason="until stage.folder_bytes counts a stage folder on object storage by its "
+                                       "manifest and committed version (the change is in issue 24's H5 report)")
+def test_storage_a_stage_size_counts_only_its_committed_version(s3):
+    """`status` sizes merged/ by its manifest and the version it names: a killed run's version is listed (and sized)
+    apart, as a leftover, not added to the stage."""
+    data = f"s3://{BUCKET}/sizes"
+    committed = publish_rows(data, 3).published
+    store = fsspec.filesystem("s3")
+    killed = f"v20260101T000000000000-{socket.gethostname()}-{DEAD_PID}"
+    store.pipe(f"{BUCKET}/sizes/merged/{killed}/actions/part.parquet", b"x" * 5000)
+    store.pipe(f"{BUCKET}/sizes/merged/{killed}/.recpipe-staging",
+               json.dumps({"made_by": "recpipe", "host": socket.gethostname(), "pid": DEAD_PID}).encode())
+    status = run_in_process("pipeline.py", "status", "--data", data, "--raw", f"s3://{BUCKET}/raw",
+                            "--preprocessors", f"{data}/preprocessors")
+    assert f"temporary folder {data}/merged/{killed} (0.0 MiB)" in status.stdout
+    assert pipeline.inspect(data, f"s3://{BUCKET}/raw", {})[0].bytes == (
+        store.info(f"{BUCKET}/sizes/merged/_stage.json")["size"]
+        + sum(file["bytes"] for file in committed["files"].values())
+        + store.info(f"{BUCKET}/sizes/merged/{committed['version']}/.recpipe-staging")["size"])
+
+
 def test_storage_status_sees_a_replaced_object(merged):
     """Last in this module: it changes an object of the bucket the other tests read."""
     url = f"s3://{BUCKET}/raw"
