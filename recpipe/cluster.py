@@ -70,8 +70,8 @@ def add_arguments(parser):
         "--memory-limit",
         type=_memory_limit_flag,
         default=None,
-        help=f"LocalCluster memory per worker, e.g. 8GiB, at least {MIN_WORKER_MEMORY_TEXT} "
-        "(default: 75%% of this machine's memory, shared out)",
+        help=f"LocalCluster memory per worker, e.g. 8GiB, at least {MIN_WORKER_MEMORY_TEXT} and at most this "
+        "machine's memory (default: 75%% of this machine's memory, shared out)",
     )
     group.add_argument(
         "--dashboard-address",
@@ -104,6 +104,11 @@ def _worker_memory(text):
         raise ValueError(
             f"{text!r} is less than the {MIN_WORKER_MEMORY_TEXT} a Dask worker needs (with pandas and PyArrow "
             f"loaded it holds about 180 MiB before any data); give each worker at least that, e.g. 4GiB")
+    total = psutil.virtual_memory().total
+    if size > total:  # Dask would quietly cap it at that, and the limit would not be the one asked for
+        raise ValueError(
+            f"{text!r} is more than this machine's {format_bytes(total)} of memory; give each worker at most "
+            f"that, or leave --memory-limit out to share three quarters of it among the workers")
     return size
 
 

@@ -80,12 +80,15 @@ def test_cluster_local_size_rejects_bad_flags(workers, memory_limit, message):
     (["--workers", "two"], "argument --workers: 'two' is not a whole number"),
     (["--threads-per-worker", "0"], "argument --threads-per-worker: must be at least 1, got 0"),
     (["--memory-limit", "0.5"], "argument --memory-limit: '0.5' is less than the 256 MiB"),
+    (["--memory-limit", "99999TiB"], "argument --memory-limit: '99999TiB' is more than this machine's "
+                                     f"{cluster.format_bytes(psutil.virtual_memory().total)} of memory; give each "
+                                     "worker at most that, or leave --memory-limit out"),
     (["--dashboard-address", "8787"], "argument --dashboard-address: '8787' is not [HOST]:PORT; write it like "
                                       "127.0.0.1:8787 (this machine only) or :8787 (every interface)"),
     (["--dashboard-address", "tcp://127.0.0.1:8787"], "argument --dashboard-address: 'tcp://127.0.0.1:8787' is not"),
     (["--dashboard-address", ":65536"], "argument --dashboard-address: ':65536' is not [HOST]:PORT"),
-], ids=["workers-0", "workers--1", "workers-two", "threads-0", "memory-0.5", "dashboard-8787", "dashboard-url",
-        "dashboard-port-65536"])
+], ids=["workers-0", "workers--1", "workers-two", "threads-0", "memory-0.5", "memory-99999TiB", "dashboard-8787",
+        "dashboard-url", "dashboard-port-65536"])
 def test_cluster_flags_reject_bad_values_naming_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit) as exit:
         parse(*argv)
@@ -135,8 +138,9 @@ def test_cluster_scheduler_that_cannot_be_joined_is_a_user_error(monkeypatch, si
                                     "needs (with pandas and PyArrow loaded it holds about 180 MiB before any data); "
                                     "give each worker at least that, e.g. 4GiB"),
     (["--memory-limit", "lots"], {}, "error: argument --memory-limit: 'lots' is not a size; write it like 8GiB"),
+    (["--memory-limit", "99999TiB"], {}, "error: argument --memory-limit: '99999TiB' is more than this machine's "),
 ], ids=["scheduler-foo", "env-localhost", "scheduler-inproc", "threads--2", "memory--5GiB", "memory-1kB",
-        "memory-lots"])
+        "memory-lots", "memory-99999TiB"])
 def test_cluster_bad_flags_stop_a_script_with_one_line_and_write_nothing(raw_dir, tmp_path, flags, environment,
                                                                          message):
     (tmp_path / "data").mkdir()  # there or not, the stage may make it; nothing may land in it
