@@ -431,8 +431,9 @@ def wait_with_progress(futures, label):
     """Block until every future is done, showing progress; return their results in order.
 
     On a terminal this is Dask's progress bar; in a log (CI, nohup) it prints a line when
-    the phase ends and, while it runs, one every LOG_PROGRESS_SECONDS: a bar redrawn with
-    carriage returns is unreadable there, and a line per task buries everything else.
+    the phase ends and, while it runs, one every LOG_PROGRESS_SECONDS, whether or not a task
+    ended meanwhile (one task may run for minutes): a bar redrawn with carriage returns is
+    unreadable there, and a line per task buries everything else.
     """
     futures = list(futures)
     if not futures:
@@ -443,12 +444,29 @@ def wait_with_progress(futures, label):
         progress(futures)
         print()
     else:
-        said = started
-        for done, _ in enumerate(as_completed(futures), start=1):
-            now = time.monotonic()
-            if done == len(futures) or now - said >= LOG_PROGRESS_SECONDS:
-                print(f"{label}: {done}/{len(futures)} tasks done ({now - started:.1f}s)", flush=True)
-                said = now
+        done = 0
+        ended = threading.Event()
+        saying = threading.Lock()  # no line of the timer's after the closing one
+
+        def say():
+            print(f"{label}: {done}/{len(futures)} tasks done ({time.monotonic() - started:.1f}s)", flush=True)
+
+        def every_while():
+            while not ended.wait(LOG_PROGRESS_SECONDS):
+                with saying:
+                    if not ended.is_set():
+                        say()
+
+        timer = threading.Thread(target=every_while, name=f"progress of {label}", daemon=True)
+        timer.start()
+        try:
+            for _ in as_completed(futures):
+                done += 1
+        finally:
+            with saying:
+                ended.set()
+            timer.join()
+        say()
     # Every task has ended before a failure is raised here: the stage then removes its
     # staging folder, and a task still running (one whose finished result was lost with a
     # dead worker is run again) would write into it again. Future.exception() waits for

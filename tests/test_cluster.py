@@ -1,5 +1,5 @@
 """The cluster helper: LocalCluster sizing, a dashboard that really serves and stays on this machine unless
-asked, clear errors for every cluster flag."""
+asked, clear errors for every cluster flag, progress lines in a log."""
 
 import argparse
 import contextlib
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 import urllib.parse
 import urllib.request
@@ -234,3 +235,14 @@ def test_cluster_joining_a_scheduler_of_this_process_leaves_its_imports_alone(se
     assert not [entry for entry in sys.path if Path(entry).name == "recpipe.zip"]
     from recpipe import synthetic  # still importable: the checkout's package, whole
     assert Path(synthetic.__file__).parent.parent == Path(recpipe.__file__).parent
+
+
+def test_cluster_progress_line_comes_while_one_long_task_runs(session_cluster, monkeypatch, capsys):
+    """In a log: a line each LOG_PROGRESS_SECONDS though no task has ended (a 9-minute gzip file said nothing)."""
+    monkeypatch.setattr(cluster, "LOG_PROGRESS_SECONDS", 0.2)
+    with cluster.connect(parse("--scheduler", session_cluster)) as client:
+        assert cluster.wait_with_progress([client.submit(time.sleep, 1.2, pure=False)], "sleeping") == [None]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sleeping:")]
+    assert len(lines) >= 3, lines
+    assert all(line.startswith("sleeping: 0/1 tasks done (") for line in lines[:-1]), lines
+    assert lines[-1].startswith("sleeping: 1/1 tasks done (")  # the closing line, and nothing after it
