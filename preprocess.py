@@ -3,8 +3,9 @@
     python preprocess.py --data data --preprocessors preprocessors
 
 Reads   --data/cleaned/ (from parse_ua_strings.py)
-Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fit.json; replaced only when
-          it is new, empty, or holds nothing but those (else refused, untouched)
+Writes  --preprocessors/ (default preprocessors): encoders.json, scaler.json, fit.json, and fitted_for.json
+          naming the processed/ they are for; replaced only when it is new, empty, or holds nothing but
+          those, and not while another processed/ still records them (else refused, untouched)
         --data/processed/ (default data/processed), atomically, with _stage.json:
           timeline (default): timelines/bucket=NNNNN/ (each customer's actions once) and
                               <split>/examples/dt=YYYY-MM-DD/ (with each example's window into them)
