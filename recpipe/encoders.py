@@ -128,27 +128,49 @@ def not_a_preprocessors_folder(directory):
 
 
 def fingerprint(directory):
-    """A hash of the fitted encoders and scaler: processed/'s manifest records the one it was made with."""
+    """A hash of every file a reader trusts (FITTED_FILES: the encoders, the scaler, and fit.json, whose
+    column lists train.py builds its model from): processed/'s manifest records the one it was made with."""
+    return _digest(_read(storage.path(directory)))
+
+
+def _read(directory):
+    """{name: bytes} of FITTED_FILES, each read once, or a UserError naming the first one missing."""
+    contents = {}
+    for name in FITTED_FILES:
+        path = directory / name
+        try:
+            contents[name] = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise UserError(f"{path} is missing: run preprocess.py first") from None
+    return contents
+
+
+def _digest(contents):
     digest = hashlib.sha256()
-    for name in (ENCODERS_FILE, SCALER_FILE):
-        path = storage.path(directory) / name
-        if not path.is_file():
-            raise UserError(f"{path} is missing: run preprocess.py first")
-        digest.update(path.read_bytes())
+    for name, content in contents.items():  # each file's name and length first: no two folders hash alike
+        digest.update(f"{name} {len(content)}\n".encode())
+        digest.update(content)
     return digest.hexdigest()
 
 
-def load(directory):
-    """(encoders, scaler, fit record) from a preprocessors folder, or a UserError saying what makes it."""
+def load(directory, fitted_with=None):
+    """(encoders, scaler, fit record) from a preprocessors folder, or a UserError saying what makes it.
+
+    fitted_with: (the `preprocessors_sha256` a stage's manifest records, that stage's folder): the
+    files must be those it was made with, hashed from the very bytes that are parsed here.
+    """
     directory = storage.path(directory)
+    contents = _read(directory)
+    if fitted_with is not None and _digest(contents) != fitted_with[0]:
+        raise UserError(f"{directory}/ was not fitted with {fitted_with[1]}/ (their hashes differ: encoders.json, "
+                        "scaler.json or fit.json was changed, or comes from another run of preprocess.py): run "
+                        "preprocess.py again, or point --preprocessors at the folder it wrote")
     try:
-        fit_record = json.loads((directory / FIT_FILE).read_text())
+        fit_record = json.loads(contents[FIT_FILE])
         encoders = {column: CategoryEncoder.from_json(fitted, fit_record["parameters"]["min_frequency"])
-                    for column, fitted in json.loads((directory / ENCODERS_FILE).read_text()).items()}
-        scaler = StandardScaler.from_json(json.loads((directory / SCALER_FILE).read_text()))
-    except FileNotFoundError as error:
-        raise UserError(f"{error.filename or directory} is missing: run preprocess.py first") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    for column, fitted in json.loads(contents[ENCODERS_FILE]).items()}
+        scaler = StandardScaler.from_json(json.loads(contents[SCALER_FILE]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{directory}/ is not a preprocessors folder preprocess.py wrote ({error}); "
                         "run preprocess.py again") from None
     return encoders, scaler, fit_record
