@@ -11,7 +11,8 @@ Writes  --out (default runs/<timestamp>/; a new or empty folder, or with --resum
         preprocessors/), checkpoint.pt (the best by val AUC; by val log loss when val holds one class, by
         training loss when val is empty), metrics.jsonl (one JSON object per evaluation), train_loss.jsonl
         (every 50 steps), final.json (test_auc, test_logloss, rule_test_auc, val_auc, selected_by,
-        examples_per_second), curves.png. Strict JSON: null, not NaN.
+        examples_per_second: of the training steps alone, the first left out), curves.png. Strict JSON:
+        null, not NaN. A full disk stops the run in one line (exit 74), the last checkpoint kept.
 
 Defaults depend on the device: a GPU trains on the full history processed/ was made with, the
 CPU on a shorter one with a smaller model. Before the first step, the memory a step needs is
@@ -22,49 +23,47 @@ flags that would.
 import argparse
 import contextlib
 import datetime as dt
-import time
 from pathlib import Path
 
 import torch
 
-from recpipe import cli, encoders, folders, stage, stages, storage
+from recpipe import encoders, folders, stage, storage
 from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
-from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Progress, append_jsonl, bce,
+from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Flag, Progress, Throughput, append_jsonl, bce,
                                check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
                                record_run, resume, rule_auc, run_folder, save_checkpoint, select, write_json)
 
 # ----------------------------------------------------------------------------- config
-# Every default has a flag of the same name. None: it depends on the device (PER_DEVICE).
-config = dict(
-    epochs=(3, "passes over the train split"),
-    max_steps=(0, "stop after this many steps in all; 0: no limit"),
-    batch_size=(None, "examples per step (default: 512 on a GPU, 256 on the CPU)"),
-    max_history=(None, "history length L the model sees, at most processed/'s --max-history; 0: all of it "
-                       "(default: 0 on a GPU, 100 on the CPU)"),
-    lr=(1e-3, "AdamW learning rate"),
-    weight_decay=(0.01, "AdamW weight decay"),
-    dim=(None, "model width (default: 64 on a GPU, 32 on the CPU)"),
-    heads=(4, "attention heads; they must divide --dim"),
-    layers=(2, "transformer layers over the history"),
-    dropout=(0.1, "dropout on each layer's output and in the head"),
-    workers=(0, "DataLoader worker processes; 0: load in this process (on 2 cores, workers lose to "
-                "shipping batches between processes)"),
-    eval_batches=(0, "evaluate on at most this many batches; 0: the whole split"),
-    seed=(0, "seed of the model's initialization and of the shuffling"),
-    device=("auto", "cuda, cuda:N or cpu; auto: cuda where PyTorch sees a GPU, else the CPU"),
-    empty_histories=(False, "the baseline: train the same model on all-zero histories"),
-    log_seconds=(15.0, "when stdout is not a terminal, a progress line at least this often"),
-    timelines_budget=(0.5, "on CUDA, the timelines go to the GPU when they take at most this share of its free "
-                           "memory, else they stay in pinned host memory"),
+# Every setting is a flag of the same name, declared once with its range, which argparse checks before
+# anything runs. Default None: it depends on the device (PER_DEVICE).
+config = (
+    Flag("epochs", int, 3, "passes over the train split", low=1),
+    Flag("max_steps", int, 0, "stop after this many steps in all; 0: no limit", low=0),
+    Flag("batch_size", int, None, "examples per step (default: 512 on a GPU, 256 on the CPU)", low=1),
+    Flag("max_history", int, None, "history length L the model sees, at most processed/'s --max-history; 0: all "
+         "of it (default: 0 on a GPU, 100 on the CPU)", low=0),
+    Flag("lr", float, 1e-3, "AdamW learning rate", above=0),
+    Flag("weight_decay", float, 0.01, "AdamW weight decay", low=0),
+    Flag("dim", int, None, "model width (default: 64 on a GPU, 32 on the CPU)", low=4),
+    Flag("heads", int, 4, "attention heads; they must divide --dim", low=1),
+    Flag("layers", int, 2, "transformer layers over the history", low=1),
+    Flag("dropout", float, 0.1, "dropout on each layer's output and in the head, in [0, 1)", low=0, below=1),
+    Flag("workers", int, 0, "DataLoader worker processes; 0: load in this process (on 2 cores, workers lose to "
+         "shipping batches between processes)", low=0),
+    Flag("eval_batches", int, 0, "evaluate on at most this many batches; 0: the whole split", low=0),
+    Flag("seed", int, 0, "seed of the model's initialization and of the shuffling", low=0, high=2**32 - 1),
+    Flag("device", str, "auto", "cuda, cuda:N or cpu; auto: cuda where PyTorch sees a GPU, else the CPU"),
+    Flag("empty_histories", bool, False, "the baseline: train the same model on all-zero histories"),
+    Flag("log_seconds", float, 15.0, "when stdout is not a terminal, a progress line at least this often", low=0),
+    Flag("timelines_budget", float, 0.5, "on CUDA, the timelines go to the GPU when they take at most this share "
+         "of its free memory, in [0, 1], else they stay in pinned host memory", low=0, high=1),
 )
 # A GPU gets the full history; the CPU a history and a model small enough for an epoch of
 # `make demo`'s data (60,000 examples) in about a minute on 2 cores, in under 1 GiB.
 PER_DEVICE = {"cuda": dict(batch_size=512, max_history=0, dim=64),
               "cpu": dict(batch_size=256, max_history=100, dim=32)}
-LOWEST = dict(epochs=1, max_steps=0, batch_size=1, max_history=0, dim=4, heads=1, layers=1, workers=0,
-              eval_batches=0, log_seconds=0)
 
 
 def parse_args(argv=None):
@@ -76,15 +75,16 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="run folder, new or empty (default: runs/<timestamp>; "
                                                      "with --resume, the checkpoint's folder)")
     parser.add_argument("--resume", default=None, help="the checkpoint.pt of a run folder, to continue that run")
-    stages.add_storage_options(parser)
-    for name, (default, words) in config.items():
-        flag = cli.flag(name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=words)
+    parser.add_argument("--storage-options", type=storage.options_flag, default=None, metavar="JSON",
+                        help="options of the object storage library for a URL given as --data or --preprocessors, "
+                             "e.g. '{\"endpoint_url\": \"https://s3.example.com\"}' (default: what the environment "
+                             "and the library's config files give); recorded nowhere")
+    for flag in config:
+        if flag.type is bool:
+            parser.add_argument(flag.flag, action="store_true", help=flag.help)
         else:
-            kind = float if isinstance(default, float) else str if isinstance(default, str) else int
-            shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, help=words + shown)
+            shown = "" if flag.default is None else f" (default: {flag.default})"
+            parser.add_argument(flag.flag, type=flag.parse, default=flag.default, help=flag.help + shown)
     args = parser.parse_args(argv)
     storage.local_folders(args, ["data", "preprocessors", "out", "resume"], urls=["data", "preprocessors"])
     storage.configure(storage.urls(args), args.storage_options)
@@ -103,13 +103,10 @@ def pick_device(name):
 
 
 def complete(args, device):
-    """Fill the per-device defaults and check every number: a UserError names the flag."""
+    """Fill the per-device defaults and check what no single flag's range can: a UserError names the flags."""
     for name, value in PER_DEVICE.get(device.type, PER_DEVICE["cpu"]).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name, low in LOWEST.items():
-        if getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
     if args.dim % args.heads:
         raise UserError(f"--dim {args.dim} is not a multiple of --heads {args.heads}: the attention splits --dim "
                         "among the heads; give a --dim that --heads divides")
@@ -132,11 +129,8 @@ def main(argv=None):
     # the loader stops the run, should processed/ be swapped anyway: by hand, or from another machine).
     with stage.reading(args.data, "processed") as processed, folders.reading(args.preprocessors):
         manifest = processed.manifest
-        fitted, _, fit = encoders.load(args.preprocessors)
-        preprocessors_sha256 = encoders.fingerprint(args.preprocessors)
-        if preprocessors_sha256 != manifest.get("preprocessors_sha256"):
-            raise UserError(f"{args.preprocessors}/ was not fitted with {args.data}/processed/ (their hashes differ): "
-                            "run preprocess.py again, or point --preprocessors at the folder it wrote")
+        preprocessors_sha256 = manifest.get("preprocessors_sha256")
+        fitted, _, fit = encoders.load(args.preprocessors, fitted_with=(preprocessors_sha256, processed.folder))
         made_with = manifest["parameters"]["max_history"]
         max_history = min(args.max_history or made_with, made_with)
         categorical = [name for name in fit["categorical"] if name != "cat_item"]
@@ -166,14 +160,15 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         state = {"epoch": 0, "step": 0, "best": None}
         if args.resume:
-            state = {**state, **resume(args.resume, model, optimizer, {**vars(args), "max_history": max_history})}
+            state = {**state, **resume(args.resume, model, optimizer, {**vars(args), "max_history": max_history,
+                                                                       "preprocessors_sha256": preprocessors_sha256})}
             print(f"resumed from {args.resume} at epoch {state['epoch']}, step {state['step']}; "
                   f"writing on into {out}/")
         resumed_at = {"at_epoch": state["epoch"], "at_step": state["step"]} if args.resume else None
         # Plain values only: the checkpoint is read back by a loader that refuses anything else.
         # --storage-options may hold credentials: they are written nowhere.
         flags = {name: value for name, value in vars(args).items() if name != "storage_options"}
-        state.update(config=flags, max_history=max_history)
+        state.update(config=flags, max_history=max_history, preprocessors_sha256=preprocessors_sha256)
         needed = check_memory(model, device, autocast, args.batch_size, max_history, len(categorical),
                               len(fit["numeric"]), args)
         print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; a step of {args.batch_size} "
@@ -198,10 +193,11 @@ def main(argv=None):
         if not (state["epoch"] < args.epochs and steps_left() != 0):
             print(f"nothing left to train: {args.resume} is at epoch {state['epoch']} of --epochs {args.epochs}, step "
                   f"{state['step']} (--max-steps {args.max_steps}); evaluating it on test")
-        examples_seen, train_seconds = 0, 0.0
+        throughput = Throughput()
         while state["epoch"] < args.epochs and steps_left() != 0:
             datasets["train"].set_epoch(state["epoch"])
-            losses, started = [], time.monotonic()
+            losses = []
+            throughput.start()
             steps = datasets["train"].num_batches if steps_left() is None else min(datasets["train"].num_batches,
                                                                                   steps_left())
             progress = Progress(state["epoch"] + 1, args.epochs, steps, args.log_seconds)
@@ -213,7 +209,7 @@ def main(argv=None):
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-                examples_seen += len(batch["target"])
+                throughput.step(len(batch["target"]))
                 state["step"] += 1
                 progress.update(len(batch["target"]), losses)
                 if state["step"] % 50 == 0:
@@ -222,13 +218,12 @@ def main(argv=None):
                 if steps_left() == 0:
                     break
             progress.close()
-            train_seconds += time.monotonic() - started
             validation = evaluate(model, loaders["val"], prepare, autocast, args.eval_batches)
             state["epoch"] += 1
             record = {"epoch": state["epoch"], "step": state["step"],
                       "train_loss": sum(losses) / len(losses) if losses else None, "val_auc": validation["auc"],
                       "val_logloss": validation["logloss"], "val_examples": validation["examples"],
-                      "examples_per_second": examples_seen / max(train_seconds, 1e-9)}
+                      "examples_per_second": throughput.rate}
             append_jsonl(metrics_path, record)
             print(dumps(record))
             best, note = select(state["best"], record)
@@ -251,7 +246,7 @@ def main(argv=None):
                  "rule_test_auc": rule, "val_auc": best.get("val_auc"), "val_logloss": best.get("val_logloss"),
                  "selected_by": best.get("selected_by"), "selected_epoch": best.get("epoch"),
                  "selected_step": best.get("step"),
-                 "examples_per_second": examples_seen / train_seconds if train_seconds else None,
+                 "examples_per_second": throughput.rate,
                  "steps": state["step"], "empty_histories": args.empty_histories, "device": str(device)}
         write_json(out / FINAL, final)
         plot_curves(metrics_path, out / TRAIN_LOSS, out / CURVES, final)

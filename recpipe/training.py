@@ -7,6 +7,9 @@ Checkpoints hold tensors and plain Python values only, and are read with torch.l
 weights_only loader, so resuming from a file never runs code that came with it.
 """
 
+import contextlib
+import dataclasses
+import errno
 import json
 import math
 import os
@@ -20,8 +23,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from recpipe import cli, folders
-from recpipe.cli import UserError
+from recpipe import cli, folders, stages
+from recpipe.cli import OutputError, UserError
 
 CHECKPOINT, CONFIG, METRICS, TRAIN_LOSS, FINAL, CURVES = (
     "checkpoint.pt", "config.json", "metrics.jsonl", "train_loss.jsonl", "final.json", "curves.png")
@@ -31,6 +34,21 @@ _PARTIAL = re.compile(r"\.(" + "|".join(map(re.escape, RUN_FILES)) + r")\.partia
 
 # Flags that shape the model or what it sees: a checkpoint continues only under the same values.
 MODEL_FLAGS = ("dim", "heads", "layers", "max_history", "empty_histories")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag(stages.Parameter):
+    """A flag of train.py, declared as a stage's parameter is (type, default, help, range: a float must also
+    be finite), with an exclusive upper bound besides; argparse checks it (parse) before anything runs."""
+
+    below: float = None  # exclusive upper bound
+
+    def check(self, value, given=None):
+        value = super().check(value, given)
+        if self.below is not None and not value < self.below:
+            raise ValueError(f"must be less than {self.below}, got {value if given is None else given}")
+        return value
+
 
 # How the checkpoint kept is chosen, in order of preference: the first one an evaluation
 # can compute decides for the run (val AUC is undefined when val holds one class, and val
@@ -67,6 +85,13 @@ def run_folder(out, resume, default):
             raise UserError(f"--resume {resume} is not in a run folder of train.py: {folder}/ also holds "
                             f"{folders.listing(foreign)}, and a resumed run writes on into its checkpoint's folder: copy "
                             f"{CHECKPOINT} into a folder of its own and resume that; nothing was written")
+        damaged = damaged_records(folder)
+        if damaged:
+            path, number, problem = damaged
+            raise UserError(f"--resume {resume}: line {number} of {path} is not a record train.py writes ({problem}), "
+                            "and a resumed run appends to that file and plots it: delete that line (or the whole "
+                            "file, which holds the curves' history and nothing the run needs), then resume again; "
+                            "nothing was written")
         if out is not None and Path(out).resolve() != folder.resolve():
             raise UserError(f"--out {out} with --resume {resume}: a resumed run writes on into its checkpoint's "
                             f"folder {folder}/ (its metrics and best checkpoint are there): leave out --out, or give "
@@ -84,6 +109,37 @@ def run_folder(out, resume, default):
                         f"{continuing}or delete {folder}/ first; it was left as it was")
     raise UserError(f"--out {folder} is not empty and not a run folder of train.py (it holds {folders.listing(entries)}): "
                     f"give a new or empty folder as --out; nothing was written to {folder}/")
+
+
+# The fields of a record that the curves and the loop read, in the files a resumed run appends to.
+RECORD_FIELDS = {METRICS: ("epoch", "step"), TRAIN_LOSS: ("step",)}
+
+
+def damaged_records(folder):
+    """(file, line number, what is wrong) for the first line of metrics.jsonl or train_loss.jsonl in
+    `folder` that is not a record train.py writes (cut short by a kill, edited, or another tool's);
+    None when every line is one."""
+    for name, fields in RECORD_FIELDS.items():
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except OSError as error:
+            return path, 1, f"it cannot be read: {error.strerror}"
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:  # UnicodeDecodeError too
+                return path, number, f"not JSON: {error}"
+            if not isinstance(record, dict):
+                return path, number, f"a JSON {type(record).__name__}, not an object"
+            wrong = [field for field in fields if type(record.get(field)) is not int]
+            if wrong:
+                return path, number, f"no whole-number {' or '.join(repr(field) for field in wrong)}"
+    return None
 
 
 def record_run(folder, identity, resumed_at=None):
@@ -126,14 +182,74 @@ def dumps(value, **kwargs):
 def write_json(path, value):
     """Write `value` as strict JSON beside `path` and rename it into place: never half a file."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    partial = _partial(path)
+    with writing(path, partial):
+        partial.write_text(dumps(value, indent=2) + "\n")
+        os.replace(partial, path)
 
 
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(dumps(record) + "\n")
+    """Append `record` as one line: after a line of its own even when the file's last one lacks its newline,
+    and the file cut back to where it was when the write fails (a full disk leaves no half line)."""
+    with writing(path), open(path, "ab+") as file:
+        start = file.seek(0, os.SEEK_END)
+        if start:
+            file.seek(start - 1)
+        line = ("\n" if start and file.read(1) != b"\n" else "") + dumps(record) + "\n"
+        try:
+            file.write(line.encode())
+            file.flush()
+        except OSError:
+            file.truncate(start)
+            raise
+
+
+def _partial(path):
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def writing(path, partial=None):
+    """Around a write of the run folder: the partial file is removed when it fails, and a full disk or
+    a folder that cannot be written is an OutputError naming `path` and the fix (exit 74, one line)."""
+    try:
+        yield
+    except BaseException as error:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        message = _write_failure(error, Path(path))
+        if message is None:
+            raise
+        raise OutputError(message) from None
+
+
+def _write_failure(error, path):
+    """The line an OutputError says when `error` (or one it came from: PyTorch raises a RuntimeError of its own
+    over the OSError of a failed write) is a full disk or an unwritable folder; None otherwise."""
+    error = _unwritable(error)
+    if error is None:
+        return None
+    folder = path.parent
+    then = (f"then continue the run with --resume {folder / CHECKPOINT} (its best checkpoint so far)"
+            if (folder / CHECKPOINT).is_file() else f"then start the run again (delete {folder}/ or give another --out)")
+    reason = os.strerror(error.errno).lower()
+    if error.errno == errno.EFBIG:
+        return (f"file too large for its file system (or `ulimit -f`) while writing {path}: raise the limit, or put "
+                f"the run folder on a file system without it; {then}")
+    if error.errno in cli.DISK_FULL:
+        return f"{reason} while writing {path}: free space on the disk that holds {folder}/, {then}"
+    return f"{reason}: cannot write {path}: make {folder}/ writable for this user, {then}"
+
+
+def _unwritable(error):
+    """The OSError of a full disk or an unwritable folder in `error`'s chain, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in cli.DISK_FULL + cli.NOT_WRITABLE:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -257,6 +373,32 @@ class Progress:
                 f"loss {self.loss:.4f} | {tail}")
 
 
+class Throughput:
+    """Examples per second of the training steps (`rate`, None before two steps): each step from the end of the
+    one before it (or its epoch's start) to the end of its optimizer step, its batch's loading included;
+    evaluations and checkpoints fall between epochs and are left out. So is the first step of the process,
+    which pays for lazy initialization (kernels loaded and tuned, memory first allocated: seconds on a GPU)
+    that no later step pays for."""
+
+    def __init__(self):
+        self.examples, self.seconds, self.steps, self.last = 0, 0.0, 0, None
+
+    def start(self):
+        """At an epoch's start."""
+        self.last = time.monotonic()
+
+    def step(self, examples):
+        now = time.monotonic()
+        if self.steps:
+            self.examples += examples
+            self.seconds += now - self.last
+        self.steps, self.last = self.steps + 1, now
+
+    @property
+    def rate(self):
+        return self.examples / self.seconds if self.seconds else None
+
+
 def _duration(seconds):
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -364,10 +506,14 @@ def save_checkpoint(path, model, optimizer, state):
     without running code; `state` must stay so (numbers, strings, lists, dicts, None).
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                "torch_rng": torch.get_rng_state()}, partial)
-    os.replace(partial, path)
+    partial = _partial(path)
+    with writing(path, partial):
+        # A file object of ours, not a path: PyTorch's own writer reports a failed write without its errno,
+        # while a write of ours it calls keeps the OSError as the context of the RuntimeError it raises.
+        with open(partial, "wb") as file:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                        "torch_rng": torch.get_rng_state()}, file)
+        os.replace(partial, path)
 
 
 RESUME_FIX = "resume from a checkpoint.pt train.py wrote, or start a new run without --resume"
@@ -422,6 +568,13 @@ def resume(path, model, optimizer, asked):
     if changed:
         raise UserError(f"--resume {path} was made with {changed}: continue it with the flags it was made with, "
                         "or start a new run without --resume")
+    # Vocabularies of the same sizes can index other values: only the same preprocessors continue a model.
+    made_with = checkpoint["state"].get("preprocessors_sha256")
+    if made_with is not None and made_with != asked["preprocessors_sha256"]:
+        raise UserError(f"--resume {path} was trained with other preprocessors than --preprocessors "
+                        f"{asked['preprocessors']} (their hashes differ; its embeddings index other values): resume it "
+                        f"with the --data and --preprocessors it was trained on ({Path(path).parent / CONFIG} names "
+                        "them), or start a new run without --resume")
     return restore(checkpoint, model, optimizer, path)
 
 
@@ -544,5 +697,9 @@ def plot_curves(metrics_path, train_loss_path, out_path, final=None):
     auc_axis.legend(fontsize="small")
     auc_axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out_path, dpi=100)
+    out_path = Path(out_path)
+    partial = _partial(out_path)
+    with writing(out_path, partial):
+        figure.savefig(partial, dpi=100, format="png")
+        os.replace(partial, out_path)
     plt.close(figure)

@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -148,7 +150,8 @@ def test_train_runs_end_to_end_on_the_cpu_and_writes_its_outputs(trained_run, pr
 def test_train_names_what_is_missing_and_the_script_that_makes_it(processed_data, tmp_path, capsys):
     data, _ = processed_data
     assert run_main("train.py", "--data", tmp_path, "--out", tmp_path / "run") == 2
-    assert "processed/ is missing: run preprocess.py first" in one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
+    assert f"{tmp_path}/processed/ is missing" in line and f"python pipeline.py run --data {tmp_path}" in line, line
     assert run_main("train.py", "--data", data, "--preprocessors", tmp_path / "none", "--out", tmp_path / "run") == 2
     assert "run preprocess.py first" in one_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # a refused run makes no run folder
@@ -174,10 +177,6 @@ def _out_holds_user_files(tmp_path, run):
 def _out_is_an_earlier_run(tmp_path, run):
     return ["--out", run], [f"--out {run} holds an earlier run of train.py",
                             f"continue it with --resume {run}/checkpoint.pt", "give another --out"]
-
-
-def _no_epochs(tmp_path, run):
-    return ["--epochs", "0", "--out", tmp_path / "new"], ["--epochs 0: must be at least 1"]
 
 
 def _resume_a_missing_checkpoint(tmp_path, run):
@@ -211,10 +210,43 @@ def _resume_a_checkpoint_that_runs_code(tmp_path, run):
     return ["--resume", run / "checkpoint.pt"], ["refused to load: it asks to run", "system", "nothing was run"]
 
 
-@pytest.mark.parametrize("case", [_out_holds_user_files, _out_is_an_earlier_run, _no_epochs,
+def _resume_a_checkpoint_of_other_preprocessors(tmp_path, run):
+    """Vocabularies of the same sizes can index other values: the sizes alone let such a checkpoint through."""
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    checkpoint["state"]["preprocessors_sha256"] = "0" * 64
+    torch.save(checkpoint, run / "checkpoint.pt")
+    return ["--resume", run / "checkpoint.pt"], ["was trained with other preprocessors than --preprocessors",
+                                                 f"({run / 'config.json'} names them)"]
+
+
+def _resume_with_metrics_cut_short(tmp_path, run):
+    """A run killed while it appended: the next record used to be glued onto the half line, and curves.png
+    died on it in a JSONDecodeError traceback after the whole run had trained."""
+    line = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(line + line[:30])
+    return ["--resume", run / "checkpoint.pt", "--epochs", "2"], [
+        f"--resume {run / 'checkpoint.pt'}: line 2 of {run / 'metrics.jsonl'} is not a record train.py writes "
+        "(not JSON: ", "delete that line (or the whole file", "then resume again; nothing was written"]
+
+
+def _resume_with_another_tools_metrics(tmp_path, run):
+    (run / "metrics.jsonl").write_text('{"loss": 0.3, "iteration": 10}\n')
+    return ["--resume", run / "checkpoint.pt", "--epochs", "2"], [
+        f"line 1 of {run / 'metrics.jsonl'} is not a record train.py writes (no whole-number 'epoch' or 'step')"]
+
+
+def _resume_with_a_train_loss_that_is_not_records(tmp_path, run):
+    (run / "train_loss.jsonl").write_text('{"step": 50, "train_loss": 0.4}\n[0.3]\n')
+    return ["--resume", run / "checkpoint.pt", "--epochs", "2"], [
+        f"line 2 of {run / 'train_loss.jsonl'} is not a record train.py writes (a JSON list, not an object)"]
+
+
+@pytest.mark.parametrize("case", [_out_holds_user_files, _out_is_an_earlier_run,
                                   _resume_a_missing_checkpoint, _resume_into_another_out,
                                   _resume_from_a_folder_with_other_files, _resume_a_truncated_checkpoint,
-                                  _resume_with_another_dim, _resume_a_checkpoint_that_runs_code],
+                                  _resume_with_another_dim, _resume_a_checkpoint_that_runs_code,
+                                  _resume_a_checkpoint_of_other_preprocessors, _resume_with_metrics_cut_short,
+                                  _resume_with_another_tools_metrics, _resume_with_a_train_loss_that_is_not_records],
                          ids=lambda case: case.__name__.strip("_"))
 def test_train_refuses_a_run_folder_or_checkpoint_in_one_line_and_touches_nothing(case, trained_run, processed_data,
                                                                                     tmp_path, capsys):
@@ -486,3 +518,155 @@ def test_training_progress_on_a_terminal_is_a_bar_redrawn_in_place(monkeypatch):
     assert len(frames) == 4 and terminal.getvalue().endswith("\n")
     assert frames[0].startswith("[#####...............] epoch 1/3 step 1/4 | ")
     assert frames[-1].startswith("[####################] epoch 1/3 step 4/4 | ") and "loss 0.4000" in frames[-1]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "-0.1", "must be more than 0, got -0.1"), ("--lr", "nan", "must be a finite number, got nan"),
+    ("--dropout", "1.5", "must be less than 1, got 1.5"), ("--weight-decay", "-5", "must be at least 0, got -5"),
+    ("--timelines-budget", "-1", "must be at least 0, got -1"),
+    ("--timelines-budget", "nan", "must be a finite number, got nan"), ("--epochs", "0", "must be at least 1, got 0"),
+    ("--seed", "-1", "must be at least 0, got -1"), ("--log-seconds", "inf", "must be a finite number, got inf")])
+def test_train_refuses_a_flag_out_of_its_range_before_anything_runs(processed_data, tmp_path, flag, value, expected):
+    """--lr -0.1 / nan, --dropout 1.5 and --weight-decay -5 ended in tracebacks; --timelines-budget -1 / nan ran."""
+    data, preprocessors = processed_data
+    before = snapshot(tmp_path, data / "processed", preprocessors)
+    result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                            *TINY, flag, value, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not result.stdout
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: argument {flag}: {expected}")  # after the usage
+    assert snapshot(tmp_path, data / "processed", preprocessors) == before
+
+
+def test_train_help_of_storage_options_speaks_of_no_workers(capsys):
+    """train.py has no Dask workers to send the options to."""
+    assert run_main("train.py", "--help") == 0
+    help_text = " ".join(capsys.readouterr().out.split("options:")[-1].split())  # past the usage
+    words = help_text[help_text.index("--storage-options JSON"):help_text.index("--epochs EPOCHS")]
+    assert "worker" not in words and "--data or --preprocessors" in words
+
+
+@pytest.mark.parametrize("edit", ["two numeric columns instead of nine", "the numeric columns reordered"])
+def test_train_refuses_an_edited_fit_json_and_status_says_so(processed_data, tmp_path, capsys, edit):
+    """fit.json was not in the preprocessors' fingerprint: an edited one trained another model with exit 0, and
+    `pipeline.py status` said "train.py can run"."""
+    data, preprocessors = processed_data[0], tmp_path / "preprocessors"
+    shutil.copytree(processed_data[1], preprocessors)
+    fit = json.loads((preprocessors / "fit.json").read_text())
+    assert len(fit["numeric"]) == 9
+    numeric = fit["numeric"][:2] if edit.startswith("two") else fit["numeric"][::-1]
+    (preprocessors / "fit.json").write_text(json.dumps({**fit, "numeric": numeric}, indent=1) + "\n")
+    before = snapshot(tmp_path, data)
+    assert run_main("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run", *TINY) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {preprocessors}/ was not fitted with {data / 'processed'}/ (their hashes differ: encoders.json, "
+        "scaler.json or fit.json was changed, or comes from another run of preprocess.py): run preprocess.py again, "
+        "or point --preprocessors at the folder it wrote")
+    run_main("pipeline.py", "status", "--data", data, "--preprocessors", preprocessors, "--raw", tmp_path / "raw")
+    status = capsys.readouterr().out
+    assert f"{preprocessors}/ was not fitted with processed/: train.py refuses it" in status, status
+    assert "train.py can run" not in status
+    assert snapshot(tmp_path, data) == before
+
+
+def test_train_refuses_a_manifest_whose_max_history_is_not_a_number(processed_data, tmp_path, capsys):
+    """`parameters.max_history: "abc"` in processed/_stage.json ended in a TypeError traceback."""
+    data, preprocessors = tmp_path / "data", processed_data[1]
+    shutil.copytree(processed_data[0] / "processed", data / "processed")
+    manifest = json.loads((data / "processed" / "_stage.json").read_text())
+    manifest["parameters"]["max_history"] = "abc"
+    (data / "processed" / "_stage.json").write_text(json.dumps(manifest))
+    before = snapshot(tmp_path, preprocessors)
+    assert run_main("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run", *TINY) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {data / 'processed' / '_stage.json'}: ") and "max_history" in line and (
+        "preprocess.py" in line), line
+    assert snapshot(tmp_path, preprocessors) == before
+
+
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """`folder` on a tmpfs of `size` (root only: skipped where mount is refused)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    """`ulimit -f` for this process: a write past `size` bytes fails with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+
+
+@pytest.mark.parametrize("limit", ["a full disk", "a file size limit"])
+def test_train_stops_in_one_line_with_74_when_the_checkpoint_cannot_be_written(processed_data, tmp_path, limit):
+    """PyTorch's `RuntimeError: [enforce fail at inline_container.cc:672]` with two tracebacks, exit 1, and up to
+    1.2 MB of .checkpoint.pt.partial-PID left behind. The checkpoint (some 130 kB here) is the first file of the
+    run too large for what is left: config.json and metrics.jsonl fit."""
+    data, preprocessors = processed_data
+    before = snapshot(data / "processed", preprocessors)
+    with contextlib.ExitStack() as stack:
+        if limit == "a full disk":
+            out = stack.enter_context(small_disk(tmp_path / "disk", "64k")) / "run"
+        else:
+            out = tmp_path / "run"
+            stack.enter_context(file_size_limit(64 * 1024))
+        result = run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", out, *TINY,
+                                "--max-steps", "1", "--eval-batches", "1", check=False)
+        written = set(listing(out))
+    assert result.returncode == 74, result.stderr
+    reason = "no space left on device" if limit == "a full disk" else "file too large for its file system"
+    assert one_line(result.stderr).startswith(f"error: {reason}")
+    assert f"while writing {out / 'checkpoint.pt'}: " in result.stderr and (
+        f"then start the run again (delete {out}/ or give another --out)" in result.stderr)
+    assert written == {"config.json", "metrics.jsonl"}  # no partial checkpoint left
+    assert snapshot(data / "processed", preprocessors) == before
+
+
+def test_training_append_jsonl_starts_a_line_of_its_own(tmp_path):
+    from recpipe.training import append_jsonl
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "step": 3}')  # its newline lost to an editor
+    append_jsonl(path, {"epoch": 2, "step": 6})
+    assert path.read_text() == '{"epoch": 1, "step": 3}\n{"epoch": 2, "step": 6}\n'
+
+
+def test_train_examples_per_second_counts_the_training_steps_alone(processed_data, tmp_path, monkeypatch):
+    """final.json's rate came out 3x below the steps' own after three epochs. Here the start, the evaluations,
+    the checkpoints and the first step (a GPU's lazy initialization) each take 100 s more on train.py's clock:
+    counted, any one of them would put the rate below 256 / 100."""
+    import train
+    from recpipe import training
+    data, preprocessors = processed_data
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(monotonic=lambda: time.monotonic() + clock["offset"]))
+
+    def slowed(function, first_only=False):
+        calls = []
+
+        def slow(*args, **kwargs):
+            if not (first_only and calls):
+                clock["offset"] += 100
+            calls.append(1)
+            return function(*args, **kwargs)
+        return slow
+
+    for name in ("check_memory", "evaluate", "save_checkpoint"):
+        monkeypatch.setattr(train, name, slowed(getattr(train, name)))
+    monkeypatch.setattr(train, "bce", slowed(train.bce, first_only=True))  # once per training step: the first is slowed
+    run_in_process("train.py", "--data", data, "--preprocessors", preprocessors, "--out", tmp_path / "run",
+                   "--epochs", "2", "--max-steps", "4", "--batch-size", "64", "--dim", "8", "--eval-batches", "1")
+    final = strict_json((tmp_path / "run" / "final.json").read_text())
+    records = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert final["steps"] == 4 and final["examples_per_second"] == records[-1]["examples_per_second"]
+    assert final["examples_per_second"] > 4 * 64 / 100
