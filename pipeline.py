@@ -1,7 +1,7 @@
 """The pipeline as a whole: what state each stage is in, re-running what is out of date, reclaiming space.
 
     python pipeline.py status                      # each stage: complete / stale / missing, rows, size, when
-    python pipeline.py status --verify             # ... and every file's content against its manifest
+    python pipeline.py status --verify             # ... and every file's content, and the raw files' (hashed)
     python pipeline.py run                         # run the stages in order, skipping complete ones
     python pipeline.py run --from repartitioned    # re-run one stage (after a fix), then whatever that makes stale
     python pipeline.py clean merged                # delete an intermediate folder no later stage still needs
@@ -15,6 +15,7 @@ Writes  `run`: what the stage scripts write (each stage run in this process, on 
         --data/profile.png (replacing only a profile it wrote).
 Stage parameters (--buckets, --max-history, ...) are the stage scripts' flags. Given, a stage made with other
 values is stale and `run` remakes it with them; not given, a stage keeps what it was made with.
+Raw files are judged changed by their names, sizes and modification times; `status --verify` hashes them.
 """
 
 import argparse
@@ -22,15 +23,16 @@ import contextlib
 import sys
 import traceback
 
-from recpipe import cli, cluster, data_profile, pipeline, stages, storage
+from recpipe import cli, cluster, data_profile, pipeline, stage, stages, storage
 from recpipe.cli import UserError, entrypoint
 
 
 def parse_args(argv=None):
-    common = argparse.ArgumentParser(add_help=False)
+    places = argparse.ArgumentParser(add_help=False)  # `clean` takes these alone: it uses no stage parameter
     for folder in stages.FOLDERS:
-        folder.add_to(common)
-    stages.add_storage_options(common)
+        folder.add_to(places)
+    stages.add_storage_options(places)
+    common = argparse.ArgumentParser(add_help=False, parents=[places])
     for definition in stages.STAGES:
         definition.add_parameters(common, defaults=False)
     computing = argparse.ArgumentParser(add_help=False)  # only `run` starts or joins a cluster
@@ -40,8 +42,11 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True, metavar="{status,run,clean,profile}")
     status = commands.add_parser("status", parents=[common], help="the state of every stage, and what may be deleted")
     status.add_argument("--verify", action="store_true",
-                        help="also hash every file of every stage and compare with its manifest's output_sha256 "
-                             "(reads all of them; without it, names, sizes and row counts are checked)")
+                        help="also hash every file of every stage and compare with its manifest's output_sha256, "
+                             "and the raw files (local ones) with the hashes merge_and_clean.py recorded; it reads "
+                             "all of them and says how many. Without it, stage files are checked by names, sizes and "
+                             "row counts, and raw files by names, sizes and modification times, which a file put back "
+                             "with the same three does not change")
     run = commands.add_parser("run", parents=[common, computing],
                               help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=stages.NAMES, default=None,
@@ -50,7 +55,7 @@ def parse_args(argv=None):
                                   "agents and rows set aside, in --data/profile.json and profile.png")
     stages.DATA.add_to(profile)  # it reads processed/ and merged/'s manifest, nothing else
     stages.add_storage_options(profile)
-    clean = commands.add_parser("clean", parents=[common], help="delete an intermediate stage folder")
+    clean = commands.add_parser("clean", parents=[places], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
     args = parser.parse_args(argv)
@@ -60,16 +65,22 @@ def parse_args(argv=None):
 
 
 def inspect(args):
-    asked = {definition.name: definition.asked(args) for definition in stages.STAGES}
-    return pipeline.inspect(args.data, args.raw, asked, verify=getattr(args, "verify", False))
+    asked = ({definition.name: definition.asked(args) for definition in stages.STAGES}
+             if args.command in ("status", "run") else {})  # `clean` takes no stage parameters
+    return pipeline.inspect(args.data, args.raw, asked, verify=getattr(args, "verify", False),
+                            making=args.command == "run")
 
 
 def print_status(args):
+    """Print the status report; (the states, whether train.py can run on processed/)."""
     states = inspect(args)
+    preprocessors, trainable = pipeline.preprocessors_state(states, args.preprocessors)
     print(f"pipeline in {args.data}/ (raw files: {args.raw}/)")
-    print(pipeline.format_status(states, pipeline.all_leftovers(args.data, args.preprocessors),
-                                 pipeline.preprocessors_state(states, args.preprocessors)), flush=True)
-    return states
+    print(pipeline.format_status(states, pipeline.all_leftovers(args.data, args.preprocessors), preprocessors),
+          flush=True)
+    if getattr(args, "verify", False):
+        print(pipeline.verified_line(states, args.raw), flush=True)
+    return states, (preprocessors if not trainable else None)
 
 
 def stage_arguments(args, states, name):
@@ -117,6 +128,8 @@ def run(args):
     forced = args.start
     ran = set()
     to_run = pipeline.stages_to_run(inspect(args), forced)
+    if not storage.is_url(args.data) and not storage.path(args.data).exists():  # a typo would go unseen until done
+        print(f"{args.data}/ does not exist: making a new pipeline there", flush=True)
     if "merged" in to_run:  # say at once, before a cluster starts, when merge_and_clean.py cannot read them
         problem = pipeline.raw_fingerprint(args.raw)[1]
         if problem:
@@ -134,7 +147,18 @@ def run(args):
     skipped = [name for name in stages.NAMES if name not in ran]
     print(f"\n=== ran {', '.join(ran_name + '/' for ran_name in stages.NAMES if ran_name in ran) or 'nothing'}"
           f"; up to date or not needed: {', '.join(name + '/' for name in skipped) or 'none'}\n")
-    print_status(args)
+    states, untrainable = print_status(args)
+    refuse_damaged(states)
+    if untrainable:  # every stage it must run ran, and still train.py would refuse what the run leaves
+        raise UserError(untrainable)
+
+
+def refuse_damaged(states):
+    """The report is above; the exit status and one line tell a script or a person at once."""
+    damaged = [state for state in states if state.state == "damaged"]
+    if damaged:
+        others = f" (and {len(damaged) - 1} more damaged stage folders, above)" if len(damaged) > 1 else ""
+        raise UserError(damaged[0].reasons[0] + others)
 
 
 def run_stages(args, forced, ran):
@@ -173,13 +197,11 @@ def main(argv=None):
         print(f"wrote {written[0]} and {written[1]}")
         return
     if args.command == "status":
-        damaged = [state for state in print_status(args) if state.state == "damaged"]
-        if damaged:  # the report is above; the exit status and one line tell a script or a person at once
-            others = f" (and {len(damaged) - 1} more damaged stage folders, above)" if len(damaged) > 1 else ""
-            raise UserError(damaged[0].reasons[0] + others)
+        refuse_damaged(print_status(args)[0])
     elif args.command == "run":
         run(args)
     elif args.target == "leftovers":
+        stage.require_data(args.data)
         removed = pipeline.remove_leftovers(args.data, args.preprocessors)
         print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")
     else:

@@ -16,7 +16,9 @@ A stage's folder under --data is in one of these states:
 - incomplete:    a folder without a manifest (not made by a stage of this pipeline).
 
 Staleness is judged by content: a stage re-run on the same input with the same
-parameters writes the same bytes, so everything made from it stays complete.
+parameters writes the same bytes, so everything made from it stays complete. The raw
+files are judged by their names, sizes and modification times (stage.raw_input); with
+`verify`, by their contents too, against the hashes merge_and_clean.py recorded.
 """
 
 import dataclasses
@@ -60,6 +62,9 @@ class StageState:
     path: Path
     manifest: dict = None
     bytes: int = 0
+    hashed: tuple = None      # with --verify: (files, bytes) hashed against output_sha256
+    raw_hashed: dict = None   # with --verify: the raw files' entry (stage.raw_input), contents hashed
+    by_contents: bool = False  # stale because the raw files' contents changed, which `run` does not read
 
     @property
     def script(self):
@@ -72,23 +77,28 @@ class StageState:
         return {table: described["rows"] for table, described in tables.items() if not table.startswith("_")}
 
 
-def raw_fingerprint(raw_dir):
-    """(the raw files' fingerprint as merge_and_clean.py records it, None) or (None, why they cannot be listed)."""
+def raw_fingerprint(raw_dir, contents=False):
+    """(what merge_and_clean.py records of the raw files, stage.raw_input's entry, None) or (None, why they
+    cannot be listed). `contents`: with the hashes of their contents, reading every file (local ones)."""
     try:
         files = [path for files in list_raw_files(raw_dir).values() for path in files]
     except UserError as error:
         return None, str(error)
-    return stage.raw_input(raw_dir, files)["fingerprint_sha256"], None
+    return stage.raw_input(raw_dir, files, contents), None
 
 
-def inspect(data_dir, raw_dir, asked, verify=False):
+def inspect(data_dir, raw_dir, asked, verify=False, making=False):
     """The state of every stage under data_dir, in order. `asked`: {stage: {parameter: value}}.
 
     Every published stage is checked against its manifest (file list, sizes, rows; with
-    `verify`, every file's content against its fingerprint too).
+    `verify`, every file's content against its fingerprint too, and the raw files' contents
+    against the hashes merge_and_clean.py recorded). --data must be a folder; `making` (for `run`):
+    or one that its first stage may make (stage.require_data).
     """
     if storage.is_url(data_dir):
         storage.require_bucket(data_dir, "--data")
+    else:
+        stage.require_data(data_dir, making)
     data_dir = storage.path(data_dir)
     manifests, broken = {}, {}
     for name in stages.NAMES:
@@ -97,7 +107,10 @@ def inspect(data_dir, raw_dir, asked, verify=False):
                 manifests[name] = stage.read_manifest(data_dir / name)
             except UserError as error:
                 broken[name] = str(error)
-    raw, raw_problem = raw_fingerprint(raw_dir)
+    # The raw files' contents are hashed only when asked, and only if a stage recorded them to compare with.
+    recorded = verify and any("content_sha256" in manifest.get("lineage", {}).get("raw", {})
+                              for manifest in manifests.values())
+    raw, raw_problem = raw_fingerprint(raw_dir, contents=recorded)
     states = []
     for index, name in enumerate(stages.NAMES):
         path = data_dir / name
@@ -114,30 +127,45 @@ def inspect(data_dir, raw_dir, asked, verify=False):
             continue
         manifest = manifests[name]
         problem = stage.damage(path, manifest, full=verify)
+        hashed = None
+        if verify and not problem and manifest.get("output_sha256"):  # damage() hashed every file it lists
+            hashed = (len(manifest.get("files", {})), sum(file["bytes"] for file in manifest.get("files", {}).values()))
         if problem:
             states.append(StageState(name, "damaged", [stage.damage_message(path, name, problem)], path, manifest,
                                      stage.folder_bytes(path)))
             continue
-        reasons = _stale_reasons(manifest, states, manifests, raw, raw_dir, asked.get(name, {}))
+        reasons, by_contents = _stale_reasons(manifest, states, manifests, raw, raw_dir, asked.get(name, {}))
         state = "stale" if reasons else "complete"
         if not reasons and raw_problem and "raw" in manifest.get("lineage", {}):
             state, reasons = "unchecked", [f"the raw files it was made from could not be checked: {raw_problem}"]
-        states.append(StageState(name, state, reasons, path, manifest, stage.folder_bytes(path)))
+        states.append(StageState(name, state, reasons, path, manifest, stage.folder_bytes(path), hashed,
+                                 raw if recorded and raw and "content_sha256" in raw else None, by_contents))
     return states
 
 
 def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
+    """(why a published stage is stale, whether only the raw files' contents tell: `run` judges by names,
+    sizes and mtimes, so `run --from merged` is what remakes it)."""
     made_of = manifest.get("lineage")
     if made_of is None or not manifest.get("output_sha256"):
-        return ["it was made by an older version of the pipeline that recorded no fingerprints: run it again."]
-    reasons = []
-    if "raw" in made_of and raw is not None and raw != made_of["raw"]["fingerprint_sha256"]:
+        return ["it was made by an older version of the pipeline that recorded no fingerprints: run it again."], False
+    reasons, by_contents = [], False
+    if "raw" in made_of and raw is not None and raw["fingerprint_sha256"] != made_of["raw"]["fingerprint_sha256"]:
         reasons.append(f"the raw files under {raw_dir}/ changed (names, sizes or modification times) since it "
                        "was made.")
+    elif "raw" in made_of and raw is not None and "content_sha256" in raw and \
+            made_of["raw"].get("content_sha256", raw["content_sha256"]) != raw["content_sha256"]:
+        changed = _changed_raw_files(manifests.get("merged"), raw)
+        reasons.append(f"the contents of raw files under {raw_dir}/ changed since it was made"
+                       + (f" ({folders.listing(changed)})" if changed else "")
+                       + ", with the same names, sizes and modification times: only hashing them shows it; "
+                       "`python pipeline.py run --from merged` reads them again.")
+        by_contents = True
     for earlier in earlier_states:
         # The first earlier stage that differs is the cause; every stage after it says the same.
         if earlier.state == "stale":
             reasons.append(f"{earlier.name}/, which it was made from, is stale.")
+            by_contents = by_contents or earlier.by_contents
             break
         if earlier.name in manifests and (manifests[earlier.name]["output_sha256"]
                                           != made_of.get(earlier.name, {}).get("output_sha256")):
@@ -148,7 +176,15 @@ def _stale_reasons(manifest, earlier_states, manifests, raw, raw_dir, asked):
         if recorded.get(name) != value:
             flag = cli.flag(name)
             reasons.append(f"it was made with {flag} {recorded.get(name)}, and {flag} {value} was asked.")
-    return reasons
+    return reasons, by_contents
+
+
+def _changed_raw_files(merged, raw):
+    """The raw files whose contents differ from what merged/'s manifest recorded (none when it is gone)."""
+    recorded = next((entry.get("file_sha256") for entry in (merged or {}).get("inputs", []) if "raw" in entry), None)
+    if not recorded:
+        return []
+    return [name for name, digest in raw["file_sha256"].items() if recorded.get(name) not in (None, digest)]
 
 
 def needed_by(states, name):
@@ -208,18 +244,51 @@ def remove_leftovers(data_dir, preprocessors_dir):
 
 
 def preprocessors_state(states, preprocessors_dir):
-    """Whether preprocessors/ is the one processed/ was made with (train.py refuses any other)."""
+    """(a line saying whether train.py can run on processed/ with preprocessors/, whether it can), or
+    (None, False) while there is no processed/ to speak of. train.py refuses a damaged processed/, and
+    preprocessors other than the ones processed/ was made with."""
     processed = states[-1]
+    if processed.state == "damaged":
+        return (f"train.py refuses {processed.path}/ while it is damaged (above): "
+                "run `python pipeline.py run --from processed`"), False
     if processed.manifest is None:
-        return None
+        return None, False
+    folder = storage.path(preprocessors_dir)
     try:
         matches = encoders.fingerprint(preprocessors_dir) == processed.manifest.get("preprocessors_sha256")
     except UserError:
-        return f"{preprocessors_dir}/ is missing: run `python pipeline.py run --from processed` (train.py needs it)"
+        if not folder.exists():
+            return (f"{preprocessors_dir}/ is missing: run `python pipeline.py run --from processed`, which fits "
+                    "it again (train.py needs it)"), False
+        what = "a file" if folder.is_file() else "a folder without the fitted encoders and scaler"
+        return (f"--preprocessors {preprocessors_dir} is {what}, not one preprocess.py wrote: point --preprocessors "
+                "at the folder preprocess.py wrote for processed/ (train.py needs it), or run "
+                "`python pipeline.py run --from processed --preprocessors NEW-FOLDER`"), False
     if matches:
-        return f"{preprocessors_dir}/ was fitted with processed/: train.py can run"
+        return f"{preprocessors_dir}/ was fitted with processed/: train.py can run", True
     return (f"{preprocessors_dir}/ was not fitted with processed/: train.py refuses it; "
-            "run `python pipeline.py run --from processed`")
+            "run `python pipeline.py run --from processed`"), False
+
+
+def verified_line(states, raw_dir):
+    """What `status --verify` read: the files of how many stage folders it hashed, and the raw files."""
+    hashed = [state for state in states if state.hashed]
+    line = (f"verified: hashed {sum(state.hashed[0] for state in hashed):,} files "
+            f"({mib(sum(state.hashed[1] for state in hashed))}) of {len(hashed)} stage folders against their "
+            "output_sha256")
+    raw = next((state.raw_hashed for state in states if state.raw_hashed), None)
+    if raw:
+        return line + (f", and {raw['files']:,} raw files ({mib(raw['bytes'])}) against the hashes "
+                       "merge_and_clean.py recorded")
+    if storage.is_url(raw_dir):
+        return line + ("; raw files in object storage are judged by names, sizes and modification times, which "
+                       "every write there changes")
+    if any(state.state == "unchecked" for state in states):
+        return line + "; the raw files could not be listed (above), so none was hashed"
+    if not any("raw" in (state.manifest or {}).get("lineage", {}) for state in states):
+        return line + "; no stage here was made from raw files, so none was hashed"
+    return line + ("; no raw file was hashed: no stage here recorded their contents to compare with "
+                   "(`python pipeline.py run --from merged` records them)")
 
 
 def remove(states, name):
@@ -266,7 +335,9 @@ def format_status(states, leftovers, preprocessors_line):
         for reason in state.reasons:
             lines.append(" " * 16 + f"why: {reason}")
         if state.name in stages_to_run(states):
-            lines.append(" " * 16 + f"next: `python pipeline.py run` (same flags) runs {state.script}")
+            # `run` alone judges raw files by names, sizes and mtimes: what only their contents tell needs --from.
+            command = "run --from merged" if any(other.by_contents for other in states) else "run"
+            lines.append(" " * 16 + f"next: `python pipeline.py {command}` (same flags) runs {state.script}")
     if preprocessors_line:
         lines.append(preprocessors_line)
     free = deletable(states)

@@ -32,12 +32,15 @@ asked for, their contents against `output_sha256`. A folder that differs is refu
 naming the files and the stage to run again.
 """
 
+import argparse
 import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -67,50 +70,186 @@ def _read_manifest(stage_dir, name=None):
     are of the same version, and one request on object storage."""
     stage_dir = storage.path(stage_dir)
     name = name or stage_dir.name
-    path = stage_dir / MANIFEST
-    try:
-        content = storage.read_bytes(path)
-        manifest = json.loads(content)
-    except (OSError, ValueError) as error:  # ValueError: JSON, and text that is not UTF-8
-        problem = f"not readable as JSON: {error}"
-    else:
-        problem = _manifest_problem(manifest, name)
+    manifest, content, problem = _load_manifest(stage_dir, name)
     if problem:
-        raise UserError(f"{path}: not a manifest that {stages.script(name, 'a stage')} wrote ({problem}); this "
-                        f"project does not delete a folder it cannot prove it wrote, so delete {stage_dir}/ "
-                        f"yourself and run {stages.script(name, 'the stage')} again")
+        raise UserError(f"{stage_dir / MANIFEST}: not a manifest that {stages.script(name, 'a stage')} wrote "
+                        f"({problem}); this project does not delete a folder it cannot prove it wrote, so delete "
+                        f"{stage_dir}/ yourself and run {stages.script(name, 'the stage')} again")
     return manifest, hashlib.sha256(content).hexdigest()
 
 
-_FIELDS = {"stage": str, "parameters": dict, "tables": dict, "finished_at": str, "accounting": dict,
-           "inputs": list}
-_OPTIONAL = {"output_sha256": str, "lineage": dict, "files": dict,  # absent in manifests of older versions
-             "version": str}  # only on object storage
+def _load_manifest(stage_dir, name):
+    """(manifest, its bytes, None), or (None, None, what is wrong with it)."""
+    try:
+        content = storage.read_bytes(stage_dir / MANIFEST)
+        manifest = json.loads(content)
+    except (OSError, ValueError) as error:  # ValueError: JSON, and text that is not UTF-8
+        return None, None, f"not readable as JSON: {error}"
+    problem = _manifest_problem(manifest, name)
+    return (None, None, problem) if problem else (manifest, content, None)
+
+
+# --- the manifest's schema ----------------------------------------------------------------------------
+# What every reader of a manifest takes for granted, checked once, when it is read: a hand-edited field
+# is then one line naming it, not a traceback wherever it is used (status, train.py, a later stage).
+# A schema is a type or a tuple of them (None: null), a dict {field: schema} (an object with those
+# fields, "?field" optional, any others ignored), _Each(schema) (an object, or a list, whose every value
+# is `schema`), or a _Check. Stage parameters are checked against their declarations in recpipe.stages.
+
+@dataclass(frozen=True)
+class _Each:
+    schema: object
+    of: type = dict
+
+
+@dataclass(frozen=True)
+class _Check:
+    words: str
+    test: object
+
+
+def _is_datetime(value):
+    try:
+        dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_COUNT = _Check("a count (a whole number, 0 or more)", lambda value: type(value) is int and value >= 0)
+_NUMBER = _Check("a number", lambda value: type(value) in (int, float) and math.isfinite(value))
+_SIZES = {"min": _NUMBER, "median": _NUMBER, "max": _NUMBER, "count": _COUNT}  # size_stats
+_MANIFEST = {
+    "stage": str,
+    "parameters": dict,
+    "tables": _Each({"rows": _COUNT, "files": _COUNT, "bytes": _COUNT, "?parquet_row_group_mib": _SIZES}),
+    "finished_at": _Check("a date and time", _is_datetime),
+    "accounting": _Each({"rows_in": _COUNT, "kept": _COUNT, "?set_aside": _Each(_COUNT),
+                         "?duplicates_dropped": _COUNT, "?exact_duplicates_kept": _COUNT}),
+    "inputs": _Each(dict, of=list),
+    "?script": str, "?code_version": dict, "?started_at": str, "?seconds": _NUMBER,
+    # Absent in manifests of older versions:
+    "?output_sha256": str,
+    "?lineage": {"?raw": {"fingerprint_sha256": str, "?content_sha256": str},  # content: raw_input
+                 **{f"?{name}": {"?output_sha256": (str, None), "parameters": dict} for name in stages.NAMES}},
+    "?files": _Each({"bytes": _COUNT, "?rows": _COUNT}),
+    "?version": _Check("the name of a version folder", lambda value: isinstance(value, str)
+                       and folders.VERSION.match(value) is not None),  # only on object storage
+    # What a stage adds of its own (StageRun.extra): merged, repartitioned and cleaned, cleaned, processed.
+    "?impression_days": _Each({"split": str, "shown_items": _COUNT}),
+    "?row_group_mib_in_memory": _Each(_SIZES),
+    "?user_agents": dict,
+    "?rows_per_split": _Each(_COUNT), "?history_entries_per_example": (_NUMBER, None), "?sample_rows": _COUNT,
+    "?preprocessors_sha256": str,
+}
+# Parameters that readers take from a manifest with no default to fall back on (train.py, the loader and
+# `profile` read processed/'s max_history); any other may be absent, in a manifest of an older version.
+_NEEDED_PARAMETERS = {"processed": ("max_history",)}
+_WORDS = {str: "a string", dict: "an object", list: "a list", type(None): "null"}
 
 
 def _manifest_problem(manifest, name):
     if not isinstance(manifest, dict):
         return f"a JSON {type(manifest).__name__}, not an object"
-    for key, kind in _FIELDS.items():
-        if key not in manifest:
-            return f"no {key!r}"
-        if not isinstance(manifest[key], kind):
-            return f"{key!r} is {json.dumps(manifest[key])[:40]}, not a {kind.__name__}"
-    for key, kind in _OPTIONAL.items():
-        if key in manifest and not isinstance(manifest[key], kind):
-            return f"{key!r} is {json.dumps(manifest[key])[:40]}, not a {kind.__name__}"
+    problem = _schema_problem(manifest, _MANIFEST, "")
+    if problem:
+        return problem
     if manifest["stage"] != name:
         return f"it says it is the manifest of {manifest['stage']!r}, not of {name!r}"
-    try:
-        dt.datetime.fromisoformat(manifest["finished_at"])
-    except ValueError:
-        return f"'finished_at' is {manifest['finished_at']!r}, not a date and time"
-    if "version" in manifest and not folders.VERSION.match(manifest["version"]):
-        return f"'version' is {manifest['version'][:40]!r}, not the name of a version folder"
-    for file, described in manifest.get("files", {}).items():
-        if not (isinstance(described, dict) and isinstance(described.get("bytes"), int)):
-            return f"'files' lists {file!r} without its size"
+    for stage_name, where, parameters in [
+            (name, "parameters", manifest["parameters"]),
+            *((earlier, f"lineage.{earlier}.parameters", made["parameters"])
+              for earlier, made in manifest.get("lineage", {}).items() if earlier in stages.BY_NAME)]:
+        problem = _parameters_problem(stage_name, where, parameters)
+        if problem:
+            return problem
     return None
+
+
+def _schema_problem(value, schema, where):
+    """None when `value` fits `schema`; else a few words naming the field (`where`) and what it holds."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return _not(where, value, "an object")
+        for key, inner in schema.items():
+            field = _field(where, key.removeprefix("?"))
+            if key.removeprefix("?") not in value:
+                if key.startswith("?"):
+                    continue
+                return f"no {field!r}"
+            problem = _schema_problem(value[key.removeprefix("?")], inner, field)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, _Each):
+        if not isinstance(value, schema.of):
+            return _not(where, value, _WORDS[schema.of])
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            problem = _schema_problem(item, schema.schema, _field(where, key))
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, _Check):
+        return None if schema.test(value) else _not(where, value, schema.words)
+    kinds = schema if isinstance(schema, tuple) else (schema,)
+    if any(_fits(value, kind) for kind in kinds):
+        return None
+    return _not(where, value, " or ".join(kind.words if isinstance(kind, _Check) else _WORDS[kind or type(None)]
+                                          for kind in kinds))
+
+
+def _fits(value, kind):
+    if kind is None:
+        return value is None
+    return kind.test(value) if isinstance(kind, _Check) else isinstance(value, kind)
+
+
+def _parameters_problem(stage_name, where, parameters):
+    """What is wrong with a stage's recorded parameters, by the declarations the scripts' flags are
+    checked by (stages.Parameter): a value its flag would refuse is refused here too."""
+    for parameter in stages.BY_NAME[stage_name].parameters:
+        field = _field(where, parameter.name)
+        if parameter.name not in parameters:
+            if parameter.name in _NEEDED_PARAMETERS.get(stage_name, ()):
+                return f"no {field!r}"
+            continue
+        problem = parameter_problem(parameter, parameters[parameter.name])
+        if problem:
+            return f"{field!r} is {_shown(parameters[parameter.name])}: {problem}"
+    return None
+
+
+def parameter_problem(parameter, value):
+    """Why a value read from a manifest is not one `parameter` (stages.Parameter) takes; None when it is."""
+    kinds = {int: (int,), float: (int, float), str: (str,)}[parameter.type]
+    if type(value) not in kinds:  # a bool is no number here, though Python counts it as one
+        return f"not {'an integer' if parameter.type is int else 'a number' if parameter.type is float else 'a string'}"
+    if parameter.choices and value not in parameter.choices:
+        return f"not one of {', '.join(parameter.choices)}"
+    try:
+        parameter.parse(str(value))
+    except argparse.ArgumentTypeError as error:
+        return str(error)
+    return None
+
+
+def _field(where, key):
+    """A field's name in a message: tables.actions.rows, files["actions/part-0.parquet"].bytes, inputs[0]."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{where}.{key}" if where else key
+    return f"{where}[{json.dumps(key)}]"
+
+
+def _shown(value):
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _not(where, value, words):
+    return f"{where!r} is {_shown(value)}, not {words}"
 
 
 def manifest_digest(stage_dir):
@@ -191,13 +330,15 @@ class StageInput:
 
 
 def open_stage(data_dir, name, stage_dir=None, full=False):
-    """An input stage, or a UserError saying which script makes it, or what differs from its manifest."""
+    """An input stage, or a UserError saying which script makes it, or what differs from its manifest.
+    `data_dir` (--data) is checked to be a folder; without it (the loader), `stage_dir` is the stage folder."""
+    if data_dir is not None:
+        require_data(data_dir)
     stage_dir = storage.path(stage_dir if stage_dir is not None else storage.path(data_dir) / name)
     if not (stage_dir / MANIFEST).is_file():
         if storage.is_url(stage_dir):
             storage.require_bucket(stage_dir)
-        state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
-        raise UserError(f"{stage_dir}/ {state}: run {stages.script(name, 'the stage')} first")
+        raise UserError(_missing_message(data_dir, name, stage_dir))
     manifest, digest = _read_manifest(stage_dir, name)
     problem = damage(stage_dir, manifest, full)
     if problem:
@@ -205,35 +346,100 @@ def open_stage(data_dir, name, stage_dir=None, full=False):
     return StageInput(name, content_dir(stage_dir, manifest), manifest, digest, stage_dir)
 
 
+def _missing_message(data_dir, name, stage_dir):
+    """What to run when a stage folder has no manifest: its script, or, when the stages before it are
+    missing too, the first of them (one message, not one per stage as each is run in turn)."""
+    state = "is incomplete (no _stage.json)" if stage_dir.exists() else "is missing"
+    script = stages.script(name, "the stage")
+    if data_dir is None or name not in stages.BY_NAME:
+        return f"{stage_dir}/ {state}: run {script} first"
+    before = []
+    for earlier in reversed(stages.NAMES[:stages.NAMES.index(name)]):
+        if (storage.path(data_dir) / earlier / MANIFEST).is_file():
+            break
+        before.insert(0, earlier)
+    if not before:
+        return f"{stage_dir}/ {state}: run {script} first (or `python pipeline.py run`, which runs what is missing)"
+    names = [f"{earlier}/" for earlier in before]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return (f"{stage_dir}/ {state}, and so {'is' if len(names) == 1 else 'are'} {listed} before it: "
+            f"`python pipeline.py run --data {data_dir}` makes them all in order (or run "
+            f"{stages.script(before[0], None)} first)")
+
+
+def require_data(data_dir, making=False):
+    """A UserError unless --data is a folder on this machine (a URL of object storage is checked where it is
+    opened, recpipe.storage); `making` (a stage writing its folder into it): it may also not exist yet, as
+    long as the folder it would be made in does, so that a mistyped path starts no pipeline of its own."""
+    if storage.is_url(data_dir):
+        return
+    data_dir = Path(data_dir)
+    if data_dir.is_dir():
+        return
+    found = next(folder for folder in (data_dir, *data_dir.parents) if folder.exists() or folder == folder.parent)
+    if found.exists() and not found.is_dir():
+        what = "a file" if found == data_dir else f"{found} is a file"
+        raise UserError(f"--data {data_dir}: {what}, not a folder: give the folder that holds the stage folders "
+                        f"({', '.join(name + '/' for name in stages.NAMES)})")
+    if not making:
+        raise UserError(f"--data {data_dir}: no such folder: check the path (`python pipeline.py run --data "
+                        f"{data_dir}` would make a new pipeline there, from --raw's files)")
+    if not data_dir.parent.is_dir():
+        raise UserError(f"--data {data_dir}: no such folder, nor {data_dir.parent}/ to make it in: check the path, "
+                        f"or make {data_dir.parent}/ first to start a new pipeline there")
+
+
 @contextlib.contextmanager
 def reading(data_dir, name, stage_dir=None):
     """Hold an input stage for reading (no command replaces or deletes it meanwhile) and yield it
     checked against its manifest (StageInput)."""
+    if data_dir is not None:
+        require_data(data_dir)  # before the lock file is made beside the stage folder
     stage_dir = storage.path(stage_dir if stage_dir is not None else storage.path(data_dir) / name)
     with folders.reading(stage_dir):
         yield open_stage(data_dir, name, stage_dir)
 
 
-def raw_input(raw_dir, files):
-    """The manifest entry for raw files: a fingerprint of their names, sizes and mtimes.
+def raw_input(raw_dir, files, contents=True):
+    """The manifest entry for raw files: a fingerprint of their names, sizes and mtimes
+    (`fingerprint_sha256`), by which `pipeline.py` judges whether they changed; and, `contents`, of
+    local files, a hash of each one's bytes (`file_sha256`) and of them all (`content_sha256`), which
+    `pipeline.py status --verify` compares.
 
-    Hashing the content of terabytes of logs on every run would cost more than the
-    stage; names, sizes and mtimes change whenever a file is replaced or appended to.
+    Hashing terabytes of logs on every `status` and `run` would cost more than the stage; names,
+    sizes and mtimes change whenever a file is replaced or appended to, unless someone sets them
+    back (`touch -r`, a copy that keeps them). Hashing once, when merge_and_clean.py reads them, is a
+    second read, hashed at about 500 MiB/s per core on the reference machine: 0.2 s of the stage's 14 s on
+    docs/benchmarks.md's 155 MiB. On object storage every write gives an object a new modification time,
+    so no object is downloaded here to be hashed.
     """
     stats = storage.stats(files, raw_dir)
     listing = [(storage.relative(f, raw_dir), *stats[f]) for f in sorted(files, key=str)]
     digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     where = storage.absolute(raw_dir)
-    return {"raw": where, "files": len(listing),
-            "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
+    entry = {"raw": where, "files": len(listing),
+             "bytes": sum(size for _, size, _ in listing), "fingerprint_sha256": digest}
+    if contents and not storage.is_url(raw_dir):
+        entry.update(raw_contents(raw_dir, files))
+    return entry
+
+
+def raw_contents(raw_dir, files):
+    """{"content_sha256": over every file's name and content, "file_sha256": {name: sha256 of its bytes}} of
+    local raw files, hashed on a thread each per core (hashlib releases the GIL)."""
+    files = sorted(files, key=str)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        hashes = dict(zip((storage.relative(f, raw_dir) for f in files), pool.map(_sha256_file, files)))
+    return {"content_sha256": hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest(),
+            "file_sha256": hashes}
 
 
 def lineage(inputs):
-    """What an output is made of: the raw files' fingerprint, every earlier stage's fingerprint and parameters."""
+    """What an output is made of: the raw files' fingerprints, every earlier stage's fingerprint and parameters."""
     made_of = {}
     for entry in inputs:
         if "raw" in entry:
-            made_of["raw"] = {"fingerprint_sha256": entry["fingerprint_sha256"]}
+            made_of["raw"] = {key: entry[key] for key in ("fingerprint_sha256", "content_sha256") if key in entry}
         else:
             made_of.update(entry.get("lineage", {}))
             made_of[entry["stage"]] = {"output_sha256": entry.get("output_sha256"), "parameters": entry["parameters"]}
@@ -285,10 +491,9 @@ def not_a_stage_folder(folder, name):
                                           for entry in folder.iterdir()):
             return None  # on object storage: only versions of runs that did not commit, each marked ours
         return f"it has no {MANIFEST}"
-    try:
-        manifest = read_manifest(folder, name)
-    except UserError as error:
-        return f"its {MANIFEST} is not one a stage wrote ({str(error).split('(', 1)[-1].split(')')[0]})"
+    manifest, _, problem = _load_manifest(folder, name)
+    if problem:
+        return f"its {MANIFEST} is not one a stage wrote ({problem})"
     listed = manifest.get("files")
     if listed is None:  # an older version's manifest lists no files; its fingerprint covers them all
         if manifest.get("output_sha256") and output_fingerprint(folder) == manifest["output_sha256"]:
@@ -320,11 +525,12 @@ def publish(data_dir, name, parameters, inputs):
         with _publish_to_store(storage.path(data_dir), name, parameters, inputs) as run:
             yield run
         return
+    require_data(data_dir, making=True)
     data_dir = Path(data_dir).resolve()
     target = data_dir / name
     made_data_dir = not data_dir.exists()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(exist_ok=True)
         with folders.claiming(target, lambda folder: not_a_stage_folder(folder, name), "replace",
                               "move it away or delete it yourself, or point --data at another folder"):
             for leftover in folders.remove_abandoned(folders.leftovers(data_dir, name)):

@@ -121,6 +121,7 @@ def test_pipeline_changed_raw_files_are_seen_after_merged_is_cleaned_away(chain)
 
 
 def test_pipeline_missing_stages_all_run_and_never_made_ones_are_missing(tmp_path):
+    (tmp_path / "data").mkdir()
     states = list(states_of(tmp_path / "data", make_raw(tmp_path)).values())
     assert [state.state for state in states] == ["missing"] * 4
     assert pipeline.stages_to_run(states) == list(stages.NAMES)
@@ -323,7 +324,9 @@ def test_pipeline_day_to_day_end_to_end(session_cluster, processed_data, cleaned
     space, train.py on what is left, and what a changed merged/ makes of it all."""
     data, preprocessors = tmp_path / "data", tmp_path / "preprocessors"
     shutil.copytree(processed_data[0], data)
-    shutil.copytree(processed_data[1], preprocessors)
+    # Without the record of the processed/ they were fitted for, which names the fixture's: preprocess.py
+    # would refuse to replace them for this copy while that one still records them.
+    shutil.copytree(processed_data[1], preprocessors, ignore=shutil.ignore_patterns("fitted_for.json"))
     where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", preprocessors]
     computing = [*where, "--workers", "2"]  # only `run` takes the cluster flags
 
@@ -377,9 +380,14 @@ def test_pipeline_clean_and_another_stage_wait_for_a_run_that_reads_the_folder(s
     shutil.copytree(cleaned_data / "data", data)
     where = ["--data", data, "--raw", cleaned_data / "raw", "--preprocessors", tmp_path / "preprocessors"]
     merged = listing(data / "merged")
+    import dask
+
+    from recpipe import cluster
+    # The session's cluster admits only holders of its credentials: the client's, through Dask's variables.
+    tls = {variable: dask.config.get(key) for key, variable in cluster.TLS_CONFIG.items() if dask.config.get(key, None)}
     process = subprocess.Popen([sys.executable, "pipeline.py", "run", "--from", "repartitioned", *map(str, where),
                                 "--scheduler", session_cluster], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, **tls})
     try:
         deadline = time.monotonic() + 120
         while not list(data.glob(".repartitioned.staging-*")):  # made once merged/ is held for reading
@@ -425,3 +433,179 @@ def test_pipeline_a_file_url_is_its_path(chain, capsys):
     data, raw = chain
     assert run_main("pipeline.py", "status", "--data", f"file://{data}", "--raw", f"file://{raw}") == 0
     assert capsys.readouterr().out.count(" complete ") == 4
+
+
+def edit_manifest(folder, edit):
+    path = folder / stage.MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+WRONG_FIELDS = [
+    ("merged", lambda m: m.update(lineage=[]), "'lineage' is [], not an object"),
+    ("repartitioned", lambda m: m.update(tables={"table": 5}), "'tables.table' is 5, not an object"),
+    ("repartitioned", lambda m: m["parameters"].update(buckets="x"), "'parameters.buckets' is \"x\": not an integer"),
+    ("repartitioned", lambda m: m["parameters"].update(buckets=0), "'parameters.buckets' is 0: must be at least 1"),
+    ("cleaned", lambda m: m["lineage"]["merged"]["parameters"].update(test_days=-1),
+     "'lineage.merged.parameters.test_days' is -1: must be at least 0"),
+    ("processed", lambda m: m.update(history_entries_per_example="x"),
+     "'history_entries_per_example' is \"x\", not a number or null"),
+    ("processed", lambda m: m["parameters"].update(max_history="abc"), "'parameters.max_history' is \"abc\": not an integer"),
+]
+
+
+@pytest.mark.parametrize("name, edit, problem", WRONG_FIELDS)
+def test_pipeline_a_manifest_field_of_the_wrong_type_is_one_line_naming_it(chain, tmp_path, capsys, name, edit,
+                                                                           problem):
+    """Fields of the wrong type or out of their flag's range: `status` and `run` used to stop with a traceback
+    (or, `--buckets 0`, publish with a division by zero); now every reader says which file and field, and the
+    stage to run again."""
+    data, raw = chain
+    edit_manifest(data / name, edit)
+    script = stages.BY_NAME[name].script
+    start = f"error: {data / name / stage.MANIFEST}: not a manifest that {script} wrote ({problem}"
+    end = f"delete {data / name}/ yourself and run {script} again"
+    before = listing(tmp_path)
+    where = ["--data", data, "--raw", raw, "--preprocessors", tmp_path / "preprocessors"]
+    if name == "processed":  # its reader is train.py
+        commands = [["train.py", "--data", data, "--preprocessors", tmp_path / "preprocessors", "--out",
+                     tmp_path / "run"]]
+    else:  # the next stage, and `run`, which has nothing to run before it reports: processed/ is complete
+        after = stages.STAGES[stages.NAMES.index(name) + 1]
+        commands = [[after.script, "--data", data, *(["--preprocessors", tmp_path / "preprocessors"]
+                                                     if after.folders else [])], ["pipeline.py", "run", *where]]
+    for command in [["pipeline.py", "status", *where], *commands]:
+        assert run_main(*command) == 2, command
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith(start) and line.endswith(end), (command, line)
+    assert listing(tmp_path) == before
+
+
+def commands_on(data, raw, root):
+    """{name: argv} of every command that takes --data, as a user would type it."""
+    pre, where = root / "preprocessors", ["--data", data, "--raw", raw]
+    return {"status": ["pipeline.py", "status", *where, "--preprocessors", pre],
+            "run": ["pipeline.py", "run", *where, "--preprocessors", pre],
+            "clean": ["pipeline.py", "clean", "merged", *where, "--preprocessors", pre],
+            "clean leftovers": ["pipeline.py", "clean", "leftovers", "--data", data, "--preprocessors", pre],
+            "merge_and_clean.py": ["merge_and_clean.py", *where],
+            "repartition.py": ["repartition.py", "--data", data],
+            "preprocess.py": ["preprocess.py", "--data", data, "--preprocessors", pre],
+            "train.py": ["train.py", "--data", data, "--preprocessors", pre, "--out", root / "run"]}
+
+
+@pytest.mark.parametrize("command", ["status", "run", "clean", "clean leftovers", "merge_and_clean.py",
+                                     "repartition.py", "train.py"])
+@pytest.mark.parametrize("inside", [False, True])
+def test_pipeline_data_that_is_a_file_is_one_line_in_every_command(tmp_path, capsys, command, inside):
+    """It was a FileExistsError or NotADirectoryError traceback (run, merge_and_clean.py, train.py), or every
+    stage `missing` (status)."""
+    raw, file = make_raw(tmp_path), tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    data = file / "data" if inside else file
+    before = listing(tmp_path)
+    assert run_main(*commands_on(data, raw, tmp_path)[command]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: --data {data}: {f'{file} is a file' if inside else 'a file'}, not a folder: give the folder that "
+        "holds the stage folders (merged/, repartitioned/, cleaned/, processed/)")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["status", "clean", "clean leftovers", "repartition.py", "preprocess.py",
+                                     "train.py", "run", "merge_and_clean.py"])
+def test_pipeline_data_that_does_not_exist_is_named_and_nothing_is_made(tmp_path, capsys, command):
+    """A mistyped --data was answered `merged/ is missing: run merge_and_clean.py first`, which would build a
+    pipeline at the typo. Readers name the folder; `run` and merge_and_clean.py, which make a new --data,
+    make one only inside a folder that exists."""
+    raw = make_raw(tmp_path)
+    making = command in ("run", "merge_and_clean.py")
+    data = tmp_path / "dat" / "data" if making else tmp_path / "dat"
+    before = listing(tmp_path)
+    assert run_main(*commands_on(data, raw, tmp_path)[command]) == 2
+    line = one_line(capsys.readouterr().err)
+    if making:
+        assert line == (f"error: --data {data}: no such folder, nor {data.parent}/ to make it in: check the path, or "
+                        f"make {data.parent}/ first to start a new pipeline there")
+    else:
+        assert line == (f"error: --data {data}: no such folder: check the path (`python pipeline.py run --data "
+                        f"{data}` would make a new pipeline there, from --raw's files)")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("command, missing", [
+    ("preprocess.py", "cleaned/ is missing, and so is repartitioned/ before it"),
+    ("train.py", "processed/ is missing, and so are repartitioned/ and cleaned/ before it"),
+])
+def test_pipeline_a_stage_run_before_its_inputs_names_the_first_missing_stage(tmp_path, capsys, command, missing):
+    """It named only the stage just before: three runs, three messages, to learn that repartition.py comes first."""
+    raw, data = make_raw(tmp_path), tmp_path / "data"
+    make_stage(data, "merged", 3, raw=raw)
+    before = listing(tmp_path)
+    assert run_main(*commands_on(data, raw, tmp_path)[command]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: {data}/{missing}: `python pipeline.py run --data {data}` makes them all in order (or run "
+        "repartition.py first)")
+    assert listing(tmp_path) == before
+
+
+def test_pipeline_status_verify_hashes_raw_files_put_back_with_the_same_names_sizes_and_mtimes(chain, capsys):
+    """Staleness is judged by names, sizes and mtimes, which a file put back with all three does not change:
+    --verify also hashes the raw files against what merge_and_clean.py recorded, and says what it hashed."""
+    data, raw = chain
+    file = raw / "clicks" / "part.jsonl"
+    kept = file.stat()
+    file.write_text("[]\n")  # the same size
+    os.utime(file, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    before = listing(data.parent)
+    where = ["--data", data, "--raw", raw]
+    assert run_main("pipeline.py", "status", *where) == 0
+    assert set(printed_states(capsys.readouterr().out).values()) == {"complete"}
+    assert run_main("pipeline.py", "status", "--verify", *where) == 0
+    out = capsys.readouterr().out
+    assert printed_states(out) == dict.fromkeys(["merged/", "repartitioned/", "cleaned/", "processed/"], "stale")
+    assert (f"why: the contents of raw files under {raw}/ changed since it was made (clicks/part.jsonl), with the "
+            "same names, sizes and modification times: only hashing them shows it; `python pipeline.py run --from "
+            "merged` reads them again.") in out
+    assert out.count("next: `python pipeline.py run --from merged` (same flags) runs ") == 4
+    sizes = sum(described["bytes"] for name in stages.NAMES
+                for described in stage.read_manifest(data / name)["files"].values())
+    assert out.splitlines()[-1] == (
+        f"verified: hashed 4 files ({pipeline.mib(sizes)}) of 4 stage folders against their output_sha256, and "
+        f"{len(SOURCES)} raw files (0.0 MiB) against the hashes merge_and_clean.py recorded")
+    assert listing(data.parent) == before
+    assert run_main("pipeline.py", "status", "--help") == 0
+    assert "raw files by names, sizes and modification times" in " ".join(capsys.readouterr().out.split())
+
+
+def test_pipeline_says_what_is_wrong_with_preprocessors_and_run_does_not_exit_0_when_train_cannot_run(chain, capsys):
+    """`--preprocessors data/raw` was called missing; a damaged processed/ still said `train.py can run`; `run`
+    with missing preprocessors said `ran nothing`, exit 0."""
+    data, raw = chain
+    where = ["--data", data, "--raw", raw]
+    before = listing(data.parent)
+    assert run_main("pipeline.py", "status", *where, "--preprocessors", raw) == 0
+    out = capsys.readouterr().out
+    assert (f"--preprocessors {raw} is a folder without the fitted encoders and scaler, not one preprocess.py wrote: "
+            "point --preprocessors at the folder preprocess.py wrote for processed/") in out and "missing" not in out
+
+    missing = data.parent / "preprocessors"
+    assert run_main("pipeline.py", "run", *where, "--preprocessors", missing) == 2
+    captured = capsys.readouterr()
+    assert "=== ran nothing" in captured.out
+    assert one_line(captured.err) == (f"error: {missing}/ is missing: run `python pipeline.py run --from processed`, "
+                                      "which fits it again (train.py needs it)")
+    assert listing(data.parent) == before
+
+    (data / "processed" / "table" / "part.parquet").unlink()
+    assert run_main("pipeline.py", "status", *where, "--preprocessors", missing) == 2
+    out = capsys.readouterr().out
+    assert f"train.py refuses {data / 'processed'}/ while it is damaged (above)" in out and "can run" not in out
+
+
+def test_pipeline_clean_refuses_stage_flags_it_would_ignore(chain, capsys):
+    data, raw = chain
+    before = listing(data)
+    assert run_main("pipeline.py", "clean", "merged", "--data", data, "--raw", raw, "--buckets", "3") == 2
+    assert "error: unrecognized arguments: --buckets 3" in capsys.readouterr().err
+    assert listing(data) == before

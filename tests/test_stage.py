@@ -92,18 +92,22 @@ def test_stage_read_parts_names_an_unreadable_file(tmp_path):
 @pytest.mark.parametrize("text, problem", [
     ('{"stage": "merged", "param', "not readable as JSON"),
     ("[]", "a JSON list, not an object"),
-    (None, "'finished_at' is 'yesterday', not a date and time"),
-    ("no parameters", "no 'parameters'"),
+    ({"finished_at": "yesterday"}, "'finished_at' is \"yesterday\", not a date and time"),
+    ({"parameters": None}, "'parameters' is null, not an object"),
+    ({"tables": {"actions": {"rows": "3", "files": 1, "bytes": 1}}},
+     "'tables.actions.rows' is \"3\", not a count (a whole number, 0 or more)"),
+    ({"accounting": {"clicks": {"rows_in": 2, "kept": True}}}, "'accounting.clicks.kept' is true, not a count"),
+    ({"files": {"actions/part.parquet": {"rows": 2}}}, "no 'files[\"actions/part.parquet\"].bytes'"),
+    ({"lineage": {"raw": "abc"}}, "'lineage.raw' is \"abc\", not an object"),
+    ({"parameters": {"train_days": 1.5}}, "'parameters.train_days' is 1.5: not an integer"),
+    ({"parameters": {"val_days": -1}}, "'parameters.val_days' is -1: must be at least 0, got -1"),
 ])
 def test_stage_read_manifest_names_a_broken_manifest_and_the_fix(tmp_path, text, problem):
     publish_rows(tmp_path, 2)
     path = tmp_path / "merged" / "_stage.json"
-    manifest = json.loads(path.read_text())
-    if text is None:
-        manifest["finished_at"] = "yesterday"
-    elif text == "no parameters":
-        del manifest["parameters"]
-    path.write_text(text if text not in (None, "no parameters") else json.dumps(manifest))
+    if isinstance(text, dict):
+        text = json.dumps({**json.loads(path.read_text()), **text})
+    path.write_text(text)
     with pytest.raises(UserError) as refused:
         stage.read_manifest(tmp_path / "merged")
     assert str(refused.value).startswith(f"{path}: not a manifest that merge_and_clean.py wrote ({problem}")
