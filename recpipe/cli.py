@@ -89,7 +89,8 @@ def failure(error):
             return status, str(error)
     from recpipe import storage  # here: storage imports this module
     if (cause := storage.store_error(error)) is not None:  # object storage: credentials, endpoint, bucket
-        return EXIT_USER_ERROR, str(storage.failure(cause))
+        failed = storage.failure(cause)  # a refused write is an output that cannot be written
+        return (EXIT_CANNOT_WRITE if isinstance(failed, OutputError) else EXIT_USER_ERROR), str(failed)
     # Outside a stage's cluster block (cluster.connect explains failures inside it, naming
     # --data): e.g. preprocess.py replacing preprocessors/ after publishing.
     message = output_failure(error)
