@@ -32,7 +32,6 @@ asked for, their contents against `output_sha256`. A folder that differs is refu
 naming the files and the stage to run again.
 """
 
-import argparse
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -207,30 +206,17 @@ def _fits(value, kind):
 
 def _parameters_problem(stage_name, where, parameters):
     """What is wrong with a stage's recorded parameters, by the declarations the scripts' flags are
-    checked by (stages.Parameter): a value its flag would refuse is refused here too."""
+    checked by (stages.Parameter.check): a value its flag would refuse is refused here too."""
     for parameter in stages.BY_NAME[stage_name].parameters:
         field = _field(where, parameter.name)
         if parameter.name not in parameters:
             if parameter.name in _NEEDED_PARAMETERS.get(stage_name, ()):
                 return f"no {field!r}"
             continue
-        problem = parameter_problem(parameter, parameters[parameter.name])
-        if problem:
-            return f"{field!r} is {_shown(parameters[parameter.name])}: {problem}"
-    return None
-
-
-def parameter_problem(parameter, value):
-    """Why a value read from a manifest is not one `parameter` (stages.Parameter) takes; None when it is."""
-    kinds = {int: (int,), float: (int, float), str: (str,)}[parameter.type]
-    if type(value) not in kinds:  # a bool is no number here, though Python counts it as one
-        return f"not {'an integer' if parameter.type is int else 'a number' if parameter.type is float else 'a string'}"
-    if parameter.choices and value not in parameter.choices:
-        return f"not one of {', '.join(parameter.choices)}"
-    try:
-        parameter.parse(str(value))
-    except argparse.ArgumentTypeError as error:
-        return str(error)
+        try:
+            parameter.check(parameters[parameter.name])
+        except ValueError as error:
+            return f"{field!r} {error}"
     return None
 
 

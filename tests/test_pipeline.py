@@ -445,13 +445,15 @@ def edit_manifest(folder, edit):
 WRONG_FIELDS = [
     ("merged", lambda m: m.update(lineage=[]), "'lineage' is [], not an object"),
     ("repartitioned", lambda m: m.update(tables={"table": 5}), "'tables.table' is 5, not an object"),
-    ("repartitioned", lambda m: m["parameters"].update(buckets="x"), "'parameters.buckets' is \"x\": not an integer"),
-    ("repartitioned", lambda m: m["parameters"].update(buckets=0), "'parameters.buckets' is 0: must be at least 1"),
+    ("repartitioned", lambda m: m["parameters"].update(buckets="x"), "'parameters.buckets' must be an integer, got 'x'"),
+    ("repartitioned", lambda m: m["parameters"].update(buckets=0), "'parameters.buckets' must be at least 1, got 0"),
+    ("repartitioned", lambda m: m["parameters"].update(row_group_mb=float("nan")),  # JSON's NaN, which json reads
+     "'parameters.row_group_mb' must be a finite number, got nan"),
     ("cleaned", lambda m: m["lineage"]["merged"]["parameters"].update(test_days=-1),
-     "'lineage.merged.parameters.test_days' is -1: must be at least 0"),
+     "'lineage.merged.parameters.test_days' must be at least 0, got -1"),
     ("processed", lambda m: m.update(history_entries_per_example="x"),
      "'history_entries_per_example' is \"x\", not a number or null"),
-    ("processed", lambda m: m["parameters"].update(max_history="abc"), "'parameters.max_history' is \"abc\": not an integer"),
+    ("processed", lambda m: m["parameters"].update(max_history="abc"), "'parameters.max_history' must be an integer, got 'abc'"),
 ]
 
 

@@ -99,8 +99,8 @@ def test_stage_read_parts_names_an_unreadable_file(tmp_path):
     ({"accounting": {"clicks": {"rows_in": 2, "kept": True}}}, "'accounting.clicks.kept' is true, not a count"),
     ({"files": {"actions/part.parquet": {"rows": 2}}}, "no 'files[\"actions/part.parquet\"].bytes'"),
     ({"lineage": {"raw": "abc"}}, "'lineage.raw' is \"abc\", not an object"),
-    ({"parameters": {"train_days": 1.5}}, "'parameters.train_days' is 1.5: not an integer"),
-    ({"parameters": {"val_days": -1}}, "'parameters.val_days' is -1: must be at least 0, got -1"),
+    ({"parameters": {"train_days": 1.5}}, "'parameters.train_days' must be an integer, got 1.5"),
+    ({"parameters": {"val_days": -1}}, "'parameters.val_days' must be at least 0, got -1"),
 ])
 def test_stage_read_manifest_names_a_broken_manifest_and_the_fix(tmp_path, text, problem):
     publish_rows(tmp_path, 2)
