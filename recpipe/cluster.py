@@ -24,7 +24,7 @@ from dask.utils import format_bytes, parse_bytes
 from distributed import Client, KilledWorker, LocalCluster, WorkerPlugin, as_completed, progress
 from distributed.comm import connect as open_comm
 from distributed.comm.addressing import parse_address, parse_host_port, unparse_address
-from distributed.comm.core import CommClosedError
+from distributed.comm.core import CommClosedError, FatalCommClosedError
 from distributed.core import Status
 from distributed.scheduler import Scheduler
 from distributed.security import Security
@@ -51,6 +51,20 @@ DEFAULT_DASHBOARD = ("127.0.0.1", 8787)
 # The schedulers whose dashboard link this process has printed: each is said once.
 _ANNOUNCED = set()
 
+# The credentials of each LocalCluster this process runs, by its scheduler's address: made for
+# that run (Security.temporary) and held in memory only, so that no other process, another
+# user's least of all, can join it (loopback is no boundary on a shared machine). The stages
+# of `pipeline.py run` join its cluster with them.
+_LOCAL_CREDENTIALS = {}
+
+# Dask's configuration for a client's TLS credentials, and the variables that set it.
+TLS_CONFIG = {"distributed.comm.tls.ca-file": "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+              "distributed.comm.tls.client.cert": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+              "distributed.comm.tls.client.key": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"}
+_TLS_FIX = ("set $DASK_DISTRIBUTED__COMM__TLS__CA_FILE, $DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+            "$DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY to the PEM files of the cluster's CA certificate and of a "
+            "client certificate and key that CA signed (docs/cluster.md)")
+
 
 def add_arguments(parser):
     group = parser.add_argument_group("cluster")
@@ -58,8 +72,10 @@ def add_arguments(parser):
         "--scheduler",
         default=os.environ.get("DASK_SCHEDULER_ADDRESS"),
         metavar="ADDRESS",
-        help="join an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 "
-        "(default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster on this machine)",
+        help="join an existing Dask scheduler, e.g. tls://HOST:8786 with the certificates that "
+        "$DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._CLIENT__CERT and ..._CLIENT__KEY name (docs/cluster.md), "
+        "or tcp://127.0.0.1:8786 "
+        "(default: $DASK_SCHEDULER_ADDRESS, else a LocalCluster on this machine, which only this run can join)",
     )
     group.add_argument("--workers", type=_at_least_one, default=None,
                        help=f"LocalCluster worker processes (default: one per core, fewer if that left a worker "
@@ -197,6 +213,10 @@ def _start(args, stack):
 
     workers, memory_limit = local_cluster_size(args.workers, args.memory_limit)
     dashboard_host, dashboard_port = _dashboard_address(args.dashboard_address)
+    # TLS on loopback: with per-run credentials the scheduler, the workers and their nannies
+    # accept only a peer holding this run's key (TLS both ways), and Dask picks tls:// for all
+    # of them. The dashboard is a web page and stays plain HTTP, on 127.0.0.1 by default.
+    security = Security.temporary()
     # Dask's statistical profiler samples every worker thread's stack each 10 ms; on our
     # Python-heavy cleaning tasks that cost 28% of merge_and_clean's time (43 s -> 31 s).
     # The dashboard's Profile page stays empty; everything else on it works.
@@ -216,8 +236,11 @@ def _start(args, stack):
             host="127.0.0.1",
             silence_logs=logging.ERROR,
             dashboard_address=f"{dashboard_host}:{dashboard_port}",
+            security=security,
         ))
-    client = stack.enter_context(Client(cluster))
+    client = stack.enter_context(Client(cluster))  # with the cluster's credentials
+    _LOCAL_CREDENTIALS[client.scheduler.address] = security
+    stack.callback(_LOCAL_CREDENTIALS.pop, client.scheduler.address, None)
     # The scheduler runs in this process: its log of a task failed by dying workers would
     # repeat, once per task, what the KilledWorker that reaches the client says.
     scheduler_log = logging.getLogger("distributed.scheduler")
@@ -279,34 +302,83 @@ def _join(address):
         if not host or not isinstance(port, int) or not 0 < port < 65536:
             raise UserError(f"{given} is not a Dask scheduler address: it needs a host and a port (1-65535); {fix}")
     address = unparse_address(scheme, location)
+    security = _client_security(address, scheme, given)
     try:
-        _handshake(address)
-        client = Client(address, timeout=f"{CONNECT_TIMEOUT}s")
+        _handshake(address, security)
+        client = Client(address, security=security, timeout=f"{CONNECT_TIMEOUT}s")
     except TimeoutError:  # before OSError, of which it is one: see HANDSHAKE_TIMEOUT
         raise UserError(
             f"no Dask scheduler answered at {given}: something there accepted the connection but did not answer "
             f"as one within {CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT} s (a dashboard's port? a scheduler's is "
             f"usually 8786); {fix}") from None
+    except FatalCommClosedError as error:  # before OSError, of which it is one: the TLS handshake failed
+        raise UserError(
+            f"the Dask scheduler at {given} and this client refused each other's TLS certificates ({error}); "
+            f"{_TLS_FIX}") from None
+    except CommClosedError as error:
+        if scheme != "tcp":
+            raise UserError(f"the Dask scheduler at {given} closed the connection ({error}); {fix}") from None
+        # A TLS listener drops a plain connection at its first bytes.
+        raise UserError(
+            f"the Dask scheduler at {given} closed the connection as it opened ({error}): a scheduler with TLS "
+            f"certificates takes tls:// addresses only: give tls://{location}, and {_TLS_FIX}") from None
     except OSError as error:
         raise UserError(
             f"could not reach the Dask scheduler at {given} ({error}); "
             "start one with `dask scheduler` or leave --scheduler and $DASK_SCHEDULER_ADDRESS unset "
             "to use a LocalCluster"
         ) from None
-    except Exception as error:  # distributed's word on an address it cannot use: TLS unconfigured, UCX missing
+    except Exception as error:  # distributed's word on an address it cannot use: UCX missing, tcp:// refused
         raise UserError(f"could not connect to the Dask scheduler at {given} "
                         f"({type(error).__name__}: {error}); {fix}") from None
     return client
 
 
-def _handshake(address):
-    """Connect to `address` and exchange Dask's handshake, within CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT.
+def security_for(address):
+    """The credentials a client of the scheduler at `address` joins with: those of the LocalCluster this
+    process started there, else what Dask's configuration says (distributed.comm.tls.*, which the
+    DASK_DISTRIBUTED__COMM__TLS__* variables set); none, for a plain tcp:// scheduler."""
+    return _LOCAL_CREDENTIALS.get(address) or Security()
+
+
+def _client_security(address, scheme, given):
+    """security_for(address), or a UserError where a tls:// address finds no client certificate to use."""
+    security = security_for(address)
+    if scheme != "tls" or address in _LOCAL_CREDENTIALS:
+        return security
+
+    def named(key):
+        variable = TLS_CONFIG[key]
+        return f"${variable}" if variable in os.environ else key
+
+    unset = [named(key) for key in ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert")
+             if not dask.config.get(key, None)]
+    if unset:
+        raise UserError(
+            f"{given}: a tls:// scheduler admits only clients holding a certificate its cluster's CA signed, and "
+            f"Dask's configuration names no {' and no '.join(unset)}; {_TLS_FIX}; a LocalCluster that another "
+            f"script started admits that script alone")
+    for key in TLS_CONFIG:
+        path = dask.config.get(key, None)
+        if path and "\n" not in path and not os.path.isfile(path):  # PEM text itself has lines
+            raise UserError(f"{given}: {named(key)}={path} is not a file; {_TLS_FIX}")
+    try:
+        security.get_connection_args("client")  # loads them: a file that is not PEM fails here, in one line
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise UserError(f"{given}: the TLS credentials that Dask's configuration names cannot be loaded "
+                        f"({error}); {_TLS_FIX}") from None
+    return security
+
+
+def _handshake(address, security):
+    """Connect to `address` with `security`'s credentials and exchange Dask's handshake, within
+    CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT.
 
     OSError if nothing accepts the connection in CONNECT_TIMEOUT (distributed's own message);
     TimeoutError if what accepted it does not answer as Dask does.
     """
     async def shake():
-        comm = await open_comm(address, timeout=CONNECT_TIMEOUT, **Security().get_connection_args("client"))
+        comm = await open_comm(address, timeout=CONNECT_TIMEOUT, **security.get_connection_args("client"))
         await comm.close()
 
     async def bounded():

@@ -1,6 +1,7 @@
 """Tiny raw datasets the tests write themselves, with one row of every bad kind planted;
 one LocalCluster for the session's in-process stage runs (`session_cluster`, `run_joined`);
-an external Dask cluster (`external_cluster`)."""
+an external Dask cluster (`external_cluster`), and one with TLS as docs/cluster.md sets it up
+(`start_external_cluster(home, tls=make_certificates(home))`)."""
 
 import argparse
 import contextlib
@@ -8,6 +9,7 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,12 +194,23 @@ def run_in_process(script, *args, check=True):
 @pytest.fixture(scope="session")
 def session_cluster():
     """The address of one LocalCluster (2 workers), started as the scripts start theirs, that in-process
-    stage runs join (`run_joined`) instead of each starting its own: 2.5-3 s a run on this machine."""
+    stage runs join (`run_joined`) instead of each starting its own: 2.5-3 s a run on this machine.
+
+    Its credentials are this run's, as a script's are (TLS, tls://127.0.0.1:PORT): a stage joining it
+    in this process finds them in recpipe.cluster; a plain `distributed.Client(session_cluster)` in a
+    test, in Dask's configuration, set here for the session.
+    """
+    import dask
+
     from recpipe import cluster
     args = argparse.Namespace(scheduler=None, workers=2, threads_per_worker=1, memory_limit=None,
                               dashboard_address=None)
     with cluster.connect(args) as client:
-        yield client.scheduler.address
+        security = cluster.security_for(client.scheduler.address)
+        with dask.config.set({"distributed.comm.tls.ca-file": security.tls_ca_file,
+                              "distributed.comm.tls.client.cert": security.tls_client_cert,
+                              "distributed.comm.tls.client.key": security.tls_client_key}):
+            yield client.scheduler.address
 
 
 def run_joined(session_cluster, script, *args, check=True):
@@ -249,22 +262,29 @@ def compact_data(session_cluster, processed_data, tmp_path_factory):
 
 
 class ExternalCluster:
-    """A `dask scheduler` and two `dask worker` processes on loopback, as a user would start them.
+    """A `dask scheduler` and `dask worker` processes (two by default) on loopback, as a user would start them.
 
-    - `address`: the scheduler's address (tcp://127.0.0.1:PORT), for --scheduler;
+    - `address`: the scheduler's address (tcp://127.0.0.1:PORT, or tls:// with TLS), for --scheduler;
     - `env`: os.environ with DASK_SCHEDULER_ADDRESS set to it and no PYTHONPATH, to run
-      scripts against the cluster (`run_script(..., env=cluster.env)`);
+      scripts against the cluster (`run_script(..., env=cluster.env)`), and with TLS the
+      DASK_DISTRIBUTED__COMM__TLS__* variables docs/cluster.md has a client set;
+    - `security`: the credentials of a client (None without TLS);
     - `home`: their working folder, with `scheduler.log`, `worker-1.log`, `worker-2.log`;
-    - `scheduler_file`, `scheduler` (Popen), `workers` (the two `dask worker` Popens: each
+    - `scheduler_file`, `scheduler` (Popen), `workers` (the `dask worker` Popens: each
       is a nanny, which runs its Dask worker in a child process and restarts it if it dies);
     - `worker_pids()`: the pids of the worker processes proper, the ones that run tasks;
     - `wait_for_workers(n=2)`: block until n workers are connected (after a restart).
     """
 
-    def __init__(self, address, home, scheduler, workers, env):
+    def __init__(self, address, home, scheduler, workers, env, tls=None):
         self.address, self.home, self.scheduler, self.workers = address, home, scheduler, workers
         self.scheduler_file = home / "scheduler.json"
-        self.env = {**env, "DASK_SCHEDULER_ADDRESS": address}
+        self.env = {**env, "DASK_SCHEDULER_ADDRESS": address, **client_tls_environment(tls)}
+        self.security = None
+        if tls is not None:
+            from distributed.security import Security
+            self.security = Security(tls_ca_file=str(tls / "ca.crt"), tls_client_cert=str(tls / "dask.crt"),
+                                     tls_client_key=str(tls / "dask.key"), require_encryption=True)
 
     def worker_pids(self):
         import psutil
@@ -285,28 +305,54 @@ class ExternalCluster:
         while len(self.worker_pids()) < n:  # a nanny restarting its worker
             assert time.monotonic() < deadline, f"fewer than {n} Dask worker processes after {timeout} s"
             time.sleep(0.1)
-        with Client(self.address, timeout="30s") as client:
+        with Client(self.address, timeout="30s", security=self.security) as client:
             client.wait_for_workers(n, timeout=timeout)
             return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
+def client_tls_environment(tls):
+    """The variables docs/cluster.md has a client of a TLS cluster set, for the certificates in folder `tls`
+    (make_certificates'); none for None."""
+    if tls is None:
+        return {}
+    return {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(tls / "ca.crt"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(tls / "dask.crt"),
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(tls / "dask.key")}
+
+
+def make_certificates(home):
+    """Run docs/cluster.md's block that makes a cluster's CA and certificate, as written, with `home` for
+    $HOME; the folder it made them in ($HOME/.recpipe/tls)."""
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    block = re.search(r"<!-- tests/conftest.py make_certificates runs this block -->\n+```sh\n(.*?)```", docs,
+                      re.DOTALL)
+    assert block, "docs/cluster.md has no block for make_certificates"
+    subprocess.run(["bash", "-e", "-c", block.group(1)], cwd=home, env={**os.environ, "HOME": str(home)},
+                   check=True, capture_output=True, timeout=60)
+    return home / ".recpipe" / "tls"
+
+
 @contextlib.contextmanager
-def start_external_cluster(home):
-    """An ExternalCluster whose scheduler runs in `home` and each worker in a folder of its own inside it (their
-    logs land in `home`), stopped on exit."""
+def start_external_cluster(home, tls=None, workers=2):
+    """An ExternalCluster of `workers` workers whose scheduler runs in `home` and each worker in a folder of its
+    own inside it (their logs land in `home`), stopped on exit. Everything listens on 127.0.0.1, dashboards
+    too. With `tls`, a folder of make_certificates', they start with docs/cluster.md's --tls-* flags."""
     import time
     dask = Path(sys.executable).parent / "dask"
     scheduler_file = home / "scheduler.json"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DASK_SCHEDULER_ADDRESS")}
+    tls_flags = [] if tls is None else ["--tls-ca-file", tls / "ca.crt", "--tls-cert", tls / "dask.crt",
+                                        "--tls-key", tls / "dask.key"]
     logs = []
 
     def start(*argv, log, cwd=home):
         logs.append(open(home / log, "wb"))
         return subprocess.Popen([dask, *argv], cwd=cwd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT)
 
-    scheduler = start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                      "--scheduler-file", scheduler_file, log="scheduler.log")
-    workers = []
+    # A dashboard address without a host is every interface, a worker's (`dask worker`'s default) too.
+    scheduler = start("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                      "--scheduler-file", scheduler_file, *tls_flags, log="scheduler.log")
+    nannies = []
     try:
         deadline = time.monotonic() + 120
         address = None
@@ -316,19 +362,20 @@ def start_external_cluster(home):
             with contextlib.suppress(OSError, ValueError, KeyError):  # not there yet, or half written
                 address = json.loads(scheduler_file.read_text())["address"]
             time.sleep(0.1)
-        for name in ("worker-1", "worker-2"):  # each in a working folder of its own, as on machines of their own
+        for n in range(1, workers + 1):  # each in a working folder of its own, as on machines of their own
+            name = f"worker-{n}"
             (home / name).mkdir()
-            workers.append(start("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--host", "127.0.0.1",
-                                 "--dashboard-address", ":0", "--memory-limit", "2GiB", "--name", name,
-                                 log=f"{name}.log", cwd=home / name))
-        cluster = ExternalCluster(address, home, scheduler, workers, env)
-        assert cluster.wait_for_workers(2) == 2
+            nannies.append(start("worker", "--scheduler-file", scheduler_file, "--nthreads", "1", "--host", "127.0.0.1",
+                                 "--dashboard-address", "127.0.0.1:0", "--memory-limit", "2GiB", "--name", name,
+                                 *tls_flags, log=f"{name}.log", cwd=home / name))
+        cluster = ExternalCluster(address, home, scheduler, nannies, env, tls)
+        assert cluster.wait_for_workers(workers) == workers
         yield cluster
     finally:
-        orphans = ExternalCluster("", home, scheduler, workers, env).worker_pids()
-        for process in [*workers, scheduler]:
+        orphans = ExternalCluster("", home, scheduler, nannies, env).worker_pids()
+        for process in [*nannies, scheduler]:
             process.terminate()
-        for process in [*workers, scheduler]:
+        for process in [*nannies, scheduler]:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -1,9 +1,11 @@
 """The cluster helper: LocalCluster sizing, a dashboard that really serves and stays on this machine unless
-asked, clear errors for every cluster flag, progress lines in a log."""
+asked, clear errors for every cluster flag, a LocalCluster no other process can join, an external cluster
+with TLS as docs/cluster.md sets it up, progress lines in a log."""
 
 import argparse
 import contextlib
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -15,9 +17,10 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import dask
 import psutil
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, listing, make_certificates, one_line, run_in_process, run_script, start_external_cluster
 
 from recpipe import cluster
 from recpipe.cli import UserError
@@ -109,8 +112,11 @@ def test_cluster_scheduler_flag_defaults_to_environment(monkeypatch):
                                  "there accepted the connection but did not answer as one within 2 s"),
     ("tcp://127.0.0.1:99999", "--scheduler tcp://127.0.0.1:99999 is not a Dask scheduler address: it needs a host "
                               "and a port (1-65535); give the address `dask scheduler` prints"),
-    ("tls://127.0.0.1:9", "could not connect to the Dask scheduler at --scheduler tls://127.0.0.1:9 (TypeError: "
-                          "TLS expects a `ssl_context`"),
+    ("tls://127.0.0.1:9", "--scheduler tls://127.0.0.1:9: a tls:// scheduler admits only clients holding a "
+                          "certificate its cluster's CA signed, and Dask's configuration names no "
+                          "distributed.comm.tls.ca-file and no distributed.comm.tls.client.cert; set "
+                          "$DASK_DISTRIBUTED__COMM__TLS__CA_FILE, $DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+                          "$DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY to the PEM files"),
 ], ids=["unreachable", "silent-server", "port-out-of-range", "tls-unconfigured"])
 def test_cluster_scheduler_that_cannot_be_joined_is_a_user_error(monkeypatch, silent_server, address, message):
     """Timeouts shortened from 10 s + 10 s to 1 s + 1 s; a silent server hung Dask's client forever."""
@@ -118,9 +124,25 @@ def test_cluster_scheduler_that_cannot_be_joined_is_a_user_error(monkeypatch, si
     monkeypatch.setattr(cluster, "HANDSHAKE_TIMEOUT", 1)
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     address, message = address.format(silent=silent_server), message.format(silent=silent_server)
-    with pytest.raises(UserError) as error, cluster.connect(parse("--scheduler", address)):
+    with dask.config.set(UNCONFIGURED), pytest.raises(UserError) as error, \
+            cluster.connect(parse("--scheduler", address)):
         pass
     assert message in str(error.value)
+
+
+# No TLS credentials in Dask's configuration (the session cluster's fixture puts its own there).
+UNCONFIGURED = dict.fromkeys(cluster.TLS_CONFIG)
+
+
+def test_cluster_tcp_address_of_a_tls_scheduler_says_to_give_tls(session_cluster):
+    """The session's LocalCluster, as pipeline.py run's stages join it, but named tcp://."""
+    plain = session_cluster.replace("tls://", "tcp://")
+    with pytest.raises(UserError) as error, cluster.connect(parse("--scheduler", plain)):
+        pass
+    assert str(error.value).startswith(f"the Dask scheduler at --scheduler {plain} closed the connection as it "
+                                       "opened (")
+    assert f"a scheduler with TLS certificates takes tls:// addresses only: give {session_cluster}, and set " \
+        in str(error.value)
 
 
 @pytest.mark.processes
@@ -246,3 +268,115 @@ def test_cluster_progress_line_comes_while_one_long_task_runs(session_cluster, m
     assert len(lines) >= 3, lines
     assert all(line.startswith("sleeping: 0/1 tasks done (") for line in lines[:-1]), lines
     assert lines[-1].startswith("sleeping: 1/1 tasks done (")  # the closing line, and nothing after it
+
+
+# Run by a second process: every way in it has to every listener of a cluster (scheduler, workers,
+# nannies), each trying to run `id` there and write what it says into a file. "own" is the run's own
+# credentials, read from files the test writes: the attack itself works, so the refusals are real.
+ATTACK = r"""
+import asyncio, json, sys
+import cloudpickle
+from distributed import Client
+from distributed.core import rpc
+from distributed.security import Security
+
+targets, folder, own = json.loads(sys.argv[1])
+
+def pwn(path):
+    import subprocess
+    with open(path, "w") as out:
+        out.write(subprocess.run(["id"], capture_output=True, text=True).stdout)
+    return "ran"
+
+async def attempt(n, kind, address, way):
+    scheme = "tcp" if way == "plain tcp" else "tls"
+    address = scheme + "://" + address.partition("://")[2]
+    security = {"plain tcp": Security(), "no credentials": Security(), "credentials of its own": Security.temporary(),
+                "own": Security(require_encryption=True, **own)}[way]
+    path = f"{folder}/{n}"
+    try:
+        if kind == "scheduler":
+            async with Client(address, security=security, asynchronous=True, timeout="5s") as client:
+                await client.submit(pwn, path, pure=False)
+        else:
+            async with rpc(address, connection_args=security.get_connection_args("client"), timeout=5) as remote:
+                await asyncio.wait_for(remote.run(function=cloudpickle.dumps(pwn), args=cloudpickle.dumps((path,))), 10)
+        return [n, kind, address, way, "ran"]
+    except Exception as error:
+        return [n, kind, address, way, f"refused ({type(error).__name__})"]
+
+async def main():
+    ways = ["plain tcp", "no credentials", "credentials of its own", "own"]
+    tries = [(kind, address, way) for kind, address in targets for way in ways]
+    print(json.dumps(await asyncio.gather(*(attempt(n, *a) for n, a in enumerate(tries)))))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.processes
+def test_cluster_local_cluster_refuses_every_other_process(session_cluster, tmp_path):
+    """The session's LocalCluster, started by cluster.connect as every script starts its own: another process
+    reaches none of its listeners without this run's credentials (before, any local user ran code as ours)."""
+    with cluster.connect(parse("--scheduler", session_cluster)) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    targets = [["scheduler", session_cluster]] + [[kind, address] for worker, info in workers.items()
+                                                  for kind, address in (("worker", worker), ("nanny", info["nanny"]))]
+    assert len(targets) == 5 and all(address.startswith("tls://127.0.0.1:") for _, address in targets)
+    security = cluster.security_for(session_cluster)
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    own = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        (keys / name).write_text(getattr(security, name))
+        own[name] = str(keys / name)
+    written = tmp_path / "written"
+    written.mkdir()
+    before = listing(tmp_path)
+    attack = subprocess.run([sys.executable, "-c", ATTACK, json.dumps([targets, str(written), own])], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert attack.returncode == 0, attack.stderr
+    outcomes = json.loads(attack.stdout)
+    assert len(outcomes) == 20
+    for n, kind, address, way, outcome in outcomes:
+        assert (outcome == "ran") == (way == "own"), (kind, address, way, outcome)
+    # Only the run's own credentials wrote anything: `id`'s output, from each of the five listeners.
+    assert sorted(int(path.name) for path in written.iterdir()) == [n for n, *_, way, _ in outcomes if way == "own"]
+    assert all(path.read_text().startswith("uid=") for path in written.iterdir())
+    assert {path: size for path, size in listing(tmp_path).items() if not path.startswith("written/")} == before
+
+
+@pytest.mark.processes
+def test_cluster_external_tls_cluster_as_docs_set_it_up_runs_a_stage(raw_dir, tmp_path):
+    """docs/cluster.md's certificates (its block, run as written), a `dask scheduler` and a `dask worker` with
+    its --tls-* flags, and merge_and_clean.py joining through the client variables it names: every listener
+    is on 127.0.0.1, the Dask ones tls://; the same script without the variables is one line, exit 2."""
+    from distributed import Client
+    home = tmp_path / "home"
+    home.mkdir()
+    tls = make_certificates(home)
+    assert {path.name for path in tls.iterdir()} >= {"ca.crt", "ca.key", "dask.crt", "dask.key"}
+    assert (tls.stat().st_mode & 0o077) == 0 and (tls / "dask.key").stat().st_mode & 0o077 == 0
+    with start_external_cluster(home, tls=tls, workers=1) as external:
+        processes = [psutil.Process(external.scheduler.pid), psutil.Process(external.workers[0].pid)]
+        sockets = [s for process in processes for s in listening_sockets(process)]
+        assert len(sockets) >= 5  # the scheduler and its dashboard, the nanny, the worker and its dashboard
+        assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
+        with Client(external.address, security=external.security, timeout="30s") as client:
+            (worker, info), = client.scheduler_info(n_workers=-1)["workers"].items()
+        assert [external.address[:16], worker[:16], info["nanny"][:16]] == ["tls://127.0.0.1:"] * 3
+
+        data = tmp_path / "data"
+        before = listing(tmp_path)
+        with dask.config.set(UNCONFIGURED):  # as a shell without the variables: this process's Dask has none
+            refused = run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler",
+                                     external.address, check=False)
+        assert refused.returncode == 2
+        assert one_line(refused.stderr).startswith(
+            f"error: --scheduler {external.address}: a tls:// scheduler admits only clients holding a certificate "
+            f"its cluster's CA signed, and Dask's configuration names no distributed.comm.tls.ca-file")
+        assert listing(tmp_path) == before
+
+        joined = run_script("merge_and_clean.py", "--raw", raw_dir, "--data", data, env=external.env)
+        assert f"Dask: joined scheduler {external.address} (1 workers)" in joined.stdout
+        assert (data / "merged" / "_stage.json").exists()
