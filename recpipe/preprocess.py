@@ -126,7 +126,8 @@ def not_a_preprocessors_folder(directory):
 def fitted_for_another(target, processed_dir):
     """The processed/ folder other than `processed_dir` that was made with the preprocessors in `target` and
     still records them (train.py needs them to read it); None when there is none: no record (a folder of an
-    older version), the same folder, or one since deleted, damaged or made with others."""
+    older version), the same folder, or one since deleted, damaged or made with others. None too when
+    `processed_dir` records them as well: a copy of both folders, made together, is theirs as much."""
     try:
         other = json.loads(storage.read_bytes(target / FITTED_FOR))["processed"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -134,10 +135,17 @@ def fitted_for_another(target, processed_dir):
     if not isinstance(other, str) or other == processed_dir:
         return None
     try:
-        recorded = stage.read_manifest(other, "processed").get("preprocessors_sha256")
-        return other if recorded == encoders.fingerprint(target) else None
-    except (UserError, OSError):
+        fingerprint = encoders.fingerprint(target)
+    except UserError:
         return None
+
+    def records_them(folder):
+        try:
+            return stage.read_manifest(folder, "processed").get("preprocessors_sha256") == fingerprint
+        except (UserError, OSError):
+            return False
+
+    return other if records_them(other) and not records_them(processed_dir) else None
 
 
 def replace_preprocessors(fitted_dir, target, data_dir, processed_dir):

@@ -166,7 +166,7 @@ def test_preprocess_timeline_leak_guard_rejects_a_window_reaching_day_d():
 def test_preprocess_refuses_when_cleaned_is_missing(tmp_path):
     result = run_in_process("preprocess.py", "--data", tmp_path, check=False)  # refused before a cluster starts
     assert result.returncode == 2
-    assert "cleaned/ is missing: run parse_ua_strings.py first" in result.stderr
+    assert one_line(result.stderr).startswith(f"error: {tmp_path / 'cleaned'}/ is missing")  # and how to make it
 
 
 def test_preprocess_leak_guard_rejects_an_action_from_day_d():
@@ -340,7 +340,7 @@ def test_preprocess_refuses_to_replace_the_preprocessors_another_processed_folde
     """A second data folder preprocessed with the default --preprocessors used to replace the first one's,
     after which train.py refused the first."""
     data, pre = tmp_path / "second" / "data", tmp_path / "preprocessors"
-    shutil.copytree(default_run[0], data)
+    shutil.copytree(default_run[0], data, ignore=shutil.ignore_patterns("processed"))  # not preprocessed yet
     shutil.copytree(default_run[1], pre)  # fitted for default_run's processed/, which still records them
     before = listing(tmp_path)
     result = run_in_process("preprocess.py", "--data", data, "--preprocessors", pre, *CLUSTER, check=False)
@@ -360,6 +360,8 @@ def test_preprocess_replaces_preprocessors_whose_processed_folder_is_gone_or_thi
     first = str(default_run[0] / "processed")
     assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) == first
     assert fitted_for_another(pre, first) is None
+    shutil.copytree(default_run[0] / "processed", tmp_path / "copy" / "processed")  # both copied together
+    assert fitted_for_another(pre, str(tmp_path / "copy" / "processed")) is None
     (pre / FITTED_FOR).write_text(json.dumps({"processed": str(tmp_path / "gone" / "processed")}))
     assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
     (pre / "scaler.json").write_text("{}")  # no longer what the first processed/ records
