@@ -24,7 +24,7 @@ import sys
 import traceback
 
 from recpipe import cli, cluster, data_profile, pipeline, stage, stages, storage
-from recpipe.cli import UserError, entrypoint
+from recpipe.cli import OutputError, UserError, entrypoint
 
 
 def parse_args(argv=None):
@@ -142,7 +142,8 @@ def run(args):
             # A task still running when its stage was stopped can write on into the staging folder
             # the stage has just removed; with our LocalCluster closed now, nothing can. (An external
             # cluster's workers still may; the next run removes what they leave.)
-            pipeline.remove_leftovers(args.data, args.preprocessors)
+            with contextlib.suppress(OutputError):  # what stopped the run is the error to show
+                pipeline.remove_leftovers(args.data, args.preprocessors)
             raise
     skipped = [name for name in stages.NAMES if name not in ran]
     print(f"\n=== ran {', '.join(ran_name + '/' for ran_name in stages.NAMES if ran_name in ran) or 'nothing'}"
@@ -203,7 +204,8 @@ def main(argv=None):
     elif args.target == "leftovers":
         stage.require_data(args.data)
         removed = pipeline.remove_leftovers(args.data, args.preprocessors)
-        print("\n".join(f"deleted {path}/, left by a killed run" for path in removed) or "no leftovers to delete")
+        print("\n".join(f"deleted {path}{'' if path.name.endswith('.lock') else '/'}, left by a killed run"
+                        for path in removed) or "no leftovers to delete")
     else:
         freed = pipeline.remove(inspect(args), args.target)
         print(f"deleted {storage.path(args.data) / args.target}/, gave back {pipeline.mib(freed)}")

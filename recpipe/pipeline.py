@@ -347,5 +347,5 @@ def format_status(states, leftovers, preprocessors_line):
     else:
         lines.append("nothing can be deleted now without losing what a later stage still needs")
     for leftover in leftovers:
-        lines.append(f"temporary folder {leftover.path} ({mib(stage.folder_bytes(leftover.path))}): {leftover.note}")
+        lines.append(f"{leftover.what} {leftover.path} ({mib(stage.folder_bytes(leftover.path))}): {leftover.note}")
     return "\n".join(lines)

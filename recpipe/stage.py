@@ -42,6 +42,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -572,10 +573,14 @@ def _publish_to_store(data_dir, name, parameters, inputs):
             folders.mark(target / previous)  # ours to delete, even if this process dies before it does
         (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     except BaseException:
-        folders.discard(version)
+        with contextlib.suppress(storage.NotDeleted):  # the error that stopped the stage is the one to show
+            folders.discard(version)
         raise
     if previous is not None and previous != version.name:
-        folders.discard(target / previous)
+        try:
+            folders.discard(target / previous)
+        except storage.NotDeleted as error:  # published all the same: the old version is a leftover now
+            print(f"warning: {error}", file=sys.stderr)
 
 
 def _committed_version(target):
@@ -670,8 +675,12 @@ def output_fingerprint(stage_dir):
 
 
 def folder_bytes(path):
-    """Bytes of every file under a folder: what deleting it gives back."""
-    return sum(storage.files(path).values())
+    """Bytes of every file under a folder: what deleting it gives back. On object storage, of a stage folder, the
+    committed version's and its manifest's alone: a killed run's version is a leftover, counted as one."""
+    files = storage.files(path)
+    if storage.is_url(path) and (committed := _committed_version(path)) is not None:
+        return sum(size for name, size in files.items() if name == MANIFEST or name.startswith(f"{committed}/"))
+    return sum(files.values())
 
 
 def code_version():

@@ -481,8 +481,6 @@ def test_storage_a_stage_that_may_write_but_not_delete_stops_saying_so(iam_s3, s
     assert left and f"{IAM_BUCKET}/scratch/merged/_stage.json" not in left
 
 
-@pytest.mark.xfail(strict=True, reason="until stage.folder_bytes counts a stage folder on object storage by its "
-                                       "manifest and committed version (the change is in issue 24's H5 report)")
 def test_storage_a_stage_size_counts_only_its_committed_version(s3):
     """`status` sizes merged/ by its manifest and the version it names: a killed run's version is listed (and sized)
     apart, as a leftover, not added to the stage."""
