@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GOOD_UA, run_in_process, run_joined
+from conftest import GOOD_UA, listing, one_line, run_in_process, run_joined
 from recpipe import schemas, stage, tables, user_agents
 from recpipe.cli import UserError
 
@@ -221,8 +221,16 @@ def test_parse_ua_strings_output_survives_deleting_repartitioned(two_runs):
 
 
 def test_parse_ua_strings_without_repartitioned_says_what_to_run(tmp_path):
+    (tmp_path / "data").mkdir()
     result = run_in_process("parse_ua_strings.py", "--data", tmp_path / "data", *CLUSTER, check=False)
     assert result.returncode == 2
-    assert "run repartition.py first" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "data" / "cleaned").exists()
+    line = one_line(result.stderr)
+    assert "repartitioned/ is missing, and so is merged/ before it" in line and "run merge_and_clean.py first" in line
+    assert listing(tmp_path) == {"data": None}
+
+
+def test_parse_ua_strings_with_a_data_folder_that_does_not_exist_says_so(tmp_path):
+    result = run_in_process("parse_ua_strings.py", "--data", tmp_path / "data", *CLUSTER, check=False)
+    assert result.returncode == 2
+    assert f"--data {tmp_path / 'data'}: no such folder" in one_line(result.stderr)
+    assert listing(tmp_path) == {}
