@@ -9,7 +9,8 @@
     python pipeline.py profile                     # profile.json and profile.png of processed/, beside it
 
 Reads   --data (default data): merged/, repartitioned/, cleaned/, processed/ and their _stage.json;
-        --raw (default data/raw), to tell whether the raw files changed; --preprocessors (default preprocessors)
+        --raw (default raw/ under --data), to tell whether the raw files changed;
+        --preprocessors (default preprocessors)
 Writes  `run`: what the stage scripts write (each stage run in this process, on one LocalCluster that `run`
         starts, or --scheduler's cluster); `clean`: deletes one folder; `profile`: --data/profile.json and
         --data/profile.png (replacing only a profile it wrote).
@@ -31,7 +32,6 @@ def parse_args(argv=None):
     places = argparse.ArgumentParser(add_help=False)  # `clean` takes these alone: it uses no stage parameter
     for folder in stages.FOLDERS:
         folder.add_to(places)
-    stages.add_storage_options(places)
     common = argparse.ArgumentParser(add_help=False, parents=[places])
     for definition in stages.STAGES:
         definition.add_parameters(common, defaults=False)
@@ -47,17 +47,20 @@ def parse_args(argv=None):
                              "all of them and says how many. Without it, stage files are checked by names, sizes and "
                              "row counts, and raw files by names, sizes and modification times, which a file put back "
                              "with the same three does not change")
+    stages.add_storage_options(status, workers=False)
     run = commands.add_parser("run", parents=[common, computing],
                               help="run the stages that are missing or stale, in order")
     run.add_argument("--from", dest="start", choices=stages.NAMES, default=None,
                      help="run this stage even if complete, then every later stage that is then not complete")
+    stages.add_storage_options(run)
     profile = commands.add_parser("profile", help="examples, label rate, history lengths, unknown items, user "
                                   "agents and rows set aside, in --data/profile.json and profile.png")
     stages.DATA.add_to(profile)  # it reads processed/ and merged/'s manifest, nothing else
-    stages.add_storage_options(profile)
+    stages.add_storage_options(profile, workers=False)
     clean = commands.add_parser("clean", parents=[places], help="delete an intermediate stage folder")
     clean.add_argument("target", choices=[*stages.NAMES[:-1], "leftovers"], metavar="STAGE",
                        help=f"one of {', '.join(stages.NAMES[:-1])}, or leftovers (temporary folders of killed runs)")
+    stages.add_storage_options(clean, workers=False)
     args = parser.parse_args(argv)
     storage.local_folders(args, [folder.name for folder in stages.FOLDERS],
                       [folder.name for folder in stages.FOLDERS if folder.urls])

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from recpipe import encoders, folders, stage, storage
+from recpipe import encoders, folders, stage, stages, storage
 from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
-from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Flag, Progress, Throughput, append_jsonl, bce,
-                               check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
+from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Flag, Progress, Throughput,
+                               append_jsonl, bce, check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
                                record_run, resume, rule_auc, run_folder, save_checkpoint, select, write_json)
 
 # ----------------------------------------------------------------------------- config
@@ -75,10 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="run folder, new or empty (default: runs/<timestamp>; "
                                                      "with --resume, the checkpoint's folder)")
     parser.add_argument("--resume", default=None, help="the checkpoint.pt of a run folder, to continue that run")
-    parser.add_argument("--storage-options", type=storage.options_flag, default=None, metavar="JSON",
-                        help="options of the object storage library for a URL given as --data or --preprocessors, "
-                             "e.g. '{\"endpoint_url\": \"https://s3.example.com\"}' (default: what the environment "
-                             "and the library's config files give); recorded nowhere")
+    stages.add_storage_options(parser, workers=False)
     for flag in config:
         if flag.type is bool:
             parser.add_argument(flag.flag, action="store_true", help=flag.help)

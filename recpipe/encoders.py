@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recpipe import folders, storage
+from recpipe import storage
 from recpipe.cli import UserError
 
 MISSING, UNKNOWN = 0, 1
@@ -114,17 +114,6 @@ def save(directory, encoders, scaler, fit_record):
     for name, content in ((ENCODERS_FILE, {column: encoder.to_json() for column, encoder in encoders.items()}),
                           (SCALER_FILE, scaler.to_json()), (FIT_FILE, fit_record)):
         (directory / name).write_text(json.dumps(content, indent=1) + "\n")
-
-
-def not_a_preprocessors_folder(directory):
-    """None when a folder holds nothing but what preprocess.py writes there, and perhaps the README.md that
-    says what the folder is for (kept when the folder is replaced), so it may replace it; otherwise what
-    else it holds."""
-    unexpected = folders.unexpected_entries(directory, {ENCODERS_FILE, SCALER_FILE, FIT_FILE, README_FILE,
-                                                        folders.MARKER})
-    if unexpected:
-        return f"it holds {folders.listing(unexpected)}, which preprocess.py does not write"
-    return None
 
 
 def fingerprint(directory):

@@ -6,7 +6,7 @@ made when it is missing or empty; otherwise the caller gives the proof (`why_not
 - a stage folder (`data/merged/`, ...): its `_stage.json` names the stage and the folder holds
   nothing but the files that manifest lists (recpipe.stage.not_a_stage_folder);
 - a preprocessors folder: encoders.json, scaler.json, fit.json and nothing else
-  (recpipe.encoders.not_a_preprocessors_folder);
+  (recpipe.preprocess.not_a_preprocessors_folder);
 - generate_data.py's raw folder: its `_generated.json` lists every file it wrote
   (recpipe.synthetic.not_a_generated_folder);
 - a staging or retired folder: the marker `.recpipe-staging` written into it when this

@@ -115,7 +115,9 @@ FITTED_FOR = "fitted_for.json"
 
 
 def not_a_preprocessors_folder(directory):
-    """encoders' rule for a folder preprocess.py may replace, with FITTED_FOR, which this module writes there."""
+    """None when a folder holds nothing but what preprocess.py writes there (the fitted files, FITTED_FOR, and
+    the README.md that says what the folder is for, kept when the folder is replaced), so it may replace it;
+    otherwise what else it holds."""
     unexpected = folders.unexpected_entries(directory, {*encoders.FITTED_FILES, encoders.README_FILE, FITTED_FOR,
                                                         folders.MARKER})
     if unexpected:

@@ -474,9 +474,8 @@ def test_storage_a_stage_that_may_write_but_not_delete_stops_saying_so(iam_s3, s
             client.run(lambda: fsspec.config.conf.pop("s3", None))
     assert result.returncode == 74, result.stdout + result.stderr
     line = one_line(result.stderr)
-    assert line.startswith(f"error: could not delete "), line
+    assert line.startswith("error: could not delete "), line
     assert "these credentials may not delete there" in line
-    print(line)
     left = guarded_objects(iam_s3, "scratch")
     assert left and f"{IAM_BUCKET}/scratch/merged/_stage.json" not in left
 
