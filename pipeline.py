@@ -24,7 +24,7 @@ import contextlib
 import sys
 import traceback
 
-from recpipe import cli, cluster, data_profile, pipeline, stage, stages, storage
+from recpipe import cli, cluster, data_profile, pipeline, preprocess, stage, stages, storage
 from recpipe.cli import OutputError, UserError, entrypoint
 
 
@@ -137,6 +137,9 @@ def run(args):
         problem = pipeline.raw_fingerprint(args.raw)[1]
         if problem:
             raise UserError(f"{problem} (merge_and_clean.py needs them: merged/ is to be made)")
+    if "processed" in to_run:  # before the stages that come first, not after them
+        preprocess.refuse_others_preprocessors(storage.path(args.preprocessors),
+                                               preprocess.processed_location(args.data))
     if to_run:
         try:
             with shared_cluster(args) as address:

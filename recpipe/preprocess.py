@@ -68,18 +68,12 @@ def run_stage(args):
             raise UserError(f"--preprocessors {target} lies inside {storage.path(args.data) / name}/, a stage folder "
                             "that its stage replaces as a whole: choose a folder outside the stage folders")
 
-    processed_dir = posixpath.join(storage.absolute(args.data), this.name)
+    processed_dir = processed_location(args.data)
 
     with stage.reading(args.data, this.reads) as cleaned, \
             folders.claiming(target, not_a_preprocessors_folder, "replace",
                              "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"):
-        other = fitted_for_another(target, processed_dir)
-        if other:
-            raise UserError(
-                f"refusing to replace {target}/: it holds the preprocessors that {other}/ was made with, which "
-                f"train.py needs to read it; point --preprocessors at a folder of its own for {processed_dir}/ "
-                "(and give train.py the same), or delete "
-                f"{target}/ yourself if {other}/ is no longer used")
+        refuse_others_preprocessors(target, processed_dir)
         with stage.publish(args.data, this.name, parameters, [cleaned.entry()]) as run, \
                 cluster.connect(args) as client:
             # Fitted into the stage first: processed/ keeps the copy it was made with.
@@ -123,6 +117,23 @@ def not_a_preprocessors_folder(directory):
     if unexpected:
         return f"it holds {folders.listing(unexpected)}, which preprocess.py does not write"
     return None
+
+
+def processed_location(data_dir):
+    """processed/'s absolute path or URL, as fitted_for.json records it."""
+    return posixpath.join(storage.absolute(data_dir), stages.FINAL)
+
+
+def refuse_others_preprocessors(target, processed_dir):
+    """UserError when the preprocessors in `target` are another processed/'s (fitted_for_another): preprocess.py
+    would replace what train.py needs to read that one. pipeline.py run asks before any stage runs."""
+    other = fitted_for_another(target, processed_dir)
+    if other:
+        raise UserError(
+            f"refusing to replace {target}/: it holds the preprocessors that {other}/ was made with, which "
+            f"train.py needs to read it; point --preprocessors at a folder of its own for {processed_dir}/ "
+            "(and give train.py the same), or delete "
+            f"{target}/ yourself if {other}/ is no longer used")
 
 
 def fitted_for_another(target, processed_dir):

@@ -353,6 +353,22 @@ def test_preprocess_refuses_to_replace_the_preprocessors_another_processed_folde
     assert listing(tmp_path) == before
 
 
+def test_pipeline_run_refuses_another_folders_preprocessors_before_any_stage_runs(default_run, cleaned_data,
+                                                                                    session_cluster, tmp_path):
+    """The refusal comes first, not after parse_ua_strings.py has run only for preprocess.py to stop."""
+    data, pre = tmp_path / "second" / "data", tmp_path / "preprocessors"
+    shutil.copytree(default_run[0], data, ignore=shutil.ignore_patterns("processed", "cleaned"))
+    shutil.copytree(default_run[1], pre)
+    before = listing(tmp_path)
+    result = run_joined(session_cluster, "pipeline.py", "run", "--data", data, "--raw", cleaned_data / "raw",
+                        "--preprocessors", pre, check=False)
+    assert result.returncode == 2
+    assert one_line(result.stderr).startswith(f"error: refusing to replace {pre}/: it holds the preprocessors that "
+                                              f"{default_run[0] / 'processed'}/ was made with")
+    assert "parse_ua_strings" not in result.stdout
+    assert listing(tmp_path) == before
+
+
 def test_preprocess_replaces_preprocessors_whose_processed_folder_is_gone_or_this_one(default_run, tmp_path):
     from recpipe.preprocess import FITTED_FOR, fitted_for_another
     pre = tmp_path / "pre"
