@@ -31,8 +31,8 @@ from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, 
                               typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.raw import (SOURCES, byte_ranges, can_split, count_rows, file_format, list_raw_files, read_block,
-                         read_rows)
+from recpipe.raw import (BLOCK_BYTES, SOURCES, byte_ranges, can_split, count_rows, file_format, list_raw_files,
+                         read_blocks, read_rows)
 from recpipe.tables import write_table
 
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
@@ -190,41 +190,63 @@ def split_large_files(client, raw_files, split_bytes):
     return parts
 
 
-def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None):
+def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
     """Pass 1 for one raw file, or one Part of it (runs on a worker). Returns its accounting.
 
-    `line_by_line` reads every row the reference way (raw.read_rows) instead of Arrow's blocks
-    first; the output is the same, which a test checks.
+    The file is read, cleaned and written a block of at most about `block_bytes` of text at a time
+    (raw.read_blocks), so that a task's memory is bounded by the block whatever the file holds; a file of
+    more than one block writes a piece per block, named as a file's ranges are, in the same order.
+    `line_by_line` reads every row the reference way (raw.read_rows), the file whole, instead of Arrow's
+    blocks first; the output is the same, which a test checks.
     """
     out_dir = storage.path(out_dir)
-    rows_in, extra_fields, cleaned = _clean_rows(path, source, line_by_line, part)
     name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
-    report = {"source": source, "file": path, "rows_in": rows_in, "extra_fields": extra_fields}
+    report = {"source": source, "file": path, "rows_in": 0, "extra_fields": set()}
     if part is not None:
         report["part"], report["worker"] = part.number, _worker_address()
+    kept, shown_items_in, days, written_buckets = 0, 0, set(), set()
+    set_aside_reasons, items_set_aside_reasons = collections.Counter(), collections.Counter()
+    for number, (rows_in, extra_fields, cleaned, last) in enumerate(_clean_blocks(path, source, line_by_line,
+                                                                                  part, block_bytes)):
+        piece = name if number == 0 and last else f"{name}-{number:05d}"  # a file of one block: as before
+        report["rows_in"] += rows_in
+        report["extra_fields"] |= extra_fields
+        if source == "impressions":
+            shown, rankings_set_aside, items_set_aside = cleaned
+            days |= set(shown["dt"])
+            for day, of_day in shown.groupby("dt", sort=True):
+                write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{piece}.parquet",
+                            SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
+            kept += rows_in - len(rankings_set_aside)
+            shown_items_in += len(shown) + len(items_set_aside)
+            set_aside_reasons.update(_reasons(rankings_set_aside))
+            items_set_aside_reasons.update(_reasons(items_set_aside))
+            set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
+            set_aside = set_aside.sort_values("row", kind="stable")
+        else:
+            actions, set_aside = cleaned
+            if len(actions):
+                write_table(actions, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
+                written_buckets |= set(_write_by_bucket(actions, buckets, out_dir / "_scratch" / "actions"
+                                                        / f"{source}-{piece}.parquet"))
+            kept += len(actions)
+            set_aside_reasons.update(_reasons(set_aside))
+        if len(set_aside):
+            write_table(set_aside, out_dir / "_quarantine" / source / f"part-{piece}.parquet", schemas.QUARANTINE)
+    report["kept"], report["set_aside"] = kept, dict(set_aside_reasons)
     if source == "impressions":
-        shown, rankings_set_aside, items_set_aside = cleaned
-        report["days"] = sorted(set(shown["dt"]))
-        for day, of_day in shown.groupby("dt", sort=True):
-            write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{name}.parquet",
-                        SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
-        report["kept"] = rows_in - len(rankings_set_aside)
-        report["shown_items_in"] = len(shown) + len(items_set_aside)
-        report["set_aside"] = dict(collections.Counter(rankings_set_aside["reason"]))
-        report["shown_items_set_aside"] = dict(collections.Counter(items_set_aside["reason"]))
-        set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
-        set_aside = set_aside.sort_values("row", kind="stable")
-    else:
-        actions, set_aside = cleaned
-        if len(actions):
-            write_table(actions, out_dir / "actions" / f"{source}-{name}.parquet", schemas.ACTIONS)
-            report["buckets"] = _write_by_bucket(actions, buckets,
-                                                 out_dir / "_scratch" / "actions" / f"{source}-{name}.parquet")
-        report["kept"] = len(actions)
-        report["set_aside"] = dict(collections.Counter(set_aside["reason"]))
-    if len(set_aside):
-        write_table(set_aside, out_dir / "_quarantine" / source / f"part-{name}.parquet", schemas.QUARANTINE)
+        report["days"], report["shown_items_in"] = sorted(days), shown_items_in
+        report["shown_items_set_aside"] = dict(items_set_aside_reasons)
+    elif written_buckets:
+        report["buckets"] = sorted(written_buckets)
     return report
+
+
+def _reasons(set_aside):
+    """{reason: rows} of set-aside rows, in the order the reasons first occur (counted in pandas: a file
+    of a million malformed lines is no million Python steps)."""
+    counts = set_aside["reason"].value_counts(sort=False)
+    return {str(reason): int(n) for reason, n in counts.items()}
 
 
 def _worker_address():
@@ -234,25 +256,32 @@ def _worker_address():
         return "this process"
 
 
-def _clean_rows(path, source, line_by_line, part):
-    """(rows in, extra fields, cleaned): clean_impressions' or clean_actions' result for one raw file."""
+def _clean_blocks(path, source, line_by_line, part, block_bytes):
+    """Yield (rows in, extra fields, cleaned, whether it is the last) for each block of one raw file:
+    clean_impressions' or clean_actions' result."""
     if line_by_line:
         rows = read_rows(path, source)
         if source == "impressions":
-            return len(rows.frame), rows.extra_fields, clean_impressions(rows.frame, path)
-        return len(rows.frame), rows.extra_fields, clean_actions(rows.frame, source, path)
-    block = read_block(path, source) if part is None else read_block(
-        path, source, part.start, part.end, part.first_row, part.header)
+            yield len(rows.frame), rows.extra_fields, clean_impressions(rows.frame, path), True
+        else:
+            yield len(rows.frame), rows.extra_fields, clean_actions(rows.frame, source, path), True
+        return
+    blocks = read_blocks(path, source, block_bytes=block_bytes) if part is None else read_blocks(
+        path, source, part.start, part.end, part.first_row, part.header, block_bytes=block_bytes)
+    for block, last in blocks:
+        yield block.rows_in, block.extra_fields, _clean_block(block, path, source), last
+
+
+def _clean_block(block, path, source):
     if source == "impressions":
         plain, shown = typed_impressions(block.table, block.rows)
         shown_rest, rankings_set_aside, items_set_aside = clean_impressions(_rest(block, plain), path)
-        shown = _in_row_order(shown, shown_rest)
-        return block.rows_in, block.extra_fields, (shown, rankings_set_aside, items_set_aside)
+        return _in_row_order(shown, shown_rest), rankings_set_aside, items_set_aside
     plain, actions, rows = typed_actions(block.table, block.rows, source)
     actions_rest, rows_rest, set_aside = clean_action_rows(_rest(block, plain), source, path)
     order = np.argsort(np.concatenate([rows, rows_rest]), kind="stable")
     actions = pd.concat([actions, actions_rest], ignore_index=True).take(order).reset_index(drop=True)
-    return block.rows_in, block.extra_fields, (actions, set_aside)
+    return actions, set_aside
 
 
 def _rest(block, plain):

@@ -229,7 +229,10 @@ def _csv_frame(decoded, mask, fields):
     return _frame(decoded.rows[mask], [None] * table.num_rows, decoded.malformed[mask], columns, fields)
 
 
-def _decode_csv(data, fields, path):
+def _decode_csv(data, fields, path, rows=None, rest_first=1):
+    """DecodedCsv of `data`, a header line and its rows. `rows`, where given, numbers the first len(rows)
+    records (read_blocks leaves out the blank lines it numbered); the records after them are numbered on
+    from `rest_first`, as they come, a line of spaces taking a number and an empty line none."""
     no_rows = np.zeros(0, dtype=np.int64)
     first = _NON_BLANK.search(data)
     if first is None:
@@ -248,7 +251,10 @@ def _decode_csv(data, fields, path):
     invalid, blank = [], []
 
     def set_aside(row):
-        (invalid if row.text.strip(BLANK) else blank).append(row)  # a line of spaces is blank, as in JSON Lines
+        if row.text.strip(BLANK):
+            invalid.append(row)
+        else:  # a line of spaces is blank, as in JSON Lines; only its number is kept
+            blank.append(row.number)
         return "skip"
 
     try:
@@ -265,9 +271,11 @@ def _decode_csv(data, fields, path):
     except pa.ArrowInvalid as error:
         raise UserError(f"{path}: not readable as CSV with a header row ({error})") from None
     # pyarrow numbers rows from 1 at the header, leaving out empty lines; ours count data rows from 1.
-    bad_rows = sorted(row.number - 1 for row in invalid)
+    bad_rows = np.array(sorted(row.number - 1 for row in invalid), dtype=np.int64)
     good_rows = np.arange(1, table.num_rows + len(invalid) + len(blank) + 1)
-    good_rows = good_rows[~np.isin(good_rows, np.array([row.number - 1 for row in invalid + blank], dtype=np.int64))]
+    good_rows = good_rows[~np.isin(good_rows, np.concatenate([bad_rows, np.array(blank, dtype=np.int64) - 1]))]
+    if rows is not None or rest_first != 1:
+        bad_rows, good_rows = _renumber(bad_rows, rows, rest_first), _renumber(good_rows, rows, rest_first)
     malformed = np.zeros(table.num_rows, dtype=bool)
     if marker is not None:  # a row with invalid UTF-8 anywhere is malformed, like a JSON line with it
         for column in table.columns:
@@ -279,6 +287,15 @@ def _decode_csv(data, fields, path):
         bad_text = [text.replace(marker, "\ufffd") for text in bad_text]
     bad = _frame(bad_rows, bad_text, [True] * len(invalid), {}, fields)
     return DecodedCsv(table, good_rows.astype(np.int64), malformed, bad, set(table.column_names) - set(fields))
+
+
+def _renumber(ordinals, rows, rest_first):
+    """The row numbers of pyarrow's 1-based record `ordinals`: `rows` for the first records, then on from
+    `rest_first`."""
+    rows = np.zeros(0, dtype=np.int64) if rows is None else rows
+    inside = ordinals <= len(rows)
+    return np.where(inside, rows[np.minimum(ordinals, len(rows)) - 1] if len(rows) else 0,
+                    rest_first + ordinals - len(rows) - 1).astype(np.int64)
 
 
 def _csv_header(line, path):
@@ -386,7 +403,14 @@ _NOT_FOR_ARROW = "|".join([
 ])
 _MAX_BRACKETS = 500  # orjson decodes at most 1024 levels; a line with fewer brackets cannot be deeper
 _DECODE_BYTES = 4 << 20  # Arrow decodes this much at a time: a block that fails is halved, and no more is lost
-_BLANK_BYTES = np.frombuffer(BLANK.encode(), np.uint8)
+# A task holds at most about this much of a raw file's text at once, and this many of its rows: the
+# bound on its memory, whatever the lines (see read_blocks). 32 MiB is the byte range a large
+# uncompressed file is cut into (merge.SPLIT_BYTES), so no range is cut again by bytes; 2^21 rows
+# is more than 32 MiB holds of any valid row (the shortest, "2024-03-01,12,34", is 17 bytes), so
+# only a file of tiny lines (each one malformed, at about 500 bytes of memory) is cut by rows.
+BLOCK_BYTES = 32 << 20
+BLOCK_ROWS = 1 << 21
+_CHUNK_BYTES = 1 << 20  # read, gunzipped and rid of blank lines this much at a time
 
 
 @dataclass
@@ -409,33 +433,47 @@ class Block:
 
 
 def read_block(path, source, start=0, end=None, first_row=1, header=None):
-    """Read a raw file, or the lines that start in its bytes [start, end), into a Block.
+    """Read a raw file, or the lines that start in its bytes [start, end), into one Block.
 
     `first_row` is the row number of the first of those lines (see `count_rows`); a CSV range
     after the first gets the file's `header` line. A file that cannot be read at all is a UserError.
     """
-    fields = FIELDS[source]
+    (block, _), = read_blocks(path, source, start, end, first_row, header, block_bytes=None)
+    return block
+
+
+def read_blocks(path, source, start=0, end=None, first_row=1, header=None, block_bytes=BLOCK_BYTES,
+                block_rows=BLOCK_ROWS):
+    """Yield (Block, whether it is the last) for a raw file, or for the lines that start in its bytes
+    [start, end) (as read_block), one Block of at most about `block_bytes` of text and `block_rows` rows
+    at a time (None: all in one), so that what a task holds is bounded by the block, not by the file.
+
+    The text is read, and gunzipped, a chunk at a time, and the blank lines of each chunk are counted and
+    dropped at once: they are no rows, and a file of nothing else (a gzip bomb of line ends) costs no more
+    memory than its first chunk. A line is never cut: one longer than a block is a block of its own. A CSV
+    file is cut only before its first quote or carriage return (a quoted value may hold a line end): from
+    there on it is one block.
+    """
     fmt = file_format(path)
-    if end is None:
-        data = _read_whole(path)
-    else:
-        data = _read_lines(path, start, end)
-    if fmt == ".jsonl":
-        return _json_block(data, source, first_row)
-    if fmt == ".csv":
-        if header is not None:
-            data = header + b"\n" + data
-        decoded = _decode_csv(data, fields, path)
-        decoded.rows += first_row - 1
-        decoded.invalid["row"] += first_row - 1
+    if fmt == ".parquet":
+        yield _parquet_block(_read_whole(path), source, path), True
+        return
+    fields = FIELDS[source]
+    chunks = _file_chunks(path) if end is None else _chunks_of(_read_lines(path, start, end))
+    lines = (_JsonLines if fmt == ".jsonl" else _CsvLines)(first_row, header)
+    for text, last in _cut_blocks(chunks, lines, block_bytes, block_rows):
+        if fmt == ".jsonl":
+            yield _json_block(text.data, source, text.rows), last
+            continue
+        decoded = _decode_csv(text.data, fields, path, text.rows, text.rest_first)
         fast = ~decoded.malformed
         table = pa.table({name: decoded.table.column(name) if name in decoded.table.column_names
                           else pa.nulls(decoded.table.num_rows, pa.string()) for name in fields})
-        return Block(table.filter(pa.array(fast)), decoded.rows[fast],
-                     pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
-                     .sort_values("row", kind="stable", ignore_index=True),
-                     decoded.extra_fields, lambda mask: _csv_frame(_subset(decoded, fast), mask, fields))
-    return _parquet_block(data, source, path)
+        yield Block(table.filter(pa.array(fast)), decoded.rows[fast],
+                    pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
+                    .sort_values("row", kind="stable", ignore_index=True),
+                    decoded.extra_fields, lambda mask, decoded=decoded, fast=fast:
+                    _csv_frame(_subset(decoded, fast), mask, fields)), last
 
 
 def _subset(decoded, mask):
@@ -490,42 +528,209 @@ def _read_lines(path, start, end):
     return data
 
 
-def _json_block(data, source, first_row):
+def _file_chunks(path):
+    """The bytes of a whole raw file, gunzipped, _CHUNK_BYTES at a time, without a leading byte order mark."""
+    try:
+        with storage.path(path).open("rb") as file:
+            stream = gzip.GzipFile(fileobj=file, mode="rb") if storage.name(path).lower().endswith(".gz") else file
+            chunk = stream.read(max(_CHUNK_BYTES, len(codecs.BOM_UTF8))).removeprefix(codecs.BOM_UTF8)
+            while chunk or (chunk := stream.read(_CHUNK_BYTES)):
+                yield chunk
+                chunk = stream.read(_CHUNK_BYTES)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
+    except Exception as error:  # object storage's own errors
+        if not storage.is_url(path):
+            raise
+        raise storage.failure(error, path) from None
+
+
+def _chunks_of(data):
+    for start in range(0, len(data), _CHUNK_BYTES):
+        yield data[start:start + _CHUNK_BYTES]
+
+
+@dataclass
+class Text:
+    """A block's text as _cut_blocks gives it: `data`, its non-blank lines (CSV: the header line first),
+    and `rows`, their row numbers; a CSV's `data` may go on with lines as they came, rows numbered on
+    from `rest_first` (see _decode_csv)."""
+
+    data: bytes
+    rows: np.ndarray
+    rest_first: int = 1
+
+
+_NOT_BLANK_BYTE = np.ones(256, dtype=bool)
+_NOT_BLANK_BYTE[np.frombuffer(BLANK.encode(), np.uint8)] = False
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+def _lines_of(text):
+    """(starts, stops, not blank) of the lines of `text`, each ending in \\n."""
+    buffer = np.frombuffer(text, np.uint8)
+    stops = np.flatnonzero(buffer == 10) + 1
+    starts = np.concatenate([[0], stops[:-1]])
+    keep = _NOT_BLANK_BYTE[buffer[starts]]  # a line is blank only if it starts with a blank byte
+    if not keep.all():
+        keep = np.logical_or.reduceat(_NOT_BLANK_BYTE[buffer], starts)
+    return starts, stops, keep
+
+
+def _kept(text, starts, stops, keep):
+    """The lines of `text` where `keep`, one after another."""
+    if keep.all():
+        return text
+    return np.frombuffer(text, np.uint8)[np.repeat(keep, stops - starts)].tobytes()
+
+
+class _JsonLines:
+    """Turns whole lines of JSON Lines into (their non-blank lines, those lines' row numbers): every line,
+    blank or not, is numbered."""
+
+    tail = None  # JSON Lines are cut anywhere: no line is kept for later
+
+    def __init__(self, first_row, header=None):
+        self.before = first_row - 1  # the lines before the next one
+
+    def lines(self, text):
+        if not text.strip():  # all blank: a bomb of line ends is counted, in C, and dropped
+            self.before += text.count(b"\n") + (not text.endswith(b"\n"))
+            return b"", _NO_ROWS
+        if not text.endswith(b"\n"):  # the file's last line
+            text += b"\n"
+        starts, stops, keep = _lines_of(text)
+        rows = np.flatnonzero(keep) + self.before + 1
+        self.before += len(starts)
+        return _kept(text, starts, stops, keep), rows
+
+    def text(self, pieces, rows):
+        return Text(b"".join(pieces), np.concatenate(rows) if rows else _NO_ROWS)
+
+
+class _CsvLines:
+    """The same for CSV, numbered as pyarrow numbers them: a line of spaces takes a row number, an empty line
+    none. The header line is found first, after any blank lines, and put before each block's lines. From
+    the first quote or carriage return on, the lines are kept as they came (`tail`), for pyarrow to split."""
+
+    def __init__(self, first_row, header=None):
+        self.before = first_row - 1
+        self.header = header
+        self.head = b""  # what was read while looking for the header: blank lines, then its start
+        self.tail = None
+        self.rest_first = 1
+
+    def lines(self, text):
+        if self.header is None:
+            text = self._after_header(text)
+        if self.tail is not None:
+            self.tail.append(text)
+            return b"", _NO_ROWS
+        special = min([at for at in (text.find(b'"'), text.find(b"\r")) if at >= 0], default=-1)
+        if special >= 0:  # that line and all after it are kept as they came
+            cut = text.rfind(b"\n", 0, special) + 1
+            text, self.tail = text[:cut], [text[cut:]]
+        if not text.strip(b"\n"):  # only empty lines: no rows, no numbers
+            kept, rows = b"", _NO_ROWS
+        else:
+            if not text.endswith(b"\n"):  # the file's last line
+                text += b"\n"
+            starts, stops, keep = _lines_of(text)
+            numbered = stops - starts > 1
+            rows = (np.cumsum(numbered) + self.before)[keep]
+            self.before += int(numbered.sum())
+            kept = _kept(text, starts, stops, keep)
+        self.rest_first = self.before + 1
+        return kept, rows
+
+    def _after_header(self, text):
+        """The text after the header line, once that is found (b"" until then)."""
+        head = self.head + text
+        first = _NON_BLANK.search(head)
+        if first is None:  # blank lines: only the last one's start can be the header's
+            self.head = head[max(head.rfind(b"\n"), head.rfind(b"\r")) + 1:]
+            return b""
+        start = max(head.rfind(b"\n", 0, first.start()), head.rfind(b"\r", 0, first.start())) + 1
+        end = _LINE_END.search(head, first.start())
+        if end is None or end.end() == len(head) and end.group() == b"\r":  # no line end yet, or \r and then \n?
+            self.head = head[start:]
+            return b""
+        self.header, self.head = head[start:end.start()], b""
+        return head[end.end():]
+
+    def finish(self):
+        """Once the text ended: a header line without a line end is the header still."""
+        if self.header is None and _NON_BLANK.search(self.head):
+            self.header = _LINE_END.split(self.head, 1)[0]
+
+    def text(self, pieces, rows):
+        if self.header is None:
+            return Text(b"", _NO_ROWS)
+        return Text(b"".join([self.header, b"\n", *pieces, *(self.tail or [])]),
+                    np.concatenate(rows) if rows else _NO_ROWS, self.rest_first)
+
+
+def _cut_blocks(chunks, lines, block_bytes, block_rows):
+    """Yield (Text, whether it is the last) for `chunks` of a file's text, cut at line ends into blocks of
+    about `block_bytes` and `block_rows` (None: one block)."""
+    pieces, rows, size, count = [], [], 0, 0
+    carry = []  # the start of a line whose end is in a later chunk
+    chunks = iter(chunks)
+    chunk = next(chunks, None)
+    while chunk is not None:
+        following = next(chunks, None)  # read ahead: whether a full block is the last
+        cut = chunk.rfind(b"\n") + 1
+        if following is None:
+            cut = len(chunk)  # the last line may have no line end
+        if not cut:
+            carry.append(chunk)
+        else:
+            text = b"".join([*carry, chunk[:cut]]) if carry else chunk[:cut]
+            carry = [chunk[cut:]] if cut < len(chunk) else []
+            kept, kept_rows = lines.lines(text)
+            if len(kept):
+                pieces.append(kept)
+                rows.append(kept_rows)
+                size, count = size + len(kept), count + len(kept_rows)
+        if (block_bytes is not None and lines.tail is None and (size >= block_bytes or count >= block_rows)
+                and following is not None):
+            yield lines.text(pieces, rows), False
+            pieces, rows, size, count = [], [], 0, 0
+        chunk = following
+    if isinstance(lines, _CsvLines):
+        lines.finish()
+    yield lines.text(pieces, rows), True
+
+
+def _json_block(data, source, rows):
+    """A Block of `data`, non-blank JSON lines each ending in \\n, numbered `rows`."""
     fields = FIELDS[source]
     buffer = np.frombuffer(data, np.uint8)
-    newlines = np.flatnonzero(buffer == 10)
-    starts = np.concatenate([[0], newlines + 1])
-    stops = np.concatenate([newlines + 1, [len(data)]])  # each line with its \n
-    if starts[-1] == len(data):  # nothing after the last \n
-        starts, stops = starts[:-1], stops[:-1]
-    # The non-blank lines are the rows; a line is blank only if it starts with a blank byte.
-    maybe_blank = np.flatnonzero(np.isin(buffer[starts], _BLANK_BYTES))
-    blank = maybe_blank[[not data[starts[i]:stops[i]].strip() for i in maybe_blank]]
-    lines = np.delete(np.arange(len(starts)), blank)
-    candidate = np.ones(len(lines), dtype=bool)
+    stops = np.flatnonzero(buffer == 10) + 1
+    starts = np.concatenate([[0], stops[:-1]]).astype(np.int64) if len(stops) else stops
+    candidate = np.ones(len(starts), dtype=bool)
     if not data.isascii() and not _is_utf8(data):
-        candidate = np.array([_is_utf8(data[starts[i]:stops[i]]) for i in lines], dtype=bool)
-    if (stops[lines] - starts[lines] > _MAX_BRACKETS).any():  # only a long line can nest that deep
+        candidate = np.array([_is_utf8(data[start:stop]) for start, stop in zip(starts.tolist(), stops.tolist())],
+                             dtype=bool)
+    if (stops - starts > _MAX_BRACKETS).any():  # only a long line can nest that deep
         brackets = np.flatnonzero((buffer == ord("[")) | (buffer == ord("{")))
-        candidate &= np.searchsorted(brackets, stops[lines]) - np.searchsorted(brackets, starts[lines]) \
-            <= _MAX_BRACKETS
+        candidate &= np.searchsorted(brackets, stops) - np.searchsorted(brackets, starts) <= _MAX_BRACKETS
     chosen = np.flatnonzero(candidate)
-    text = _strings(*_gather(data, starts[lines[chosen]], stops[lines[chosen]]))
+    text = _strings(*_gather(data, starts[chosen], stops[chosen]))
     candidate[chosen[true_where(pc.match_substring_regex(text, _NOT_FOR_ARROW))]] = False
     chosen = np.flatnonzero(candidate)
-    tables, decoded = _decode_json(data, starts[lines[chosen]], stops[lines[chosen]], TYPES[source])
-    in_table = np.zeros(len(lines), dtype=bool)
+    tables, decoded = _decode_json(data, starts[chosen], stops[chosen], TYPES[source])
+    in_table = np.zeros(len(starts), dtype=bool)
     in_table[chosen[decoded]] = True
     extra = set().union(*(table.column_names for table in tables)) - set(fields)
     table = (pa.concat_tables([t.select(list(fields)) for t in tables]) if tables
              else TYPES[source].empty_table())
-    rows = lines + first_row
 
     def line_rows(picked):
-        return _json_rows(rows[picked].tolist(), [data[starts[i]:stops[i]].rstrip(b"\n") for i in lines[picked]],
+        return _json_rows(rows[picked].tolist(), [data[starts[i]:stops[i]].rstrip(b"\n") for i in picked.tolist()],
                           fields)
 
-    rest = line_rows(~in_table)
+    rest = line_rows(np.flatnonzero(~in_table))
     table_lines = np.flatnonzero(in_table)
     return Block(table, rows[table_lines], rest.frame, extra | rest.extra_fields,
                  lambda mask: line_rows(table_lines[mask]).frame)

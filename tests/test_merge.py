@@ -1,5 +1,6 @@
 """merge_and_clean.py end to end on tiny planted data: accounting, quarantine, atomicity, determinism."""
 
+import gzip
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXPECTED_ACCOUNTING, ROOT, run_in_process, run_joined, run_script, write_planted_raw
+from conftest import EXPECTED_ACCOUNTING, ROOT, listing, run_in_process, run_joined, run_script, write_planted_raw
 
 # The planted run's own LocalCluster: a shape other than the session cluster's 2 workers x 1 thread,
 # which test_merge_twice_gives_identical_rows_in_identical_order compares it with.
@@ -191,3 +192,77 @@ def test_merge_killed_midway_leaves_the_previous_output(generated_raw, generated
     assert rerun.keys() == previous.keys()
     for name in previous:
         pd.testing.assert_frame_equal(rerun[name], previous[name])
+
+
+def _peak_rss_since_reset(reset=False):
+    """On a worker: its peak resident memory (VmHWM) in bytes; `reset` starts the peak again from now."""
+    import re
+    if reset:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # Linux: reset the peak RSS
+    status = open("/proc/self/status").read()
+    return {name: int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) * 1024 for name in ("VmHWM", "VmRSS")}
+
+
+def test_merge_gzip_bomb_of_blank_lines_stays_within_a_chunk(raw_dir, session_cluster, tmp_path):
+    """64 MiB of line ends in a 65 KB .gz once made a worker grow to 3.3 GiB in 57 s. Blank lines are no
+    rows: they are counted and dropped a chunk at a time, and no worker grows by half of what this one
+    (128 MiB in 130 KB) decompresses to, whatever its size (25 MiB here, with 64 MiB or 256 MiB)."""
+    from distributed import Client
+
+    from recpipe.merge import clean_file
+    bomb, blank_mib = raw_dir / "clicks" / "2024-03-02.jsonl.gz", 128
+    with gzip.open(bomb, "wb", compresslevel=9) as file:
+        file.write(b'{"dt": "2024-03-02", "customer_id": 9, "item_id": 90, "click_time": "2024-03-02T10:00:00"}\n')
+        for _ in range(blank_mib):
+            file.write(b"\n" * 2**20)
+        file.write(b" \t\r\n" * 1000 + b"not json\n")
+    assert bomb.stat().st_size < 200_000
+    before = listing(tmp_path)
+    with Client(session_cluster) as client:
+        # Each worker cleans a small file first: what the first task imports is not the bomb's memory.
+        client.run(clean_file, str(raw_dir / "clicks" / "2024-03-01.jsonl"), "clicks", 0, str(tmp_path / "warm"), 1)
+        at_start = client.run(_peak_rss_since_reset, True)
+        started = time.monotonic()
+        run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data")
+        seconds = time.monotonic() - started
+        at_end = client.run(_peak_rss_since_reset)
+    growth = max(at_end[worker]["VmHWM"] - at_start[worker]["VmRSS"] for worker in at_end)
+    assert growth < blank_mib // 2 * 2**20, (at_start, at_end)
+    assert seconds < 30
+    clicks = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]["clicks"]
+    planted = EXPECTED_ACCOUNTING["clicks"]
+    assert clicks["rows_in"] == planted["rows_in"] + 2
+    assert clicks["kept"] == planted["kept"] + 1
+    assert clicks["set_aside"] == {**planted["set_aside"], "malformed": planted["set_aside"]["malformed"] + 1}
+    assert clicks["rows_in"] == clicks["kept"] + sum(clicks["set_aside"].values()) + clicks["duplicates_dropped"]
+    quarantine = read_table(tmp_path / "data" / "merged" / "_quarantine" / "clicks")
+    assert quarantine[quarantine.source_file.str.endswith(bomb.name)].row.tolist() == [blank_mib * 2**20 + 1000 + 2]
+    assert {name for name in set(listing(tmp_path)) - set(before) if not name.startswith("warm")} <= {
+        name for name in listing(tmp_path) if name.startswith("data")}
+
+
+def test_merge_file_of_several_blocks_writes_the_rows_of_one(tmp_path, monkeypatch):
+    """A gzipped file cleaned a few hundred bytes at a time (a piece per block, named after it) gives the rows,
+    reasons and accounting of the same file cleaned whole."""
+    from conftest import CLICK_LINES, IMPRESSION_LINES, write_jsonl
+    from recpipe import raw
+    from recpipe.merge import clean_file
+    monkeypatch.setattr(raw, "_CHUNK_BYTES", 100)
+    for source, lines in (("impressions", IMPRESSION_LINES), ("clicks", CLICK_LINES)):
+        path = tmp_path / "raw" / source / "f.jsonl.gz"
+        write_jsonl(path, [line for line in lines * 5 for line in (line, "")], gz=True)
+        whole = clean_file(str(path), source, 3, str(tmp_path / source / "whole"), 2, block_bytes=None)
+        cut = clean_file(str(path), source, 3, str(tmp_path / source / "cut"), 2, block_bytes=300)
+        assert whole == cut
+        whole_files = sorted(p.relative_to(tmp_path / source / "whole")
+                             for p in (tmp_path / source / "whole").rglob("*.parquet"))
+        cut_files = sorted(p.relative_to(tmp_path / source / "cut") for p in (tmp_path / source / "cut").rglob("*.parquet"))
+        assert all(p.name.startswith(("00003.", f"{source}-00003.", "part-00003.")) for p in whole_files)
+        assert len(cut_files) > len(whole_files) and all("00003-000" in p.name for p in cut_files)
+        for folder in {p.parent for p in whole_files}:
+            pd.testing.assert_frame_equal(
+                pd.concat([read_table(tmp_path / source / "whole" / p) for p in whole_files if p.parent == folder],
+                          ignore_index=True),
+                pd.concat([read_table(tmp_path / source / "cut" / p) for p in cut_files if p.parent == folder],
+                          ignore_index=True))

@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import listing, one_line, run_main
+from recpipe import raw
 from recpipe.cli import UserError
-from recpipe.raw import byte_ranges, count_rows, file_format, list_source_files, read_block, read_rows
+from recpipe.raw import (byte_ranges, count_rows, file_format, list_source_files, read_block,
+                         read_blocks, read_rows)
 
 
 def test_raw_file_format_looks_through_gzip():
@@ -289,3 +291,45 @@ def test_raw_block_gives_the_reference_values_of_every_row(tmp_path, source, tex
                 expected = [entry if type(entry) is not dict else (entry.get("item_id"), entry.get("is_order"))
                             for entry in expected]
             assert (value, type(value)) == (expected, type(expected)), (row, name)
+
+
+@pytest.mark.parametrize("name, source, lines", [
+    ("c.jsonl.gz", "clicks", [b'{"dt": "2024-03-01", "customer_id": %d, "pad": "%s"}' % (i, b"x" * (i % 29))
+                              for i in range(1, 80)] + [b"", b"   ", b"\t\r", b"not json", b"[1]", b"{}"]),
+    ("a.csv.gz", "add_to_carts", [b"2024-03-01,%d,%s,2024-03-01T00:00:00" % (i, b"1" * (1 + i % 17))
+                                  for i in range(1, 80)] + [b"", b"", b" \t ", b"1,2", b"x,y,z,w,v,u"]),
+])
+def test_raw_blocks_hold_every_row_once_whatever_the_chunk_and_block(tmp_path, monkeypatch, name, source, lines):
+    """A file read a few bytes at a time into blocks of a few rows: the rows of the file read whole, numbered
+    alike, blank lines counted and dropped; a CSV is cut only before its first quote or \\r."""
+    rng = np.random.default_rng(5)
+    lines = [lines[i] for i in rng.permutation(len(lines))]
+    if name.endswith(".csv.gz"):
+        lines = [b"", b"  ", b"dt,customer_id,config_id,occur_at"] + lines + [b'2024-03-01,"7",7,x', b"x\r", b"  "]
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b"\xef\xbb\xbf" + b"\n".join(lines)))
+    whole = block_rows(read_block(path, source))
+    assert len(whole) > 80
+    for chunk in (1, 7, 100):
+        monkeypatch.setattr(raw, "_CHUNK_BYTES", chunk)
+        for block_bytes, block_rows_ in ((1, 1), (300, 1000), (10**6, 7)):
+            blocks = list(read_blocks(path, source, block_bytes=block_bytes, block_rows=block_rows_))
+            assert [last for _, last in blocks] == [False] * (len(blocks) - 1) + [True]
+            assert len(blocks) > 3
+            rows = {}
+            for block, _ in blocks:
+                found = block_rows(block)
+                assert not set(found) & set(rows), "a row read twice"
+                rows.update(found)
+            assert rows == whole, (chunk, block_bytes)
+
+
+def test_raw_blank_lines_are_counted_and_dropped_a_chunk_at_a_time(tmp_path):
+    """8 MiB of line ends between two rows (a gzip bomb in small): one block of two rows, numbered by their
+    lines, and no block or chunk holding the blank lines."""
+    path = tmp_path / "c.jsonl.gz"
+    blank = 8 << 20
+    path.write_bytes(gzip.compress(b'{"customer_id": 1}\n' + b"\n" * blank + b" \t\n" * 1000 + b"not json\n"))
+    (block, last), = read_blocks(path, "clicks")
+    assert last and block.rows_in == 2
+    assert block_rows(block) == {1: (None, 1), blank + 1000 + 2: (b"not json", None)}
