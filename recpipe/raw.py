@@ -88,9 +88,19 @@ def list_source_files(raw_dir, source):
     return files
 
 
+def _not_a_folder(source_dir, what="a file"):
+    return UserError(f"raw source {source_dir} is {what}, not a folder: a source is a folder of raw files; move the "
+                     f"file into a folder of that name, as {source_dir}/<name>.jsonl (or .csv, .parquet, optionally .gz)")
+
+
 def _list_folder(raw_dir, source):
     source_dir = Path(raw_dir) / source
     if not source_dir.is_dir():
+        if Path(raw_dir).exists() and not Path(raw_dir).is_dir():
+            raise UserError(f"--raw {raw_dir} is a file, not a folder: point --raw at the folder that holds "
+                            f"{', '.join(name + '/' for name in SOURCES)}")
+        if source_dir.exists():
+            raise _not_a_folder(source_dir, "a file" if source_dir.is_file() else "a named pipe, socket or device")
         raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw {raw_dir}")
     files = []
     for path in sorted(source_dir.iterdir()):
@@ -118,6 +128,8 @@ def _list_objects(raw_url, source):
     try:
         if not source_dir.is_dir():
             storage.require_bucket(raw_url, "--raw")
+            if source_dir.is_file():
+                raise _not_a_folder(source_dir, "an object")
             raise UserError(f"raw source {source_dir}/ is missing: every run needs {', '.join(SOURCES)} under --raw "
                             f"{raw_url}")
         files = []

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 from conftest import listing, one_line, run_main
 from recpipe import raw
 from recpipe.cli import UserError
-from recpipe.raw import (byte_ranges, count_rows, file_format, list_source_files, read_block,
+from recpipe.raw import (byte_ranges, count_rows, file_format, list_raw_files, list_source_files, read_block,
                          read_blocks, read_rows)
 
 
@@ -291,6 +292,25 @@ def test_raw_block_gives_the_reference_values_of_every_row(tmp_path, source, tex
                 expected = [entry if type(entry) is not dict else (entry.get("item_id"), entry.get("is_order"))
                             for entry in expected]
             assert (value, type(value)) == (expected, type(expected)), (row, name)
+
+
+def test_raw_source_that_is_a_file_stops_merge_naming_it(raw_dir, tmp_path, capsys):
+    """`raw/clicks` a file, not a folder, used to be called "missing"."""
+    shutil.rmtree(raw_dir / "clicks")
+    (raw_dir / "clicks").write_text('{"customer_id": 1}\n')
+    before = listing(tmp_path)
+    assert run_main("merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data") == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: raw source {raw_dir / 'clicks'} is a file, not a folder: a source is a folder of raw files; move the "
+        f"file into a folder of that name, as {raw_dir / 'clicks'}/<name>.jsonl (or .csv, .parquet, optionally .gz)")
+    assert listing(tmp_path) == before
+
+
+def test_raw_folder_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "raw").write_text("")
+    with pytest.raises(UserError, match=r"^--raw .*raw is a file, not a folder: point --raw at the folder that holds "
+                                        r"impressions/, clicks/, add_to_carts/, previous_orders/$"):
+        list_raw_files(tmp_path / "raw")
 
 
 @pytest.mark.parametrize("name, source, lines", [
