@@ -200,7 +200,8 @@ def _peak_rss_since_reset(reset=False):
     if reset:
         with open("/proc/self/clear_refs", "w") as file:
             file.write("5")  # Linux: reset the peak RSS
-    status = open("/proc/self/status").read()
+    with open("/proc/self/status") as file:
+        status = file.read()
     return {name: int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) * 1024 for name in ("VmHWM", "VmRSS")}
 
 
@@ -246,9 +247,9 @@ def test_merge_file_of_several_blocks_writes_the_rows_of_one(tmp_path, monkeypat
     """A gzipped file cleaned a few hundred bytes at a time (a piece per block, named after it) gives the rows,
     reasons and accounting of the same file cleaned whole."""
     from conftest import CLICK_LINES, IMPRESSION_LINES, write_jsonl
-    from recpipe import raw
+
     from recpipe.merge import clean_file
-    monkeypatch.setattr(raw, "_CHUNK_BYTES", 100)
+    monkeypatch.setattr("recpipe.raw._CHUNK_BYTES", 100)
     for source, lines in (("impressions", IMPRESSION_LINES), ("clicks", CLICK_LINES)):
         path = tmp_path / "raw" / source / "f.jsonl.gz"
         write_jsonl(path, [line for line in lines * 5 for line in (line, "")], gz=True)

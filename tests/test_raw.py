@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import listing, one_line, run_main
-from recpipe import raw
 from recpipe.cli import UserError
 from recpipe.raw import (byte_ranges, count_rows, file_format, list_raw_files, list_source_files, read_block,
                          read_blocks, read_rows)
@@ -331,7 +330,7 @@ def test_raw_blocks_hold_every_row_once_whatever_the_chunk_and_block(tmp_path, m
     whole = block_rows(read_block(path, source))
     assert len(whole) > 80
     for chunk in (1, 7, 100):
-        monkeypatch.setattr(raw, "_CHUNK_BYTES", chunk)
+        monkeypatch.setattr("recpipe.raw._CHUNK_BYTES", chunk)
         for block_bytes, block_rows_ in ((1, 1), (300, 1000), (10**6, 7)):
             blocks = list(read_blocks(path, source, block_bytes=block_bytes, block_rows=block_rows_))
             assert [last for _, last in blocks] == [False] * (len(blocks) - 1) + [True]
