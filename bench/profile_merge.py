@@ -44,12 +44,12 @@ def clean(path, source, index, out, clock):
     data = rawfiles._read_whole(path)
     clock.lap("read")
     fmt = rawfiles.file_format(path)
-    original = rawfiles._read_whole
-    rawfiles._read_whole = lambda _: data  # read_block reads no more: the decode phase is decoding only
+    original = rawfiles._file_chunks
+    rawfiles._file_chunks = lambda _: rawfiles._chunks_of(data)  # read_block reads no more: the decode phase is decoding only
     try:
         block = rawfiles.read_block(path, source)
     finally:
-        rawfiles._read_whole = original
+        rawfiles._file_chunks = original
     clock.lap("decode" if fmt != ".parquet" else "read")
     if source == "impressions":
         plain, shown = typed_impressions(block.table, block.rows)
