@@ -12,6 +12,7 @@ Two ways, one result:
 """
 
 import codecs
+import contextlib
 import csv
 import gzip
 import io
@@ -493,19 +494,26 @@ def _subset(decoded, mask):
                       decoded.invalid, decoded.extra_fields)
 
 
-def _read_whole(path):
-    """The bytes of a raw file, gunzipped, without a leading byte order mark (it names the encoding; it is
-    not part of the first row)."""
+@contextlib.contextmanager
+def _reading(path):
+    """A raw file that cannot be read or gunzipped, or an object storage error, as one line naming it."""
     try:
-        data = storage.path(path).read_bytes()
-        if storage.name(path).lower().endswith(".gz"):
-            data = gzip.decompress(data)
+        yield
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
     except Exception as error:  # object storage's own errors
         if not storage.is_url(path):
             raise
         raise storage.failure(error, path) from None
+
+
+def _read_whole(path):
+    """The bytes of a raw file, gunzipped, without a leading byte order mark (it names the encoding; it is
+    not part of the first row)."""
+    with _reading(path):
+        data = storage.path(path).read_bytes()
+        if storage.name(path).lower().endswith(".gz"):
+            data = gzip.decompress(data)
     return data.removeprefix(codecs.BOM_UTF8)
 
 
@@ -542,19 +550,12 @@ def _read_lines(path, start, end):
 
 def _file_chunks(path):
     """The bytes of a whole raw file, gunzipped, _CHUNK_BYTES at a time, without a leading byte order mark."""
-    try:
-        with storage.path(path).open("rb") as file:
-            stream = gzip.GzipFile(fileobj=file, mode="rb") if storage.name(path).lower().endswith(".gz") else file
-            chunk = stream.read(max(_CHUNK_BYTES, len(codecs.BOM_UTF8))).removeprefix(codecs.BOM_UTF8)
-            while chunk or (chunk := stream.read(_CHUNK_BYTES)):
-                yield chunk
-                chunk = stream.read(_CHUNK_BYTES)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
-    except Exception as error:  # object storage's own errors
-        if not storage.is_url(path):
-            raise
-        raise storage.failure(error, path) from None
+    with _reading(path), storage.path(path).open("rb") as file:
+        stream = gzip.GzipFile(fileobj=file, mode="rb") if storage.name(path).lower().endswith(".gz") else file
+        chunk = stream.read(max(_CHUNK_BYTES, len(codecs.BOM_UTF8))).removeprefix(codecs.BOM_UTF8)
+        while chunk or (chunk := stream.read(_CHUNK_BYTES)):
+            yield chunk
+            chunk = stream.read(_CHUNK_BYTES)
 
 
 def _chunks_of(data):

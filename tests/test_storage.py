@@ -436,20 +436,26 @@ def test_storage_clean_leftovers_that_may_not_delete_says_so(iam_s3, as_admin):
     assert guarded_objects(iam_s3, "leftovers") == before
 
 
-def test_storage_a_denied_write_is_called_a_write(iam_s3, s3, tmp_path, monkeypatch):
-    """merge_and_clean.py with read-only credentials for --data: "cannot be written", not "cannot be read"; exit 74
-    like a read-only folder."""
+def merge_with_credentials(s3, raw_dir, data, credentials):
+    """merge_and_clean.py from raw_dir to `data` on the session's S3 cluster with `credentials` as
+    --storage-options, which are taken off its workers again afterwards. (The test monkeypatches
+    fsspec.config.conf["s3"], so that what they set in this process is undone too.)"""
     from distributed import Client
-    monkeypatch.setitem(fsspec.config.conf, "s3", {})  # what --storage-options sets here is undone after the test
-    raw_dir = write_planted_raw(tmp_path)
-    data = f"s3://{IAM_BUCKET}/denied"
     try:
-        result = run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler", s3[2],
-                                "--storage-options", json.dumps(iam_s3["reader"]), check=False)
+        return run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler", s3[2],
+                              "--storage-options", json.dumps(credentials), check=False)
     finally:
         with Client(s3[2]) as client, contextlib.suppress(ValueError):  # none when it stopped before sharing them
             client.unregister_worker_plugin("recpipe-storage-options")
             client.run(lambda: fsspec.config.conf.pop("s3", None))
+
+
+def test_storage_a_denied_write_is_called_a_write(iam_s3, s3, tmp_path, monkeypatch):
+    """merge_and_clean.py with read-only credentials for --data: "cannot be written", not "cannot be read"; exit 74
+    like a read-only folder."""
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    data = f"s3://{IAM_BUCKET}/denied"
+    result = merge_with_credentials(s3, write_planted_raw(tmp_path), data, iam_s3["reader"])
     assert result.returncode == 74, result.stdout + result.stderr
     line = one_line(result.stderr)
     assert line.startswith(f"error: {data}/merged: cannot be written: access denied (")
@@ -461,17 +467,9 @@ def test_storage_a_stage_that_may_write_but_not_delete_stops_saying_so(iam_s3, s
     """merge_and_clean.py with credentials that may write but not delete: its scratch objects cannot be removed,
     so the version it wrote would not be what a stage writes; it stops in one line, exit 74, and the version it
     leaves is one no manifest names (status lists it, `clean leftovers` with other credentials removes it)."""
-    from distributed import Client
     monkeypatch.setitem(fsspec.config.conf, "s3", {})
-    raw_dir = write_planted_raw(tmp_path)
     data = f"s3://{IAM_BUCKET}/scratch"
-    try:
-        result = run_in_process("merge_and_clean.py", "--raw", raw_dir, "--data", data, "--scheduler", s3[2],
-                                "--storage-options", json.dumps(iam_s3["writer"]), check=False)
-    finally:
-        with Client(s3[2]) as client, contextlib.suppress(ValueError):
-            client.unregister_worker_plugin("recpipe-storage-options")
-            client.run(lambda: fsspec.config.conf.pop("s3", None))
+    result = merge_with_credentials(s3, write_planted_raw(tmp_path), data, iam_s3["writer"])
     assert result.returncode == 74, result.stdout + result.stderr
     line = one_line(result.stderr)
     assert line.startswith("error: could not delete "), line
