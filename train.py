@@ -32,8 +32,9 @@ from recpipe.cli import UserError, entrypoint
 from recpipe.loader import Prepare, ProcessedDataset, Timelines, layout_of, make_loader
 from recpipe.model import Recommender
 from recpipe.training import (CHECKPOINT, CURVES, FINAL, METRICS, TRAIN_LOSS, Flag, Progress, Throughput,
-                               append_jsonl, bce, check_memory, dumps, evaluate, load_checkpoint, no_train_examples, plot_curves,
-                               record_run, resume, rule_auc, run_folder, save_checkpoint, select, write_json)
+                               append_jsonl, bce, check_memory, dumps, evaluate, load_checkpoint, no_train_examples,
+                               plot_curves, record_run, resume, rule_auc, run_folder, save_checkpoint, select,
+                               write_json)
 
 # ----------------------------------------------------------------------------- config
 # Every setting is a flag of the same name, declared once with its range, which argparse checks before
