@@ -119,7 +119,7 @@ def output_failure(error, folder=None, flag="--data"):
     in the client with its errno; the errno is also read from the text, for errors that
     carry only text. `folder` is where the stage writes (its --data), named in the fix.
     """
-    found = _write_errno(error)
+    found = write_errno(error)
     if found is None:
         return None
     cause, code = found
@@ -145,7 +145,7 @@ def output_failure(error, folder=None, flag="--data"):
     return message
 
 
-def _write_errno(error):
+def write_errno(error):
     """(the exception, its errno) for the first disk-full / not-writable error in `error`'s chain."""
     seen = set()
     while error is not None and id(error) not in seen:

@@ -226,30 +226,20 @@ def writing(path, partial=None):
 def _write_failure(error, path):
     """The line an OutputError says when `error` (or one it came from: PyTorch raises a RuntimeError of its own
     over the OSError of a failed write) is a full disk or an unwritable folder; None otherwise."""
-    error = _unwritable(error)
-    if error is None:
+    found = cli.write_errno(error)
+    if found is None:
         return None
+    code = found[1]
     folder = path.parent
     then = (f"then continue the run with --resume {folder / CHECKPOINT} (its best checkpoint so far)"
             if (folder / CHECKPOINT).is_file() else f"then start the run again (delete {folder}/ or give another --out)")
-    reason = os.strerror(error.errno).lower()
-    if error.errno == errno.EFBIG:
+    reason = os.strerror(code).lower()
+    if code == errno.EFBIG:
         return (f"file too large for its file system (or `ulimit -f`) while writing {path}: raise the limit, or put "
                 f"the run folder on a file system without it; {then}")
-    if error.errno in cli.DISK_FULL:
+    if code in cli.DISK_FULL:
         return f"{reason} while writing {path}: free space on the disk that holds {folder}/, {then}"
     return f"{reason}: cannot write {path}: make {folder}/ writable for this user, {then}"
-
-
-def _unwritable(error):
-    """The OSError of a full disk or an unwritable folder in `error`'s chain, or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in cli.DISK_FULL + cli.NOT_WRITABLE:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 # --- memory -----------------------------------------------------------------------------------------
