@@ -115,8 +115,12 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
             files = ", ".join(report["file"] for report in by_source[source])
             raise UserError(f"raw source {source}/ holds no rows (files: {files}); it needs data")
 
-    days = sorted({day for report in by_source["impressions"] for day in report["days"]})
-    splits = split_days(days, test_days, val_days, train_days)
+    files_by_day = collections.defaultdict(list)  # for the split's refusal to name the files of a lone day
+    for report in by_source["impressions"]:
+        for day in report["days"]:
+            files_by_day[day].append(str(report["file"]))
+    days = sorted(files_by_day)
+    splits = split_days(days, test_days, val_days, train_days, files_by_day)
     # Both halves of pass 2 are submitted at once: the workers take the second's tasks as the first's run out.
     day_futures = [
         client.submit(finish_impression_day, str(scratch / "impressions" / day.isoformat()), day.isoformat(),

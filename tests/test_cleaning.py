@@ -162,8 +162,9 @@ def test_merge_refuses_a_far_future_impression_day_naming_it(raw_dir, session_cl
     assert result.returncode == 2
     assert one_line(result.stderr).startswith(
         "error: the split counts back from the latest impression day, 2034-03-10, which leaves val (2034-03-09) "
-        "and train (2034-02-23 to 2034-03-08) without impressions, though older days have them (the latest, 2024-03-03, 3,659 days earlier): if "
-        "2034-03-10 is a mistaken date, correct or remove its rankings in the raw impressions")
+        "and train (2034-02-23 to 2034-03-08) without impressions, though older days have them (the latest, "
+        "2024-03-03, 3,659 days earlier): if 2034-03-10 is a mistaken date, correct or remove its rankings in the "
+        f"raw impressions ({raw_dir / 'impressions' / 'late.jsonl'}); ")
     assert listing(tmp_path) == before  # nothing published, no staging folder left
 
 
