@@ -14,7 +14,9 @@ s3fs is installed with requirements.txt; gcsfs (gs://) and adlfs (abfs://) are n
 """
 
 import argparse
+import errno
 import json
+import os
 import re
 import shutil
 import urllib.parse
@@ -211,6 +213,24 @@ def copy(source, target):
         return
     source, target = path(source), path(target)
     target.fs.copy(source.path, target.path)
+
+
+def share(source, target):
+    """Give `target` the bytes of the file `source`: a hard link on this machine, so that a stage passing a file
+    through unchanged writes nothing and the two folders hold one copy of it, which stays whole under either
+    name when the other folder is deleted (the stages never change a published file in place; they publish
+    new files). A copy where a link cannot be made (another file system, one without links) and in object
+    storage, where the store copies it itself."""
+    if not is_url(target) and not is_url(source):
+        from recpipe import folders  # folders reads paths through this module
+        folders.make_parents(target)
+        try:
+            os.link(source, target)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    copy(source, target)
 
 
 def files(folder):

@@ -5,7 +5,7 @@ bucket's part files in order, finds its distinct user-agent strings, parses each
 once with ua-parser and maps the parsed fields back onto every row through the
 dictionary indices (Arrow kernels, no Python loop over rows); it writes
 `cleaned/impressions/bucket=NNNNN/` with the same rows in the same order. One task per
-actions folder copies its files unchanged.
+actions folder passes its files on unchanged (hard links where the disk has them).
 
 Why per distinct string: a bucket of a million shown items carries a few thousand
 distinct user agents (customers keep their device), and ua-parser tries hundreds of
@@ -170,17 +170,18 @@ def clean_impressions_bucket(bucket_dir, out_dir, row_group_mb):
             "group_sizes": group_sizes, "parser": parser_version(), **stats}
 
 
-def copy_actions_folder(folder, in_root, out_root):
-    """Copy one folder's action files unchanged (runs on a worker); return their row count.
+def share_actions_folder(folder, in_root, out_root):
+    """Pass one folder's action files on unchanged (runs on a worker); return their row count.
 
-    A real copy, not a hard link: deleting repartitioned/ must give its space back
-    and leave cleaned/ whole.
+    Hard links where the file system has them (storage.share): the stage writes no byte of the
+    actions, the two folders hold one copy of them, and deleting repartitioned/ leaves cleaned/
+    whole (and gives back only what cleaned/ does not share).
     """
     rows = 0
     in_root = storage.path(in_root)
     for path in sorted(storage.path(folder).glob("*.parquet")):
         target = storage.path(out_root) / str(path.relative_to(in_root))
-        storage.copy(path, target)
+        storage.share(path, target)
         try:
             rows += parquet_file(target).metadata.num_rows
         except (OSError, pa.ArrowException) as error:
@@ -191,7 +192,7 @@ def copy_actions_folder(folder, in_root, out_root):
 
 def parse_ua_strings(client, in_dir, out_dir, row_group_mb, expected_rows=None):
     """Parse every impressions bucket of `in_dir` (repartitioned/) into `out_dir` (a staging folder)
-    and copy the actions.
+    and pass the actions on.
 
     `expected_rows` ({table: rows}, from repartitioned/'s manifest) is checked against what
     was read. Returns (accounting, user-agent summary, in-memory row group sizes of impressions).
@@ -204,13 +205,13 @@ def parse_ua_strings(client, in_dir, out_dir, row_group_mb, expected_rows=None):
     if not action_folders:
         raise UserError(f"{in_dir / 'actions'}/ holds no Parquet files; run repartition.py again")
 
-    # Both kinds of task go in at once: copies are disk-bound, parsing is CPU-bound.
+    # Both kinds of task go in at once: passing files on is disk-bound, parsing is CPU-bound.
     futures = [client.submit(clean_impressions_bucket, str(bucket), str(out_dir), row_group_mb,
                              key=task_key(f"parse-user-agents-{bucket.name}"), pure=False) for bucket in buckets]
-    futures += [client.submit(copy_actions_folder, str(folder), str(in_dir), str(out_dir),
-                              key=task_key(f"copy-actions-{folder.relative_to(in_dir)}"), pure=False)
+    futures += [client.submit(share_actions_folder, str(folder), str(in_dir), str(out_dir),
+                              key=task_key(f"share-actions-{folder.relative_to(in_dir)}"), pure=False)
                 for folder in action_folders]
-    results = wait_with_progress(futures, "parsing user agents and copying actions")
+    results = wait_with_progress(futures, "parsing user agents, passing the actions on")
     reports, action_rows = results[:len(buckets)], sum(results[len(buckets):])
 
     local = parser_version()

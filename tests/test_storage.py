@@ -3,6 +3,7 @@
 there is committed by its manifest; URLs it cannot open are one line."""
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -504,3 +505,17 @@ def test_storage_status_sees_a_replaced_object(merged):
     fsspec.filesystem("s3").pipe(f"{BUCKET}/raw/clicks/2024-03-01.jsonl", b"")
     state = pipeline.inspect(merged["s3"], url, {})[0]
     assert state.state == "stale" and state.reasons[0].startswith(f"the raw files under {url}/ changed")
+
+
+def test_storage_share_links_a_file_and_copies_where_no_link_can_be_made(tmp_path, monkeypatch):
+    source = tmp_path / "a.parquet"
+    source.write_bytes(b"PAR1 rows PAR1")
+    storage.share(source, tmp_path / "linked" / "a.parquet")
+    assert os.stat(tmp_path / "linked" / "a.parquet").st_ino == os.stat(source).st_ino
+
+    def across_file_systems(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "link", across_file_systems)
+    storage.share(source, tmp_path / "copied" / "a.parquet")
+    copied = tmp_path / "copied" / "a.parquet"
+    assert copied.read_bytes() == source.read_bytes() and os.stat(copied).st_ino != os.stat(source).st_ino
