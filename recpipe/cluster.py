@@ -28,6 +28,7 @@ from distributed.comm.core import CommClosedError, FatalCommClosedError
 from distributed.core import Status
 from distributed.scheduler import Scheduler
 from distributed.security import Security
+from distributed.utils import format_dashboard_link
 
 from recpipe import storage
 from recpipe.cli import ClusterError, OutputError, UserError, output_failure
@@ -80,7 +81,7 @@ def add_arguments(parser):
     group.add_argument("--workers", type=_at_least_one, default=None,
                        help=f"LocalCluster worker processes (default: one per core, fewer if that left a worker "
                        f"under {MIN_WORKER_MEMORY_TEXT})")
-    group.add_argument("--threads-per-worker", type=_at_least_one, default=1,
+    group.add_argument("--threads-per-worker", type=_at_least_one, default=None,
                        help="LocalCluster threads per worker (default: 1)")
     group.add_argument(
         "--memory-limit",
@@ -173,16 +174,37 @@ def local_cluster_size(workers=None, memory_limit=None):
     return workers, int(total * 0.75 / workers)
 
 
+# A stage whose tasks spend their time in Arrow and NumPy, which release the GIL, runs a LocalCluster's
+# workers as threads of the script's own process when its input is at most this large: no worker process
+# to start and no modules to import again (about a second of every such script on 2 cores), and no port
+# open but the dashboard's. Above it, worker processes: a task that runs out of memory then costs a worker,
+# which its nanny restarts and the failure is one line, not the whole script killed by the kernel; and the
+# second saved no longer matters against the minutes the stage takes.
+IN_PROCESS_MAX_BYTES = 2**30
+
+
+def in_process_reason(args, input_bytes, folder):
+    """Why a LocalCluster for a stage whose work releases the GIL runs in this process (the line the script
+    prints), or None where it starts worker processes: a --scheduler, cluster flags that size worker
+    processes, or an input of more than IN_PROCESS_MAX_BYTES."""
+    if args.scheduler or args.workers is not None or args.threads_per_worker is not None \
+            or args.memory_limit is not None or input_bytes > IN_PROCESS_MAX_BYTES:
+        return None
+    return (f"{folder}/ holds {format_bytes(input_bytes)}, and this stage's tasks release the GIL; worker "
+            f"processes above {format_bytes(IN_PROCESS_MAX_BYTES)}, or with --workers")
+
+
 @contextlib.contextmanager
-def connect(args):
+def connect(args, in_process=None):
     """Yield a Client for the script's whole run and close what we started afterwards.
 
+    `in_process`: in_process_reason's answer; a LocalCluster then runs its workers as threads here.
     A failure inside the block that is the cluster's or the disk's, not the code's,
     leaves as one clear line (see `explain_failure`), and the closing of a broken
     cluster is kept quiet: its log lines would bury that line under tracebacks.
     """
     with contextlib.ExitStack() as stack:
-        client = _start(args, stack)
+        client = _start_in_process(args, stack, in_process) if in_process and not args.scheduler else _start(args, stack)
         share_storage_options(client, args)
         try:
             yield client
@@ -228,7 +250,7 @@ def _start(args, stack):
                           "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 64 * 2**20}):
         cluster = stack.enter_context(LocalCluster(
             n_workers=workers,
-            threads_per_worker=args.threads_per_worker,
+            threads_per_worker=args.threads_per_worker or 1,
             memory_limit=memory_limit,
             processes=True,
             # Dask's own default too; said here so that the scheduler, workers and nannies
@@ -248,13 +270,43 @@ def _start(args, stack):
     stack.callback(scheduler_log.removeFilter, _not_reported_by_client)
     client.register_plugin(QuietLocalWorkers())
     _ANNOUNCED.add(client.scheduler.address)
-    print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker} threads, "
+    print(f"Dask: LocalCluster with {workers} workers x {args.threads_per_worker or 1} threads, "
           f"{memory_limit / 2**30:.1f} GiB each")
-    if args.dashboard_address:  # it may be open to other machines: say so where the link is
-        print(f"Dask dashboard: {client.dashboard_link} (--dashboard-address {args.dashboard_address}: "
-              f"listening on {dashboard_host or 'every interface'})", flush=True)
+    _print_dashboard(client.dashboard_link, args.dashboard_address, dashboard_host)
+    return client
+
+
+def _print_dashboard(link, flag, host):
+    if flag:  # it may be open to other machines: say so where the link is
+        print(f"Dask dashboard: {link} (--dashboard-address {flag}: "
+              f"listening on {host or 'every interface'})", flush=True)
     else:
-        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        print(f"Dask dashboard: {link}", flush=True)
+
+
+def _start_in_process(args, stack, reason):
+    """A LocalCluster of one worker with a thread per core, in this process (see IN_PROCESS_MAX_BYTES)."""
+    threads = os.cpu_count() or 1
+    memory_limit = int(psutil.virtual_memory().total * 0.75)
+    dashboard_host, dashboard_port = _dashboard_address(args.dashboard_address)
+    # Its scheduler and worker talk through memory (inproc://): nothing listens for another process to
+    # join. Dask's memory rules act on a worker by pausing it and, through its nanny, restarting it; a
+    # worker in the script's own process has no nanny, and pausing it would stop the stage for good.
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False,
+                          "distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}):
+        cluster = stack.enter_context(LocalCluster(
+            n_workers=1, threads_per_worker=threads, memory_limit=memory_limit, processes=False,
+            silence_logs=logging.ERROR, dashboard_address=f"{dashboard_host}:{dashboard_port}",
+            # A worker always serves its HTTP routes; without a host it would listen on every interface.
+            worker_dashboard_address="127.0.0.1:0"))
+    client = stack.enter_context(Client(cluster))
+    client.register_plugin(QuietLocalWorkers())
+    _ANNOUNCED.add(client.scheduler.address)
+    print(f"Dask: LocalCluster in this process, 1 worker x {threads} threads ({reason})")
+    # Dask would name the machine's address, which an in-memory scheduler has; the page is on dashboard_host.
+    link = format_dashboard_link(dashboard_host or "127.0.0.1", cluster.scheduler.http_server.port)
+    _print_dashboard(link, args.dashboard_address, dashboard_host)
     return client
 
 

@@ -74,8 +74,9 @@ def run_stage(args):
             folders.claiming(target, not_a_preprocessors_folder, "replace",
                              "point --preprocessors at a new or empty folder, or at one preprocess.py wrote"):
         refuse_others_preprocessors(target, processed_dir)
+        threads = cluster.in_process_reason(args, stage.table_bytes(cleaned.manifest), this.reads)
         with stage.publish(args.data, this.name, parameters, [cleaned.entry()]) as run, \
-                cluster.connect(args) as client:
+                cluster.connect(args, threads) as client:
             # Fitted into the stage first: processed/ keeps the copy it was made with.
             fitted_dir = run.path / encoders.FITTED
             run.accounting, fit_record, rows_per_split, history_entries = preprocess(

@@ -614,6 +614,11 @@ def check_accounting(accounting):
             )
 
 
+def table_bytes(manifest):
+    """The bytes of every table a stage's manifest describes, summed: the size of its output on disk."""
+    return sum(table["bytes"] for table in manifest["tables"].values())
+
+
 def size_stats(sizes):
     """min / median / max in MiB, and how many, of a list of sizes in bytes."""
     sizes = [size / 2**20 for size in sizes]

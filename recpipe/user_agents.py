@@ -47,6 +47,7 @@ _resolver_lock = threading.Lock()  # a worker may run several tasks in threads
 # (2,373 distinct strings in all against 26,238 counted bucket by bucket, 5.5 M actions), and a
 # parse is a pure function of the string and the pinned parser. Emptied when it reaches the bound.
 _parsed = {}
+_parsed_lock = threading.Lock()
 PARSED_KEPT = 2**18
 
 
@@ -61,8 +62,9 @@ def run_stage(args):
         row_group_mb = manifest["parameters"].get("row_group_mb", 64)
         parameters = {"row_group_mb": row_group_mb, **parser_version()}
         expected_rows = {table: described["rows"] for table, described in manifest["tables"].items()}
+        threads = cluster.in_process_reason(args, stage.table_bytes(manifest), this.reads)
         with stage.publish(args.data, this.name, parameters, [repartitioned.entry()]) as run, \
-                cluster.connect(args) as client:
+                cluster.connect(args, threads) as client:
             run.accounting, parsed, group_sizes = parse_ua_strings(
                 client, repartitioned.path, run.path, row_group_mb, expected_rows)
             run.extra["user_agents"] = parsed
@@ -136,19 +138,22 @@ def parse_partition(table):
     stripped = pc.dictionary_encode(pc.utf8_trim_whitespace(distinct))
     to_parse = stripped.dictionary.to_pylist()
 
-    new = [user_agent for user_agent in to_parse if user_agent and user_agent not in _parsed]
+    with _parsed_lock:
+        answers = {user_agent: _parsed[user_agent] for user_agent in to_parse if user_agent in _parsed}
+    new = [user_agent for user_agent in to_parse if user_agent and user_agent not in answers]
     if new:
         resolver()  # built (its regexes compiled) outside the timing: once per process, not per string
     started = time.perf_counter()
-    answers = {user_agent: parse_user_agent(user_agent) for user_agent in new}
+    parsed_now = {user_agent: parse_user_agent(user_agent) for user_agent in new}
     seconds = time.perf_counter() - started
-    if len(_parsed) + len(answers) > PARSED_KEPT:
-        _parsed.clear()
-    _parsed.update(answers)
+    with _parsed_lock:
+        if len(_parsed) + len(parsed_now) > PARSED_KEPT:
+            _parsed.clear()
+        _parsed.update(parsed_now)
+    answers.update(parsed_now)
     values = {name: [] for name in FIELDS}
     for user_agent in to_parse:
-        parsed = (answers.get(user_agent) or _parsed[user_agent]) if user_agent else MISSING
-        for name, value in zip(FIELDS, parsed):
+        for name, value in zip(FIELDS, answers[user_agent] if user_agent else MISSING):
             values[name].append(value)
 
     for name in FIELDS:

@@ -203,6 +203,28 @@ def test_cluster_a_script_and_its_workers_listen_on_loopback_only(raw_dir, tmp_p
     assert [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
 
 
+def test_cluster_in_process_only_for_a_small_input_and_no_cluster_flags():
+    small, large = 64 * 2**20, cluster.IN_PROCESS_MAX_BYTES + 1
+    assert "cleaned/ holds 64.00 MiB" in cluster.in_process_reason(parse(), small, "cleaned")
+    assert cluster.in_process_reason(parse(), large, "cleaned") is None
+    for flags in (["--workers", "2"], ["--threads-per-worker", "1"], ["--memory-limit", "1GiB"],
+                  ["--scheduler", "tcp://127.0.0.1:8786"]):
+        assert cluster.in_process_reason(parse(*flags), small, "cleaned") is None, flags
+
+
+def test_cluster_in_process_runs_tasks_on_threads_here_and_opens_no_port_beyond_loopback(capsys):
+    with cluster.connect(parse(), "a test's reason") as client:
+        sockets = listening_sockets()
+        link = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("Dask dashboard: ")]
+        with urllib.request.urlopen(link[0], timeout=30) as response:
+            assert response.status == 200
+        futures = [client.submit(os.getpid, pure=False) for _ in range(4)]
+        assert set(cluster.wait_with_progress(futures, "asking")) == {os.getpid()}
+        assert client.scheduler.address.startswith("inproc://")
+    assert urllib.parse.urlparse(link[0]).hostname == "127.0.0.1"
+    assert sockets and [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback] == []
+
+
 def test_cluster_dashboard_falls_back_to_a_free_port_when_its_own_is_taken(monkeypatch):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -89,8 +89,10 @@ def test_preprocess_twice_gives_identical_output_and_preprocessors(default_run, 
     first = processed_content(data)
     (tmp_path / "b").mkdir()  # as in a clone: preprocessors/ holds the README saying what lands there
     (tmp_path / "b" / "README.md").write_text("What preprocess.py fits lands here.\n")
-    # The second on a LocalCluster of its own with 1 worker: the output does not depend on the cluster's shape.
-    run_in_process("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b", "--workers", "1")
+    # The second on a LocalCluster of its own, in this process with a thread per core (its input is small, and
+    # no cluster flag is given): the output does not depend on the cluster's shape.
+    second = run_in_process("preprocess.py", "--data", data, "--preprocessors", tmp_path / "b")
+    assert "Dask: LocalCluster in this process, 1 worker x" in second.stdout
     assert processed_content(data) == first
     for name in ("encoders.json", "scaler.json", "fit.json"):
         assert (default_run[1] / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
