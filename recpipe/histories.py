@@ -137,6 +137,19 @@ def window_indices(windows):
     return offsets, np.repeat(windows.end - 1, windows.length) - within
 
 
+def history_item_counts(windows):
+    """How often each item occurs in the keys' histories, counted without expanding them: a Series of
+    counts indexed by item id, for the items that occur. An action lies in as many histories as windows
+    cover it, which a running sum of window starts and ends gives."""
+    actions = len(windows.item_id)
+    starts = np.bincount(windows.end - windows.length, minlength=actions + 1)
+    ends = np.bincount(windows.end, minlength=actions + 1)
+    covered = np.cumsum(starts - ends)[:actions]
+    codes, items = pd.factorize(windows.item_id)
+    counts = np.bincount(codes, weights=covered, minlength=len(items)).astype(np.int64)
+    return pd.Series(counts, index=items, dtype="int64")[counts > 0]
+
+
 def timelines(windows):
     """Each customer's actions once, oldest first, and every key's window into them (docs/data.md, Layouts).
 

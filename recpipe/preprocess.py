@@ -37,8 +37,8 @@ from recpipe.cli import OutputError, UserError
 from recpipe.schemas import US_PER_DAY
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.encoders import CategoryEncoder, StandardScaler
-from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, compute_histories, history_windows,
-                               padded, timelines, window_indices)
+from recpipe.histories import (COUNT_FEATURES, NUMERIC_FEATURES, compute_histories, history_item_counts,
+                               history_windows, padded, timelines)
 from recpipe.repartition import splitmix64
 from recpipe.tables import read_parts
 
@@ -257,8 +257,16 @@ def in_sample(ranking_id, position, seed, fraction):
     """The seeded sample: a fixed hash of (ranking_id, position, seed) below `fraction`.
 
     Per row, not per partition: the same rows are sampled whatever the buckets are.
+    `ranking_id` may be an Arrow array: each distinct id (a ranking shows several items) is then
+    hashed once, without a Python string per row.
     """
-    text = pd.util.hash_array(np.asarray(ranking_id, dtype=object), categorize=False)
+    if isinstance(ranking_id, (pa.Array, pa.ChunkedArray)):
+        ids = pc.dictionary_encode(ranking_id.combine_chunks() if isinstance(ranking_id, pa.ChunkedArray)
+                                   else ranking_id)
+        text = pd.util.hash_array(ids.dictionary.to_numpy(zero_copy_only=False), categorize=False)[
+            ids.indices.to_numpy(zero_copy_only=False)]
+    else:
+        text = pd.util.hash_array(np.asarray(ranking_id, dtype=object), categorize=False)
     with np.errstate(over="ignore"):  # the multiply wraps modulo 2^64 by design, for every seed above 1
         salt = splitmix64(np.asarray(position, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
     uniform = (splitmix64(text ^ salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
@@ -360,14 +368,13 @@ def summarize_bucket(cleaned_dir, bucket, params):
     """Step 1 for one bucket (runs on a worker): the statistics of its share of the sample."""
     impressions, actions, _ = read_bucket(cleaned_dir, bucket)
     train = impressions.filter(pc.equal(impressions.column("split"), "train"))
-    sampled = train.filter(in_sample(train.column("ranking_id").to_numpy(zero_copy_only=False),
+    sampled = train.filter(in_sample(train.column("ranking_id"),
                                      train.column("position").to_numpy(), params["seed"], params["sample_frac"]))
     counts = {name: _value_counts(sampled.column(column)) for name, column in CATEGORICAL.items()}
     examples, keys = _keys(sampled)
     windows = history_windows(actions, keys, params["lookback_days"], params["max_history"])
     # History items share the item vocabulary: count them once per sampled (customer, day).
-    items = windows.item_id[window_indices(windows)[1]]
-    counts["cat_item"] = counts["cat_item"].add(_value_counts(pa.array(items)), fill_value=0)
+    counts["cat_item"] = counts["cat_item"].add(history_item_counts(windows), fill_value=0)
     features = _features(windows.features, _key_index(keys, examples))
     moments = {name: np.array([len(values), values.sum(), np.square(values).sum()])
                for name, values in features.items()}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recpipe.histories import NUMERIC_FEATURES, compute_histories
+from recpipe.histories import NUMERIC_FEATURES, compute_histories, history_item_counts, history_windows
 
 D = dt.date(2024, 3, 10)
 
@@ -111,3 +111,25 @@ def test_histories_agree_with_a_plain_pandas_loop_on_random_data(seed):
     got = histories_of(actions, keys, lookback_days=20, max_history=25)
     expected = reference_histories(actions, keys, lookback_days=20, max_history=25)
     assert [(list(a), list(b)) for a, b in zip(got.history_items, got.history_action_types)] == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_histories_item_counts_equal_counting_the_expanded_histories(seed):
+    rng = np.random.default_rng(seed)
+    n = 2000
+    start = pd.Timestamp("2024-01-01", tz="UTC").value // 1000
+    actions = pd.DataFrame({
+        "customer_id": rng.integers(1, 30, n), "item_id": rng.integers(1, 50, n) * 10**12,  # ids far apart
+        "action_type": rng.integers(1, 4, n).astype(np.int8),
+        "occurred_at": pd.to_datetime(start + rng.integers(0, 60 * 86_400_000_000, n), unit="us", utc=True
+                                      ).astype("datetime64[us, UTC]"),
+    }).sort_values(["customer_id", "occurred_at", "action_type", "item_id"], ignore_index=True)
+    keys = pd.DataFrame(sorted({(int(c), dt.date(2024, 1, 1) + dt.timedelta(days=int(d)))
+                                for c, d in zip(rng.integers(1, 35, 200), rng.integers(0, 65, 200))}),
+                        columns=["customer_id", "dt"])
+    windows = history_windows(actions, keys, lookback_days=15, max_history=20)
+    expanded = compute_histories(actions, keys, 15, 20).column("history_items").combine_chunks().flatten()
+    expected = pd.Series(expanded.to_numpy()).value_counts()
+    got = history_item_counts(windows)
+    assert got.sort_index().to_dict() == expected.sort_index().to_dict() and got.dtype == np.int64
+    assert (got > 0).all()

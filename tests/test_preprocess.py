@@ -184,7 +184,7 @@ def test_preprocess_leak_guard_rejects_an_action_from_day_d():
 
 
 def test_preprocess_sample_is_seeded_and_about_the_fraction():
-    ranking_ids = np.array([f"r{i}" for i in range(20_000)], dtype=object)
+    ranking_ids = np.array([f"r{i // 10}" for i in range(20_000)], dtype=object)  # a ranking shows 10 items
     positions = np.arange(20_000) % 10
     first = in_sample(ranking_ids, positions, seed=0, fraction=0.2)
     assert (first == in_sample(ranking_ids, positions, seed=0, fraction=0.2)).all()
@@ -192,6 +192,9 @@ def test_preprocess_sample_is_seeded_and_about_the_fraction():
     assert 0.18 < first.mean() < 0.22
     with np.errstate(all="raise"):  # the largest seed --seed takes wraps without a warning on every worker
         assert 0.18 < in_sample(ranking_ids, positions, seed=2**64 - 1, fraction=0.2).mean() < 0.22
+    # as the stage gives them, an Arrow column of two chunks: the same rows, each distinct id hashed once
+    chunked = pa.chunked_array([ranking_ids[:7_000].tolist(), ranking_ids[7_000:].tolist()], pa.string())
+    assert (in_sample(chunked, positions, seed=0, fraction=0.2) == first).all()
 
 
 def test_stage_parameters_refuse_every_value_outside_their_range():
