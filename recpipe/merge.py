@@ -2,18 +2,20 @@
 
 Two passes, both one task per unit of work:
 
-1. one task per raw file (or per byte range of a large one, see `split_large_files`)
-   reads, validates and cleans it, writes its canonical actions
-   (`actions/<source>-<file>.parquet`, plus a copy with a row group per customer bucket
-   into a scratch folder) or its shown items cut by day into the scratch folder, and its
-   quarantined rows (`_quarantine/<source>/part-<file>.parquet`);
+1. one task per group of consecutive small raw files of one source (about GROUP_BYTES on disk,
+   see `plan_tasks`), per large file, or per byte range of a large one (see `split_large_files`)
+   reads, validates and cleans its files one after another, and writes their canonical actions
+   (`actions/<source>-<first file>.parquet`, plus a copy with a row group per customer bucket
+   into a scratch folder) or their shown items cut by day into the scratch folder, and their
+   quarantined rows (`_quarantine/<source>/part-<first file>.parquet`), each file's rows in raw
+   order; it accounts for every file on its own;
 2. one task per impression day gathers that day's pieces in the raw files' order,
    drops exact duplicate shown items (they may sit in different files), labels the
    split and writes `impressions/part-<day>.parquet`; one task per customer bucket
    counts the exact duplicate actions (kept, but reported).
 
 Passing rows through disk, cut by day or bucket, is the shuffle: no worker ever
-holds more than one raw file, one day or one bucket.
+holds more than a block of raw text and the cleaned rows of about one, one day or one bucket.
 """
 
 import collections
@@ -31,8 +33,8 @@ from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, 
                               typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.raw import (BLOCK_BYTES, SOURCES, byte_ranges, can_split, count_rows, file_format, list_raw_files,
-                         read_blocks, read_rows)
+from recpipe.raw import (BLOCK_BYTES, BLOCK_ROWS, SOURCES, byte_ranges, can_split, count_rows, file_format,
+                         list_raw_files, read_blocks, read_rows)
 from recpipe.tables import write_table
 
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
@@ -50,6 +52,15 @@ SCRATCH_IMPRESSIONS = schemas.IMPRESSIONS.remove(schemas.IMPRESSIONS.get_field_i
 # Uncompressed JSON Lines and CSV files larger than this are read by several tasks, a range of about
 # this many bytes each, so that one large file keeps every worker busy.
 SPLIT_BYTES = 32 * 2**20
+
+# Consecutive smaller files of one source are read by one task, up to about this many bytes on disk
+# (a compressed file by its compressed size), and write one merged file, one scratch file and one
+# quarantine file between them: a landing zone of a file per source and hour then costs what its
+# bytes cost, not a task, three small Parquet files and a read of each scratch file per bucket each.
+GROUP_BYTES = SPLIT_BYTES
+
+# About this much raw action input (on disk) per customer bucket of the duplicate count.
+BUCKET_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -85,24 +96,31 @@ def run_stage(args):
 
 
 def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days, split_bytes=SPLIT_BYTES,
-                    line_by_line=False):
+                    line_by_line=False, group_bytes=GROUP_BYTES):
     """Run both passes into `out_dir` (a staging folder); return (accounting, impression days, extra fields).
 
-    `line_by_line` reads every row the reference way, and every file whole (see clean_file).
+    `line_by_line` reads every row the reference way, and every file whole (see clean_file); the files
+    are grouped into tasks as they are otherwise, so that both ways write the same files.
     """
     out_dir = storage.path(out_dir)
     scratch = out_dir / "_scratch"
-    action_files = sum(len(raw_files[source]) for source in ACTION_SOURCES)
-    buckets = min(64, max(1, action_files // 8))  # few enough that bucket pieces are not tiny
-    parts = {} if line_by_line else split_large_files(client, raw_files, split_bytes)
+    sizes = _file_sizes(raw_files)
+    action_bytes = sum(sizes[path] for source in ACTION_SOURCES for path in raw_files[source])
+    buckets = min(64, max(1, action_bytes // BUCKET_BYTES))  # few enough that bucket pieces are not tiny
+    parts = {} if line_by_line else split_large_files(client, raw_files, sizes, split_bytes)
+    tasks = plan_tasks(raw_files, sizes, parts, group_bytes)
     futures = [
-        client.submit(clean_file, str(path), source, index, str(out_dir), buckets, line_by_line, part,
-                      key=task_key(f"clean-{source}-{index}" + ("" if part is None else f"-{part.number}")), pure=False)
-        for source in SOURCES
-        for index, path in enumerate(raw_files[source])
-        for part in parts.get((source, index), [None])
+        client.submit(clean_files, [str(raw_files[source][index]) for index in indexes], source, indexes[0],
+                      str(out_dir), buckets, line_by_line, part,
+                      key=task_key(f"clean-{source}-{indexes[0]}" + ("" if part is None else f"-{part.number}")),
+                      pure=False)
+        for source, indexes, part in tasks
     ]
-    reports = wait_with_progress(futures, "cleaning raw files")
+    raw_count = sum(map(len, raw_files.values()))
+    if len(tasks) < raw_count:
+        print(f"cleaning {raw_count:,} raw files in {len(tasks):,} tasks", flush=True)
+    results = wait_with_progress(futures, "cleaning raw files")
+    reports = [report for result in results for report in result["reports"]]
     if parts:
         workers = {report["worker"] for report in reports if "part" in report}
         print(f"the {sum(map(len, parts.values()))} ranges were read by {len(workers)} "
@@ -129,7 +147,7 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
     ]
     bucket_futures = [client.submit(count_exact_duplicate_actions, str(scratch / "actions"), bucket,
                                     key=task_key(f"duplicates-{bucket:03d}"), pure=False)
-                      for bucket in sorted({bucket for report in reports for bucket in report.get("buckets", [])})]
+                      for bucket in sorted({bucket for result in results for bucket in result["buckets"]})]
     day_reports = wait_with_progress(day_futures, "deduplicating impressions by day")
     exact_duplicates = _sum_counters(wait_with_progress(bucket_futures, "counting exact duplicate actions"))
     storage.remove_tree(scratch)  # absent when every row was set aside
@@ -160,15 +178,50 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
     return accounting, impression_days, extra_fields
 
 
-def split_large_files(client, raw_files, split_bytes):
+def _file_sizes(raw_files):
+    """{path: its size on disk} of every raw file: one listing per source in object storage."""
+    sizes = {}
+    for files in raw_files.values():
+        if files:
+            stats = storage.stats(files, storage.path(files[0]).parent)
+            sizes.update({file: size for file, (size, _) in stats.items()})
+    return sizes
+
+
+def plan_tasks(raw_files, sizes, parts, group_bytes):
+    """[(source, the indexes of its files, Part or None)]: the tasks of pass 1, in raw order.
+
+    A file read in byte ranges is a task per range; the other files of a source are taken in raw order
+    into groups of consecutive files of at most about `group_bytes` on disk, a larger file a group of
+    its own. A group's outputs are named after its first file: sorted, they are in raw order still.
+    """
+    tasks = []
+    for source in SOURCES:
+        group, group_size = [], 0
+        for index, path in enumerate(raw_files[source]):
+            if (source, index) in parts or (group and group_size + sizes[path] > group_bytes):
+                if group:
+                    tasks.append((source, group, None))
+                group, group_size = [], 0
+            if (source, index) in parts:
+                tasks += [(source, [index], part) for part in parts[(source, index)]]
+            else:
+                group.append(index)
+                group_size += sizes[path]
+        if group:
+            tasks.append((source, group, None))
+    return tasks
+
+
+def split_large_files(client, raw_files, sizes, split_bytes):
     """{(source, index): [Part, ...]} for the raw files read in byte ranges (none for the others)."""
     counted = {}
     for source in SOURCES:
         for index, path in enumerate(raw_files[source]):
-            if can_split(path) and path.stat().st_size > split_bytes:
+            if can_split(path) and sizes[path] > split_bytes:
                 counted[(source, index)] = [
                     (start, end, client.submit(count_rows, str(path), start, end, pure=False))
-                    for start, end in byte_ranges(path.stat().st_size, split_bytes)]
+                    for start, end in byte_ranges(sizes[path], split_bytes)]
     if not counted:
         return {}
     counts = wait_with_progress([future for ranges in counted.values() for _, _, future in ranges],
@@ -195,55 +248,105 @@ def split_large_files(client, raw_files, split_bytes):
 
 
 def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
-    """Pass 1 for one raw file, or one Part of it (runs on a worker). Returns its accounting.
+    """Pass 1 for one raw file, or one Part of it (runs on a worker): clean_files of that file alone; returns
+    its accounting, with the buckets its scratch copy holds."""
+    result = clean_files([path], source, index, out_dir, buckets, line_by_line, part, block_bytes)
+    report, = result["reports"]
+    return {**report, "buckets": result["buckets"]} if result["buckets"] else report
 
-    The file is read, cleaned and written a block of at most about `block_bytes` of text at a time
-    (raw.read_blocks), so that a task's memory is bounded by the block whatever the file holds; a file of
-    more than one block writes a piece per block, named as a file's ranges are, in the same order.
-    `line_by_line` reads every row the reference way (raw.read_rows), the file whole, instead of Arrow's
-    blocks first; the output is the same, which a test checks.
+
+def clean_files(paths, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
+    """Pass 1 for consecutive raw files of one source, the first numbered `index`, or for one Part of one file
+    (runs on a worker). Returns {"reports": each file's accounting, in order, "buckets": those written}.
+
+    The files are read and cleaned a block of at most about `block_bytes` of text at a time (raw.read_blocks),
+    and their cleaned rows written, in raw order, after each block that is not its file's last, once the
+    rows of about a block of text are pending, and at the end: so a task holds at most one block of text and
+    the cleaned rows of about one, whatever its files hold. Its output is one piece (named `index`, a Part's
+    `index.part`), or a piece per write, numbered after it in the same order: a lone file writes a piece per
+    block, as read_blocks cuts it. `line_by_line` reads every row the reference way (raw.read_rows), each file
+    whole, instead of Arrow's blocks first; the output is the same, which a test checks.
     """
     out_dir = storage.path(out_dir)
     name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
-    report = {"source": source, "file": path, "rows_in": 0, "extra_fields": set()}
-    if part is not None:
-        report["part"], report["worker"] = part.number, _worker_address()
-    kept, shown_items_in, days, written_buckets = 0, 0, set(), set()
-    set_aside_reasons, items_set_aside_reasons = collections.Counter(), collections.Counter()
-    for number, (rows_in, extra_fields, cleaned, last) in enumerate(_clean_blocks(path, source, line_by_line,
-                                                                                  part, block_bytes)):
-        piece = name if number == 0 and last else f"{name}-{number:05d}"  # a file of one block: as before
-        report["rows_in"] += rows_in
-        report["extra_fields"] |= extra_fields
+    pending = _Pending(source, out_dir, name, buckets)
+    reports = []
+    for position, path in enumerate(paths):
+        report = {"source": source, "file": path, "rows_in": 0, "extra_fields": set()}
+        if part is not None:
+            report["part"], report["worker"] = part.number, _worker_address()
+        kept, shown_items_in, days = 0, 0, set()
+        set_aside_reasons, items_set_aside_reasons = collections.Counter(), collections.Counter()
+        for rows_in, extra_fields, text_bytes, cleaned, last in _clean_blocks(path, source, line_by_line, part,
+                                                                              block_bytes):
+            report["rows_in"] += rows_in
+            report["extra_fields"] |= extra_fields
+            if source == "impressions":
+                shown, rankings_set_aside, items_set_aside = cleaned
+                days |= set(shown["dt"])
+                kept += rows_in - len(rankings_set_aside)
+                shown_items_in += len(shown) + len(items_set_aside)
+                set_aside_reasons.update(_reasons(rankings_set_aside))
+                items_set_aside_reasons.update(_reasons(items_set_aside))
+                set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
+                pending.add(shown, set_aside.sort_values("row", kind="stable"), rows_in, text_bytes)
+            else:
+                actions, set_aside = cleaned
+                kept += len(actions)
+                set_aside_reasons.update(_reasons(set_aside))
+                pending.add(actions, set_aside, rows_in, text_bytes)
+            if not last or position < len(paths) - 1 and pending.full(block_bytes):
+                pending.write(more=True)
+        report["kept"], report["set_aside"] = kept, dict(set_aside_reasons)
         if source == "impressions":
-            shown, rankings_set_aside, items_set_aside = cleaned
-            days |= set(shown["dt"])
-            for day, of_day in shown.groupby("dt", sort=True):
-                write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{piece}.parquet",
-                            SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
-            kept += rows_in - len(rankings_set_aside)
-            shown_items_in += len(shown) + len(items_set_aside)
-            set_aside_reasons.update(_reasons(rankings_set_aside))
-            items_set_aside_reasons.update(_reasons(items_set_aside))
-            set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
-            set_aside = set_aside.sort_values("row", kind="stable")
-        else:
-            actions, set_aside = cleaned
-            if len(actions):
-                write_table(actions, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
-                written_buckets |= set(_write_by_bucket(actions, buckets, out_dir / "_scratch" / "actions"
-                                                        / f"{source}-{piece}.parquet"))
-            kept += len(actions)
-            set_aside_reasons.update(_reasons(set_aside))
+            report["days"], report["shown_items_in"] = sorted(days), shown_items_in
+            report["shown_items_set_aside"] = dict(items_set_aside_reasons)
+        reports.append(report)
+    pending.write(more=False)
+    return {"reports": reports, "buckets": sorted(pending.buckets)}
+
+
+class _Pending:
+    """A task's cleaned rows not yet written: its files' kept rows and set-aside rows, in raw order."""
+
+    def __init__(self, source, out_dir, name, buckets):
+        self.source, self.out_dir, self.name, self.buckets_of = source, out_dir, name, buckets
+        self.kept, self.set_aside, self.rows, self.text_bytes = [], [], 0, 0
+        self.written, self.buckets = 0, set()
+
+    def add(self, kept, set_aside, rows_in, text_bytes):
+        if len(kept):
+            self.kept.append(kept)
         if len(set_aside):
+            self.set_aside.append(set_aside)
+        self.rows += rows_in
+        self.text_bytes += text_bytes
+
+    def full(self, block_bytes):
+        return self.text_bytes >= (block_bytes or float("inf")) or self.rows >= BLOCK_ROWS
+
+    def write(self, more):
+        """Write what is pending as the next piece; `more`: whether pieces may follow (it is numbered)."""
+        if not more and not self.kept and not self.set_aside:
+            return
+        piece = f"{self.name}-{self.written:05d}" if more or self.written else self.name
+        self.written += 1
+        out_dir, source = self.out_dir, self.source
+        if self.kept:
+            kept = self.kept[0] if len(self.kept) == 1 else pd.concat(self.kept, ignore_index=True)
+            if source == "impressions":
+                for day, of_day in kept.groupby("dt", sort=True):
+                    write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{piece}.parquet",
+                                SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
+            else:
+                write_table(kept, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
+                self.buckets |= set(_write_by_bucket(kept, self.buckets_of, out_dir / "_scratch" / "actions"
+                                                     / f"{source}-{piece}.parquet"))
+        if self.set_aside:
+            set_aside = self.set_aside[0] if len(self.set_aside) == 1 else pd.concat(self.set_aside,
+                                                                                      ignore_index=True)
             write_table(set_aside, out_dir / "_quarantine" / source / f"part-{piece}.parquet", schemas.QUARANTINE)
-    report["kept"], report["set_aside"] = kept, dict(set_aside_reasons)
-    if source == "impressions":
-        report["days"], report["shown_items_in"] = sorted(days), shown_items_in
-        report["shown_items_set_aside"] = dict(items_set_aside_reasons)
-    elif written_buckets:
-        report["buckets"] = sorted(written_buckets)
-    return report
+        self.kept, self.set_aside, self.rows, self.text_bytes = [], [], 0, 0
 
 
 def _reasons(set_aside):
@@ -261,19 +364,20 @@ def _worker_address():
 
 
 def _clean_blocks(path, source, line_by_line, part, block_bytes):
-    """Yield (rows in, extra fields, cleaned, whether it is the last) for each block of one raw file:
-    clean_impressions' or clean_actions' result."""
+    """Yield (rows in, extra fields, bytes of text, cleaned, whether it is the last) for each block of one raw
+    file: clean_impressions' or clean_actions' result."""
     if line_by_line:
         rows = read_rows(path, source)
         if source == "impressions":
-            yield len(rows.frame), rows.extra_fields, clean_impressions(rows.frame, path), True
+            cleaned = clean_impressions(rows.frame, path)
         else:
-            yield len(rows.frame), rows.extra_fields, clean_actions(rows.frame, source, path), True
+            cleaned = clean_actions(rows.frame, source, path)
+        yield len(rows.frame), rows.extra_fields, rows.text_bytes, cleaned, True
         return
     blocks = read_blocks(path, source, block_bytes=block_bytes) if part is None else read_blocks(
         path, source, part.start, part.end, part.first_row, part.header, block_bytes=block_bytes)
     for block, last in blocks:
-        yield block.rows_in, block.extra_fields, _clean_block(block, path, source), last
+        yield block.rows_in, block.extra_fields, block.text_bytes, _clean_block(block, path, source), last
 
 
 def _clean_block(block, path, source):

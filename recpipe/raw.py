@@ -156,10 +156,12 @@ def list_raw_files(raw_dir):
 
 @dataclass
 class RawRows:
-    """One raw file's rows: `frame` has `row` (1-based), `raw`, `malformed` and one object column per field."""
+    """One raw file's rows: `frame` has `row` (1-based), `raw`, `malformed` and one object column per field;
+    `text_bytes`, the size of the file's text (read_rows)."""
 
     frame: pd.DataFrame
     extra_fields: set = field(default_factory=set)
+    text_bytes: int = 0
 
 
 def read_rows(path, source):
@@ -168,10 +170,13 @@ def read_rows(path, source):
     data = _read_whole(path)
     fmt = file_format(path)
     if fmt == ".jsonl":
-        return _read_json_lines(data, fields)
-    if fmt == ".csv":
-        return _read_csv(data, fields, path)
-    return _read_parquet(data, fields, path)
+        rows = _read_json_lines(data, fields)
+    elif fmt == ".csv":
+        rows = _read_csv(data, fields, path)
+    else:
+        rows = _read_parquet(data, fields, path)
+    rows.text_bytes = len(data)
+    return rows
 
 
 def _frame(rows, raw, malformed, columns, fields):
@@ -431,7 +436,8 @@ class Block:
     """The rows of a raw file, or of a byte range of one, as the fast path reads them.
 
     `table` holds the rows Arrow decoded, with columns typed as TYPES says (CSV: all text), and
-    `rows` their row numbers; `rest` is a RawRows frame of all other rows, as read_rows gives them.
+    `rows` their row numbers; `rest` is a RawRows frame of all other rows, as read_rows gives them;
+    `text_bytes`, the size of the text they were read from (Parquet: the file's).
     """
 
     table: pa.Table
@@ -439,6 +445,7 @@ class Block:
     rest: pd.DataFrame
     extra_fields: set
     as_rows: object  # mask over `table` -> RawRows frame of those rows, as read_rows gives them
+    text_bytes: int = 0
 
     @property
     def rows_in(self):
@@ -469,14 +476,19 @@ def read_blocks(path, source, start=0, end=None, first_row=1, header=None, block
     """
     fmt = file_format(path)
     if fmt == ".parquet":
-        yield _parquet_block(_read_whole(path), source, path), True
+        data = _read_whole(path)
+        block = _parquet_block(data, source, path)
+        block.text_bytes = len(data)
+        yield block, True
         return
     fields = FIELDS[source]
     chunks = _file_chunks(path) if end is None else _chunks_of(_read_lines(path, start, end))
     lines = (_JsonLines if fmt == ".jsonl" else _CsvLines)(first_row, header)
     for text, last in _cut_blocks(chunks, lines, block_bytes, block_rows):
         if fmt == ".jsonl":
-            yield _json_block(text.data, source, text.rows), last
+            block = _json_block(text.data, source, text.rows)
+            block.text_bytes = len(text.data)
+            yield block, last
             continue
         decoded = _decode_csv(text.data, fields, path, text.rows, text.rest_first)
         fast = ~decoded.malformed
@@ -486,7 +498,7 @@ def read_blocks(path, source, start=0, end=None, first_row=1, header=None, block
                     pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
                     .sort_values("row", kind="stable", ignore_index=True),
                     decoded.extra_fields, lambda mask, decoded=decoded, fast=fast:
-                    _csv_frame(_subset(decoded, fast), mask, fields)), last
+                    _csv_frame(_subset(decoded, fast), mask, fields), len(text.data)), last
 
 
 def _subset(decoded, mask):

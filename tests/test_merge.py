@@ -13,7 +13,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import EXPECTED_ACCOUNTING, ROOT, listing, run_in_process, run_joined, run_script, write_planted_raw
+from conftest import (EXPECTED_ACCOUNTING, ROOT, listing, run_in_process, run_joined, run_script, write_jsonl,
+                      write_planted_raw)
 
 # The planted run's own LocalCluster: a shape other than the session cluster's 2 workers x 1 thread,
 # which test_merge_twice_gives_identical_rows_in_identical_order compares it with.
@@ -246,7 +247,7 @@ def test_merge_gzip_bomb_of_blank_lines_stays_within_a_chunk(raw_dir, session_cl
 def test_merge_file_of_several_blocks_writes_the_rows_of_one(tmp_path, monkeypatch):
     """A gzipped file cleaned a few hundred bytes at a time (a piece per block, named after it) gives the rows,
     reasons and accounting of the same file cleaned whole."""
-    from conftest import CLICK_LINES, IMPRESSION_LINES, write_jsonl
+    from conftest import CLICK_LINES, IMPRESSION_LINES
 
     from recpipe.merge import clean_file
     monkeypatch.setattr("recpipe.raw._CHUNK_BYTES", 100)
@@ -267,3 +268,121 @@ def test_merge_file_of_several_blocks_writes_the_rows_of_one(tmp_path, monkeypat
                           ignore_index=True),
                 pd.concat([read_table(tmp_path / source / "cut" / p) for p in cut_files if p.parent == folder],
                           ignore_index=True))
+
+
+def parquet_rows(folder):
+    """(names, rows): the Parquet files under `folder`, sorted by path, and their rows one after another."""
+    paths = sorted(folder.rglob("*.parquet"))
+    names = [str(path.relative_to(folder)) for path in paths]
+    return names, (pd.concat([read_table(path) for path in paths], ignore_index=True) if paths else pd.DataFrame())
+
+
+def grouped_and_alone(tmp_path, source, files, **options):
+    """clean_files of `files` (name -> bytes) as one group numbered 4, and each file by clean_file alone:
+    (the group's result, the group's output folder, each file's report alone, each file's output folder)."""
+    from recpipe.merge import clean_file, clean_files
+    paths = []
+    for name, data in files.items():
+        path = tmp_path / "raw" / source / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths.append(str(path))
+    group = clean_files(paths, source, 4, str(tmp_path / "group"), 2, **options)
+    alone = [clean_file(path, source, 4 + i, str(tmp_path / f"alone-{i}"), 2) for i, path in enumerate(paths)]
+    return group, tmp_path / "group", alone, [tmp_path / f"alone-{i}" for i in range(len(paths))]
+
+
+def jsonl_bytes(lines, gz=False):
+    data = ("\n".join(lines) + "\n").encode()
+    return gzip.compress(data, mtime=0) if gz else data
+
+
+def test_merge_group_of_small_files_writes_one_file_of_their_rows_in_raw_order(tmp_path):
+    """Three click files, three formats, cleaned by one task: one actions file, one scratch file and one
+    quarantine file, holding what each file alone writes, one file after another; each file accounted
+    for on its own, its set-aside rows under its own name and row numbers."""
+    from conftest import CLICK_LINES
+    csv = ("dt,customer_id,item_id,click_time\n2024-03-04,4,40,2024-03-04T10:00:00\n"
+           "2024-03-04,4,x,2024-03-04T10:00:00\n2024-03-04,5,50,2024-03-04T11:00:00Z\n").encode()
+    group, out, alone, alone_outs = grouped_and_alone(tmp_path, "clicks", {
+        "a.jsonl": jsonl_bytes(CLICK_LINES), "b.csv": csv, "c.jsonl.gz": jsonl_bytes(CLICK_LINES[::-1], gz=True)})
+    assert group["reports"] == [{key: value for key, value in report.items() if key != "buckets"} for report in alone]
+    assert [report["rows_in"] for report in group["reports"]] == [6, 3, 6]
+    assert group["buckets"] == sorted(set().union(*(report["buckets"] for report in alone)))
+    names, rows = parquet_rows(out)
+    assert names == ["_quarantine/clicks/part-00004.parquet", "_scratch/actions/clicks-00004.parquet",
+                     "actions/clicks-00004.parquet"]
+    for folder in ("actions", "_quarantine"):
+        pd.testing.assert_frame_equal(parquet_rows(out / folder)[1],
+                                      pd.concat([parquet_rows(o / folder)[1] for o in alone_outs], ignore_index=True))
+    quarantine = parquet_rows(out / "_quarantine")[1]
+    assert [(name.rsplit("/", 1)[-1], row) for name, row in zip(quarantine.source_file, quarantine.row)] == [
+        ("a.jsonl", 3), ("a.jsonl", 4), ("a.jsonl", 5), ("a.jsonl", 6), ("b.csv", 2),
+        ("c.jsonl.gz", 1), ("c.jsonl.gz", 2), ("c.jsonl.gz", 3), ("c.jsonl.gz", 4)]
+
+
+def test_merge_group_of_impression_files_writes_a_piece_per_day_named_after_its_first_file(tmp_path):
+    from conftest import IMPRESSION_LINES
+    group, out, alone, alone_outs = grouped_and_alone(tmp_path, "impressions", {
+        "a.jsonl": jsonl_bytes(IMPRESSION_LINES[:2]), "b.jsonl.gz": jsonl_bytes(IMPRESSION_LINES[2:], gz=True),
+        "c.jsonl": jsonl_bytes(IMPRESSION_LINES[::-1])})
+    assert group["reports"] == alone
+    assert [report["days"] for report in group["reports"]] == [
+        [pd.Timestamp("2024-03-02").date()], [pd.Timestamp("2024-03-03").date()],
+        [pd.Timestamp("2024-03-02").date(), pd.Timestamp("2024-03-03").date()]]
+    names, _ = parquet_rows(out)
+    assert names == ["_quarantine/impressions/part-00004.parquet", "_scratch/impressions/2024-03-02/00004.parquet",
+                     "_scratch/impressions/2024-03-03/00004.parquet"]
+    for day in ("2024-03-02", "2024-03-03"):
+        folder = f"_scratch/impressions/{day}"
+        pd.testing.assert_frame_equal(parquet_rows(out / folder)[1],
+                                      pd.concat([parquet_rows(o / folder)[1] for o in alone_outs], ignore_index=True))
+
+
+def test_merge_group_writes_a_piece_per_block_of_text_and_the_same_rows(tmp_path, monkeypatch):
+    """Block-bounded memory: a group cleaned 200 bytes of text at a time writes what it cleaned every
+    block or so, numbered pieces in raw order, and the rows of the group written at once."""
+    from conftest import CLICK_LINES
+
+    from recpipe.merge import clean_files
+    monkeypatch.setattr("recpipe.raw._CHUNK_BYTES", 100)
+    paths = []
+    for name in "abcde":
+        paths.append(str(tmp_path / "raw" / "clicks" / f"{name}.jsonl"))
+        write_jsonl(tmp_path / "raw" / "clicks" / f"{name}.jsonl", CLICK_LINES * 2)
+    cut = clean_files(paths, "clicks", 4, str(tmp_path / "cut"), 2, block_bytes=200)
+    whole = clean_files(paths, "clicks", 4, str(tmp_path / "whole"), 2)
+    assert cut == whole
+    names = parquet_rows(tmp_path / "cut" / "actions")[0]
+    assert len(names) > len(paths) and names == [f"clicks-00004-{n:05d}.parquet" for n in range(len(names))]
+    assert parquet_rows(tmp_path / "whole" / "actions")[0] == ["clicks-00004.parquet"]
+    for folder in ("actions", "_quarantine"):
+        pd.testing.assert_frame_equal(parquet_rows(tmp_path / "cut" / folder)[1],
+                                      parquet_rows(tmp_path / "whole" / folder)[1])
+
+
+def test_plan_tasks_groups_consecutive_small_files_of_a_source_up_to_the_group_bytes():
+    from recpipe.merge import Part, plan_tasks
+    raw_files = {"impressions": ["i0", "i1"], "clicks": ["c0", "c1", "c2", "c3", "c4", "c5", "c6"],
+                 "add_to_carts": [], "previous_orders": ["o0"]}
+    sizes = {"i0": 10, "i1": 10, "c0": 40, "c1": 60, "c2": 150, "c3": 30, "c4": 500, "c5": 20, "c6": 20, "o0": 1}
+    parts = {("clicks", 4): [Part(0, 0, 250, 1), Part(1, 250, 500, 42)]}
+    assert plan_tasks(raw_files, sizes, parts, 100) == [
+        ("impressions", [0, 1], None),
+        ("clicks", [0, 1], None),  # 40 + 60 is at most 100
+        ("clicks", [2], None),  # larger than a group, alone
+        ("clicks", [3], None),  # the next file is read in ranges: the group ends before it
+        ("clicks", [4], parts[("clicks", 4)][0]), ("clicks", [4], parts[("clicks", 4)][1]),
+        ("clicks", [5, 6], None),
+        ("previous_orders", [0], None),
+    ]
+
+
+def test_merge_split_refusal_names_the_grouped_file_that_holds_the_lone_day(raw_dir, session_cluster, tmp_path):
+    from conftest import IMPRESSION_LINES
+    write_jsonl(raw_dir / "impressions" / "2024-03-04.jsonl", [IMPRESSION_LINES[0].replace("2024-03-02", "2034-03-10")])
+    result = run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data",
+                        check=False)
+    assert result.returncode == 2
+    assert "(" + str(raw_dir / "impressions" / "2024-03-04.jsonl") + ")" in result.stderr
+    assert "2024-03-02.jsonl" not in result.stderr and "2024-03-03.jsonl.gz" not in result.stderr

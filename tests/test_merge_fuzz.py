@@ -656,3 +656,15 @@ def test_merge_fuzz_a_file_read_in_byte_ranges_gives_the_rows_of_the_whole_file(
         assert len(cut_rows) > 0
         pd.testing.assert_frame_equal(whole_rows.sort_values(key, ignore_index=True),
                                       cut_rows.sort_values(key, ignore_index=True))
+
+
+def test_merge_fuzz_files_grouped_into_tasks_give_the_rows_of_each_file_alone(merged_corpus):
+    """The corpus's small files, a task for each source's files (the default) and a task for each file: the
+    same accounting, the same impressions, and the same actions and set-aside rows in the same order."""
+    grouped, alone = merged_corpus(), merged_corpus(group_bytes=1)
+    assert grouped[:3] == alone[:3]
+    assert len(list(grouped[3].glob("actions/*.parquet"))) < len(list(alone[3].glob("actions/*.parquet")))
+    grouped_files, alone_files = merged_files(grouped[3] / "impressions"), merged_files(alone[3] / "impressions")
+    assert grouped_files == alone_files
+    for name in ("actions", "_quarantine"):
+        pd.testing.assert_frame_equal(read_all(grouped[3] / name)[1], read_all(alone[3] / name)[1])
