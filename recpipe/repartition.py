@@ -11,14 +11,15 @@ Inside an impressions bucket the days are contiguous and ordered, so one day of 
 bucket is a range of row groups that Parquet statistics on `dt` can skip to.
 
 Two passes, the same shuffle through disk as merge_and_clean: one task per merged
-file cuts it by bucket into a scratch folder; one task per (table, bucket) gathers
-its pieces, sorts them with PyArrow and writes them with tables.write_sized.
+file cuts it by bucket into one scratch file, a piece per bucket; one task per
+(table, bucket) reads its pieces, sorts them with PyArrow and writes them with
+tables.write_sized.
 """
 
 import numpy as np
 import pyarrow as pa
 
-from recpipe import cluster, schemas, stage, stages, storage, summary, tables
+from recpipe import cluster, folders, schemas, stage, stages, storage, summary, tables
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.tables import write_sized
 
@@ -31,6 +32,11 @@ TABLES = {
 }
 BUCKET_HASH = "splitmix64(customer_id) % buckets"
 
+# Scratch pieces live for one run and are read once, each by one task: Arrow's own format (IPC) costs
+# a fraction of Parquet's encoding and decoding, and LZ4 keeps the scratch folder near merged/'s size on
+# disk (the impressions' strings, which Parquet stores as dictionaries, are six times larger raw).
+SCRATCH_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+
 
 def run_stage(args):
     """repartition.py: publish repartitioned/ from merged/ (see stages.STAGES)."""
@@ -39,7 +45,8 @@ def run_stage(args):
 
     with stage.reading(args.data, this.reads) as merged, \
             stage.publish(args.data, this.name, parameters, [merged.entry()]) as run, \
-            cluster.connect(args) as client:
+            cluster.connect(args, cluster.in_process_reason(args, stage.table_bytes(merged.manifest), this.reads)) \
+            as client:
         run.accounting, group_sizes = repartition(client, merged.path, run.path, args.buckets, args.row_group_mb)
         run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
                                                 for table, sizes in group_sizes.items() if sizes}
@@ -79,46 +86,71 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
     merged_dir, out_dir = storage.path(merged_dir), storage.path(out_dir)
     scratch = out_dir / "_scratch"
     files = [(table, path) for table in TABLES for path in sorted((merged_dir / table).glob("*.parquet"))]
-    futures = [client.submit(cut_by_bucket, str(path), table, str(scratch), buckets,
+    futures = [client.submit(cut_by_bucket, str(path), table, str(scratch / table / f"{path.stem}.arrow"), buckets,
                              key=task_key(f"cut-{table}-{path.stem}"), pure=False)
                for table, path in files]
     rows_in = {table: 0 for table in TABLES}
-    for (table, _), rows in zip(files, wait_with_progress(futures, "cutting merged files by customer bucket")):
+    pieces = {}  # (table, bucket): [(scratch file, start, length)], in the order of merged/'s files
+    for (table, path), (rows, ranges) in zip(files, wait_with_progress(futures, "cutting merged files by customer bucket")):
         rows_in[table] += rows
+        for bucket, where in ranges.items():
+            pieces.setdefault((table, bucket), []).append((str(scratch / table / f"{path.stem}.arrow"), *where))
 
-    futures = [client.submit(write_bucket, str(pieces), table, str(out_dir / table / pieces.name), row_group_mb,
-                             key=task_key(f"write-{table}-{pieces.name}"), pure=False)
-               for table in TABLES for pieces in sorted((scratch / table).glob("bucket=*"))]
+    futures = [client.submit(write_bucket, pieces[table, bucket], table, str(out_dir / table / bucket_name(bucket)),
+                             row_group_mb, key=task_key(f"write-{table}-{bucket_name(bucket)}"), pure=False)
+               for table, bucket in sorted(pieces)]
     rows_out = {table: 0 for table in TABLES}
     group_sizes = {table: [] for table in TABLES}
-    for future, (rows, sizes) in zip(futures, wait_with_progress(futures, "sorting and writing buckets")):
-        table = future.key.split("-")[1]
+    for (table, _), (rows, sizes) in zip(sorted(pieces), wait_with_progress(futures, "sorting and writing buckets")):
         rows_out[table] += rows
         group_sizes[table] += sizes
     storage.remove_tree(scratch)  # absent when merged/ kept no rows (every raw row was set aside)
     return {table: {"rows_in": rows_in[table], "kept": rows_out[table]} for table in TABLES}, group_sizes
 
 
-def cut_by_bucket(path, table, scratch, buckets):
-    """Pass 1 for one merged file (runs on a worker): its rows, cut by bucket into scratch/<table>/bucket=N/."""
+def cut_by_bucket(path, table, scratch_file, buckets):
+    """Pass 1 for one merged file (runs on a worker): its rows cut by bucket into one scratch file, each
+    bucket's rows an Arrow IPC stream of their own. Returns (rows, {bucket: (start, length) in the file}),
+    so that pass 2 reads a bucket's piece with one ranged read, without a footer or an index.
+
+    One file per merged file, not one per bucket: opening, closing and listing thousands of small files
+    (and on object storage, a request for each) cost more than cutting their rows.
+    """
     data = tables.read(path, schema=TABLES[table][0])
+    if not data.num_rows:
+        return 0, {}
     bucket = bucket_of(data.column("customer_id").to_numpy(), buckets)
-    order = np.argsort(bucket, kind="stable")
+    # Stable, so a bucket's rows keep their order; on 16-bit keys NumPy's stable sort is a radix sort.
+    order = np.argsort(bucket.astype(np.uint16) if buckets <= 2**16 else bucket, kind="stable")
     data = data.take(pa.array(order))
     counts = np.bincount(bucket, minlength=buckets)
-    start = 0
-    for number, count in enumerate(counts):
-        if count:
-            tables.write(data.slice(start, count),
-                         storage.path(scratch) / table / bucket_name(number) / f"{storage.path(path).stem}.parquet")
-            start += count
-    return data.num_rows
+    sink, ranges, first = pa.BufferOutputStream(), {}, 0
+    for number in np.flatnonzero(counts).tolist():
+        start = sink.tell()
+        with pa.ipc.new_stream(sink, data.schema, options=SCRATCH_OPTIONS) as writer:
+            writer.write_table(data.slice(first, counts[number]))
+        ranges[number] = (start, sink.tell() - start)
+        first += counts[number]
+    folders.make_parents(scratch_file)
+    storage.path(scratch_file).write_bytes(sink.getvalue())
+    return data.num_rows, ranges
 
 
-def write_bucket(pieces_dir, table, out_dir, row_group_mb):
+def read_piece(scratch_file, start, length):
+    """One bucket's rows of a scratch file (cut_by_bucket): one ranged read, local or in object storage."""
+    if storage.is_url(scratch_file):
+        where = storage.path(scratch_file)
+        content = pa.py_buffer(where.fs.cat_file(where.path, start=start, end=start + length))
+    else:
+        with pa.OSFile(scratch_file) as file:
+            content = file.read_at(length, start)
+    return pa.ipc.open_stream(content).read_all()
+
+
+def write_bucket(pieces, table, out_dir, row_group_mb):
     """Pass 2 for one bucket of one table (runs on a worker): gather, sort, write sized row groups."""
     schema, sort_keys = TABLES[table]
-    pieces = sorted(storage.path(pieces_dir).glob("*.parquet"))
-    data = pa.concat_tables([tables.read(piece, schema=schema) for piece in pieces])
+    # One chunk: PyArrow sorts a table of many chunks chunk by chunk and merges them, a third slower.
+    data = pa.concat_tables([read_piece(*piece) for piece in pieces]).combine_chunks()
     data = data.sort_by(sort_keys)
     return data.num_rows, write_sized(data, out_dir, schema, row_group_mb)
