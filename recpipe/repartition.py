@@ -14,12 +14,18 @@ Two passes, the same shuffle through disk as merge_and_clean: one task per merge
 file cuts it by bucket into one scratch file, a piece per bucket; one task per
 (table, bucket) reads its pieces, sorts them with PyArrow and writes them with
 tables.write_sized.
+
+Without --buckets the stage derives their number (choose_buckets) and records it as its parameter,
+with the reason beside it (`buckets_chosen`).
 """
+
+import math
 
 import numpy as np
 import pyarrow as pa
 
 from recpipe import cluster, folders, schemas, stage, stages, storage, summary, tables
+from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.tables import write_sized
 
@@ -38,20 +44,89 @@ BUCKET_HASH = "splitmix64(customer_id) % buckets"
 SCRATCH_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
+# choose_buckets: a bucket's tables take at most this share of a worker thread's memory. preprocess.py's
+# largest worker holds about 0.25 GiB + 0.4 GiB per million actions in its bucket (docs/cluster.md), where
+# the bucket's tables take 0.094 GiB per million actions: some 4.5 times the tables; and a worker wants four
+# times its largest task (Dask spills at 60% of its limit and pauses at 80%). 4.5 x 4, and the 0.25 GiB: 20.
+BUCKET_SHARE = 20
+BUCKETS_PER_THREAD = 4  # so that a thread's last bucket is a quarter of its work: threads end together
+SAMPLE_ROWS = 65_536  # rows read of each table to learn its bytes per row in memory
+UNLIMITED_THREAD_MEMORY = 4 * 2**30  # what docs/cluster.md asks of a worker, for workers that set no limit
+
+
 def run_stage(args):
     """repartition.py: publish repartitioned/ from merged/ (see stages.STAGES)."""
     this = stages.BY_NAME["repartitioned"]
-    parameters = {**this.asked(args), "bucket_hash": BUCKET_HASH}
 
     with stage.reading(args.data, this.reads) as merged, \
-            stage.publish(args.data, this.name, parameters, [merged.entry()]) as run, \
+            stage.publish(args.data, this.name, {}, [merged.entry()]) as run, \
             cluster.connect(args, cluster.in_process_reason(args, stage.table_bytes(merged.manifest), this.reads)) \
             as client:
-        run.accounting, group_sizes = repartition(client, merged.path, run.path, args.buckets, args.row_group_mb)
+        if args.buckets:
+            buckets, why = args.buckets, "given: --buckets, or what pipeline.py kept from the last run"
+        else:
+            buckets, why = choose_buckets(merged_bytes_in_memory(merged), worker_threads(client), args.row_group_mb)
+        run.parameters = {"buckets": buckets, **this.asked(args), "bucket_hash": BUCKET_HASH}
+        run.accounting, group_sizes = repartition(client, merged.path, run.path, buckets, args.row_group_mb)
+        run.extra["buckets_chosen"] = {"buckets": buckets, "why": why}
         run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
                                                 for table, sizes in group_sizes.items() if sizes}
 
+    print(f"buckets: {buckets} ({why})")
     summary.print_summary(run.published)
+
+
+def merged_bytes_in_memory(merged):
+    """The bytes merged/'s tables take in memory (Arrow): each table's rows (its manifest's) times the
+    bytes per row of the first rows of its first file, which carry its strings' real lengths."""
+    total = 0
+    for table, (schema, _) in TABLES.items():
+        rows = merged.manifest["tables"].get(table, {}).get("rows", 0)
+        first = min((merged.path / table).glob("*.parquet"), default=None) if rows else None
+        sample = next(tables.parquet_file(first).iter_batches(batch_size=SAMPLE_ROWS), None) if first else None
+        if sample is not None and sample.num_rows:
+            total += math.ceil(rows * pa.Table.from_batches([sample]).cast(schema).nbytes / sample.num_rows)
+    return total
+
+
+def worker_threads(client):
+    """[(memory limit in bytes or None, threads)] of each of the cluster's workers."""
+    return [(worker.get("memory_limit") or None, worker["nthreads"])
+            for worker in client.scheduler_info(n_workers=-1)["workers"].values()]
+
+
+def choose_buckets(bytes_in_memory, workers, row_group_mb):
+    """(buckets, why) for merged/'s tables taking `bytes_in_memory`, on `workers` (worker_threads).
+
+    The bucket bounds a task's memory in this stage and every later one, so: enough buckets that one
+    takes at most 1/BUCKET_SHARE of a worker thread's memory (the smallest share of any worker). Beyond
+    that, BUCKETS_PER_THREAD per thread, so that no thread waits long on another's last bucket; but no
+    bucket smaller than --row-group-mb, whose fixed costs (a task and files per table in each stage)
+    would outweigh that. Rounded up to a multiple of the threads: every thread gets as many buckets.
+    """
+    if not workers:
+        raise UserError("the cluster has no workers, and --buckets is derived from their memory; "
+                        "start them first, or give --buckets")
+    threads = sum(count for _, count in workers)
+    limited = [limit / count for limit, count in workers if limit]
+    per_thread = min(limited) if limited else UNLIMITED_THREAD_MEMORY
+    for_memory = math.ceil(bytes_in_memory / (per_thread / BUCKET_SHARE))
+    for_threads = min(BUCKETS_PER_THREAD * threads, bytes_in_memory // max(1, int(row_group_mb * 2**20)))
+    buckets = threads * math.ceil(max(1, for_memory, for_threads) / threads)
+    assumed = "" if limited else " (assumed: no worker has a memory limit)"
+    reason = (f"derived: merged/ takes {_gib(bytes_in_memory)} in memory; {for_memory:,} for memory (a bucket at "
+              f"most 1/{BUCKET_SHARE} of {_gib(per_thread)} per worker thread{assumed}), {for_threads:,} for the "
+              f"threads ({BUCKETS_PER_THREAD} per thread, none under --row-group-mb {row_group_mb:g}); the larger, up "
+              f"to a multiple of the cluster's {threads} thread{'s' if threads > 1 else ''}")
+    high = stages.BY_NAME["repartitioned"].parameter("buckets").high
+    if buckets > high:
+        raise UserError(f"--buckets would be {buckets:,}, more than the {high:,} allowed ({reason}); give the "
+                        "workers more memory each (--memory-limit) or fewer threads")
+    return buckets, reason
+
+
+def _gib(size):
+    return f"{size / 2**30:.2f} GiB"
 
 
 def bucket_of(customer_ids, buckets):
@@ -85,16 +160,18 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
     """
     merged_dir, out_dir = storage.path(merged_dir), storage.path(out_dir)
     scratch = out_dir / "_scratch"
-    files = [(table, path) for table in TABLES for path in sorted((merged_dir / table).glob("*.parquet"))]
-    futures = [client.submit(cut_by_bucket, str(path), table, str(scratch / table / f"{path.stem}.arrow"), buckets,
+    files = [(table, path, scratch / table / f"{path.stem}.arrow")
+             for table in TABLES for path in sorted((merged_dir / table).glob("*.parquet"))]
+    futures = [client.submit(cut_by_bucket, str(path), table, str(scratch_file), buckets,
                              key=task_key(f"cut-{table}-{path.stem}"), pure=False)
-               for table, path in files]
+               for table, path, scratch_file in files]
     rows_in = {table: 0 for table in TABLES}
     pieces = {}  # (table, bucket): [(scratch file, start, length)], in the order of merged/'s files
-    for (table, path), (rows, ranges) in zip(files, wait_with_progress(futures, "cutting merged files by customer bucket")):
+    cut = wait_with_progress(futures, "cutting merged files by customer bucket")
+    for (table, _, scratch_file), (rows, ranges) in zip(files, cut):
         rows_in[table] += rows
-        for bucket, where in ranges.items():
-            pieces.setdefault((table, bucket), []).append((str(scratch / table / f"{path.stem}.arrow"), *where))
+        for bucket, (start, length) in ranges.items():
+            pieces.setdefault((table, bucket), []).append((str(scratch_file), start, length))
 
     futures = [client.submit(write_bucket, pieces[table, bucket], table, str(out_dir / table / bucket_name(bucket)),
                              row_group_mb, key=task_key(f"write-{table}-{bucket_name(bucket)}"), pure=False)
@@ -123,14 +200,15 @@ def cut_by_bucket(path, table, scratch_file, buckets):
     # Stable, so a bucket's rows keep their order; on 16-bit keys NumPy's stable sort is a radix sort.
     order = np.argsort(bucket.astype(np.uint16) if buckets <= 2**16 else bucket, kind="stable")
     data = data.take(pa.array(order))
-    counts = np.bincount(bucket, minlength=buckets)
+    counts = np.bincount(bucket, minlength=buckets).tolist()
     sink, ranges, first = pa.BufferOutputStream(), {}, 0
-    for number in np.flatnonzero(counts).tolist():
-        start = sink.tell()
-        with pa.ipc.new_stream(sink, data.schema, options=SCRATCH_OPTIONS) as writer:
-            writer.write_table(data.slice(first, counts[number]))
-        ranges[number] = (start, sink.tell() - start)
-        first += counts[number]
+    for number, count in enumerate(counts):
+        if count:
+            start = sink.tell()
+            with pa.ipc.new_stream(sink, data.schema, options=SCRATCH_OPTIONS) as writer:
+                writer.write_table(data.slice(first, count))
+            ranges[number] = (start, sink.tell() - start)
+            first += count
     folders.make_parents(scratch_file)
     storage.path(scratch_file).write_bytes(sink.getvalue())
     return data.num_rows, ranges

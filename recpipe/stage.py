@@ -135,9 +135,11 @@ _MANIFEST = {
     "?files": _Each({"bytes": _COUNT, "?rows": _COUNT}),
     "?version": _Check("the name of a version folder", lambda value: isinstance(value, str)
                        and folders.VERSION.match(value) is not None),  # only on object storage
-    # What a stage adds of its own (StageRun.extra): merged, repartitioned and cleaned, cleaned, processed.
+    # What a stage adds of its own (StageRun.extra): merged, repartitioned and cleaned, repartitioned, cleaned,
+    # processed.
     "?impression_days": _Each({"split": str, "shown_items": _COUNT}),
     "?row_group_mib_in_memory": _Each(_SIZES),
+    "?buckets_chosen": {"buckets": _COUNT, "why": str},
     "?user_agents": dict,
     "?rows_per_split": _Each(_COUNT), "?history_entries_per_example": (_NUMBER, None), "?sample_rows": _COUNT,
     "?preprocessors_sha256": str,

@@ -33,6 +33,9 @@ class Parameter:
     above: float = None    # exclusive lower bound
     high: float = None     # largest allowed
     choices: tuple = None
+    # default None: the stage derives the value when the flag is not given (these words say from what),
+    # and records what it chose in its manifest's parameters
+    derived: str = None
 
     @property
     def flag(self):
@@ -44,6 +47,8 @@ class Parameter:
 
         A float must be finite: NaN fails every comparison with a bound, so it would pass them all.
         """
+        if value is None and self.derived:
+            return None  # to be derived by the stage
         given = value if given is None else given
         if self.choices is not None:
             if not (isinstance(value, str) and value in self.choices):
@@ -143,7 +148,9 @@ class Stage:
         group = parser.add_argument_group(f"{self.script} parameters")
         for parameter in self.parameters:
             kind = str if parameter.choices else parameter.parse
-            default = f"{parameter.default}" if defaults else f"what the stage was made with, else {parameter.default}"
+            default = parameter.derived or f"{parameter.default}"
+            if not defaults:
+                default = f"what the stage was made with, else {default}"
             group.add_argument(parameter.flag, type=kind, default=parameter.default if defaults else None,
                                choices=parameter.choices, help=f"{parameter.help} (default: {default})")
 
@@ -198,8 +205,10 @@ STAGES = (
         Parameter("train_days", int, 14, "days before those labelled train", low=0, high=DAYS),
     )),
     Stage("repartitioned", "repartition.py", "repartition", reads="merged", parameters=(
-        Parameter("buckets", int, 16, "customer buckets; size them so that one bucket fits a worker many times over",
-                  low=1, high=99999),  # bucket=NNNNN: five digits
+        Parameter("buckets", int, None, "customer buckets; one bucket must fit a worker many times over", low=1,
+                  high=99999,  # bucket=NNNNN: five digits
+                  derived="derived from merged/'s size in memory and the workers' memory per thread, at least a "
+                          "few per thread; the summary says the number and why"),
         # A reader holds a row group whole: one of a TiB fits no worker, and a size near 2^63 bytes overflows
         # the row count it becomes.
         Parameter("row_group_mb", float, 64.0, "target uncompressed (in-memory) row group size, in MiB", above=0,

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 
 from conftest import listing, run_in_process, run_joined
 from recpipe import schemas, stage, tables
-from recpipe.repartition import bucket_of
+from recpipe.cli import UserError
+from recpipe.repartition import bucket_of, choose_buckets, cut_by_bucket, merged_bytes_in_memory, read_piece
 from recpipe.tables import read_parts, write_sized
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
@@ -77,7 +78,94 @@ def test_repartition_buckets_customers_and_sorts_each_bucket(session_cluster, ra
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
     assert manifest["accounting"]["impressions"] == {"rows_in": 3, "kept": 3}
     assert manifest["parameters"]["buckets"] == 4
+    assert manifest["buckets_chosen"] == {"buckets": 4,
+                                          "why": "given: --buckets, or what pipeline.py kept from the last run"}
     assert set(manifest["row_group_mib_in_memory"]) == {"actions", "impressions"}
+
+
+def test_repartition_without_buckets_derives_them_and_records_the_number_and_why(session_cluster, raw_dir, tmp_path):
+    data = tmp_path / "data"
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", data)
+    result = run_joined(session_cluster, "repartition.py", "--data", data)  # 2 workers of 1 thread
+    manifest = stage.read_manifest(data / "repartitioned")
+    # A few rows: one bucket would hold them, and each of the 2 threads gets one.
+    assert manifest["parameters"]["buckets"] == 2
+    assert manifest["buckets_chosen"]["buckets"] == 2
+    assert manifest["buckets_chosen"]["why"].startswith("derived: merged/ takes 0.00 GiB in memory; 1 for memory")
+    assert f"buckets: 2 ({manifest['buckets_chosen']['why']})" in result.stdout
+    actions = read_buckets(data / "repartitioned", "actions")
+    assert set(actions.bucket) <= {0, 1} and (actions.bucket == bucket_of(actions.customer_id, 2)).all()
+
+
+GIB = 2**30
+
+
+def test_repartition_choose_buckets_keeps_a_bucket_within_a_share_of_a_thread_memory():
+    # 4 GiB per thread: a bucket may take 1/20 of it, 204.8 MiB; 10 GiB needs 50 of them.
+    buckets, why = choose_buckets(10 * GIB, [(8 * GIB, 2)], row_group_mb=64)
+    assert buckets == 50
+    assert why.startswith("derived: merged/ takes 10.00 GiB in memory; 50 for memory (a bucket at most 1/20 of "
+                          "4.00 GiB per worker thread), 8 for the threads")
+    # The smallest share of any worker bounds them all; the count is a multiple of the 3 threads.
+    assert choose_buckets(10 * GIB, [(16 * GIB, 1), (4 * GIB, 2)], row_group_mb=64)[0] == 102
+
+
+def test_repartition_choose_buckets_gives_every_thread_a_few_buckets_no_smaller_than_a_row_group():
+    assert choose_buckets(int(0.48 * GIB), [(9 * GIB, 1), (9 * GIB, 1)], row_group_mb=64)[0] == 8  # 4 per thread
+    assert choose_buckets(int(0.48 * GIB), [(9 * GIB, 1), (9 * GIB, 1)], row_group_mb=128)[0] == 4  # 3, rounded up
+    assert choose_buckets(10 * 2**20, [(9 * GIB, 1), (9 * GIB, 1)], row_group_mb=64)[0] == 2  # one per thread
+    assert choose_buckets(0, [(9 * GIB, 16)], row_group_mb=64)[0] == 16
+
+
+def test_repartition_choose_buckets_assumes_4_gib_a_thread_for_workers_without_a_limit():
+    buckets, why = choose_buckets(10 * GIB, [(None, 1)], row_group_mb=64)
+    assert buckets == 50 and "(assumed: no worker has a memory limit)" in why
+
+
+def test_repartition_choose_buckets_refuses_a_cluster_without_workers_or_too_many_buckets():
+    with pytest.raises(UserError, match="the cluster has no workers, and --buckets is derived from their memory"):
+        choose_buckets(GIB, [], row_group_mb=64)
+    with pytest.raises(UserError, match=r"--buckets would be 100,000, more than the 99,999 allowed \(derived: "):
+        choose_buckets(5000 * GIB, [(1 * GIB, 1)], row_group_mb=64)
+
+
+def publish_merged(data, user_agent, files=2, rows=1000):
+    """A merged/ of `files` impression files of `rows` rows each, every row with `user_agent`, and one actions file."""
+    with stage.publish(data, "merged", {}, []) as run:
+        tables.write(schemas.ACTIONS.empty_table(), run.path / "actions" / "part-0.parquet")
+        for day in range(files):
+            impressions = pa.table({"dt": pa.array(np.full(rows, 19_800 + day), pa.int32()).cast(pa.date32()),
+                                    "ranking_id": [f"r{i % 50}" for i in range(rows)],
+                                    "customer_id": np.arange(rows, dtype=np.int64), "user_agent": [user_agent] * rows,
+                                    "item_id": np.arange(rows, dtype=np.int64), "is_order": np.zeros(rows, bool),
+                                    "position": np.arange(rows, dtype=np.int32), "split": ["train"] * rows},
+                                   schema=schemas.IMPRESSIONS)
+            tables.write(impressions, run.path / "impressions" / f"part-{day}.parquet")
+        run.accounting = {}
+    return stage.open_stage(data, "merged"), files * impressions.nbytes
+
+
+def test_repartition_merged_bytes_in_memory_counts_every_file_with_the_strings_it_holds(tmp_path):
+    """Parquet stores a repeated string once (a dictionary): a file's bytes say nothing of what it takes in memory."""
+    for user_agent in ("", "x" * 2000):
+        merged, taken = publish_merged(tmp_path / str(len(user_agent)), user_agent, files=3)
+        assert abs(merged_bytes_in_memory(merged) - taken) <= 0.01 * taken, user_agent[:5]
+
+
+def test_repartition_cut_by_bucket_writes_a_piece_per_bucket_present_read_back_whole(tmp_path):
+    actions = pa.table({"customer_id": np.arange(1, 1001, dtype=np.int64), "item_id": np.arange(1000, dtype=np.int64),
+                        "action_type": np.ones(1000, dtype=np.int8),
+                        "occurred_at": pa.array(np.arange(1000), pa.timestamp("us", tz="UTC"))},
+                       schema=schemas.ACTIONS)
+    tables.write(actions, tmp_path / "merged.parquet")
+    rows, ranges = cut_by_bucket(str(tmp_path / "merged.parquet"), "actions", str(tmp_path / "scratch" / "m.arrow"),
+                                 buckets=7)
+    assert rows == 1000 and sorted(ranges) == list(range(7))
+    buckets = bucket_of(actions.column("customer_id"), 7)
+    for bucket, (start, length) in ranges.items():
+        # Each piece is its bucket's rows, in the merged file's order.
+        assert read_piece(str(tmp_path / "scratch" / "m.arrow"), start, length).equals(
+            actions.filter(pa.array(buckets == bucket)))
 
 
 def test_repartition_twice_gives_identical_files(session_cluster, raw_dir, tmp_path):
