@@ -4,7 +4,8 @@ Two passes, both one task per unit of work:
 
 1. one task per group of consecutive small raw files of one source (about GROUP_BYTES on disk,
    see `plan_tasks`), per large file, or per byte range of a large one (see `split_large_files`)
-   reads, validates and cleans its files one after another, and writes their canonical actions
+   reads its files as one text where it can (raw.read_files), validates and cleans them a block at
+   a time, and writes their canonical actions
    (`actions/<source>-<first file>.parquet`, plus a copy with a row group per customer bucket
    into a scratch folder) or their shown items cut by day into the scratch folder, and their
    quarantined rows (`_quarantine/<source>/part-<first file>.parquet`), each file's rows in raw
@@ -28,13 +29,13 @@ import pyarrow as pa
 from distributed import get_worker
 
 from recpipe import cluster, schemas, stage, stages, storage, summary, tables
-from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_actions, clean_impressions,
+from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_impressions,
                               drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
                               typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
-from recpipe.raw import (BLOCK_BYTES, BLOCK_ROWS, SOURCES, byte_ranges, can_split, count_rows, file_format,
-                         list_raw_files, read_blocks, read_rows)
+from recpipe.raw import (BLOCK_BYTES, BLOCK_ROWS, ROW_KEY_BITS, SOURCES, byte_ranges, can_split, count_rows,
+                         file_format, list_raw_files, read_blocks, read_files, read_rows, split_row_keys)
 from recpipe.tables import write_table
 
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
@@ -173,8 +174,10 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
                 "exact_duplicates_kept": exact_duplicates.get(ACTION_SOURCES[source][0], 0),
             }
     impression_days = {r["day"]: {"split": r["split"], "shown_items": r["kept"]} for r in day_reports}
-    extra_fields = {source: sorted(set().union(*(r["extra_fields"] for r in by_source[source])))
-                    for source in SOURCES}
+    extra_fields = {source: set() for source in SOURCES}
+    for (source, _, _), result in zip(tasks, results):
+        extra_fields[source] |= set(result["extra_fields"])
+    extra_fields = {source: sorted(fields) for source, fields in extra_fields.items()}
     return accounting, impression_days, extra_fields
 
 
@@ -249,61 +252,112 @@ def split_large_files(client, raw_files, sizes, split_bytes):
 
 def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
     """Pass 1 for one raw file, or one Part of it (runs on a worker): clean_files of that file alone; returns
-    its accounting, with the buckets its scratch copy holds."""
+    its accounting, with its unknown fields and the buckets its scratch copy holds."""
     result = clean_files([path], source, index, out_dir, buckets, line_by_line, part, block_bytes)
     report, = result["reports"]
+    report["extra_fields"] = set(result["extra_fields"])
     return {**report, "buckets": result["buckets"]} if result["buckets"] else report
 
 
 def clean_files(paths, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
     """Pass 1 for consecutive raw files of one source, the first numbered `index`, or for one Part of one file
-    (runs on a worker). Returns {"reports": each file's accounting, in order, "buckets": those written}.
+    (runs on a worker). Returns {"reports": each file's accounting, in order, "extra_fields": the unknown
+    fields they hold, "buckets": the customer buckets written}.
 
-    The files are read and cleaned a block of at most about `block_bytes` of text at a time (raw.read_blocks),
-    and their cleaned rows written, in raw order, after each block that is not its file's last, once the
-    rows of about a block of text are pending, and at the end: so a task holds at most one block of text and
-    the cleaned rows of about one, whatever its files hold. Its output is one piece (named `index`, a Part's
-    `index.part`), or a piece per write, numbered after it in the same order: a lone file writes a piece per
-    block, as read_blocks cuts it. `line_by_line` reads every row the reference way (raw.read_rows), each file
-    whole, instead of Arrow's blocks first; the output is the same, which a test checks.
+    The files are read as one text where they can be (raw.read_files: a block of at most about `block_bytes`
+    of text at a time, however many files it holds), cleaned a block at a time, and their cleaned rows
+    written, in raw order, after each block that is not the last once the rows of about a block of text
+    are waiting, and at the end: so a task holds at most about a block of text and the cleaned rows of
+    about one, whatever its files hold. Its output is one piece (named `index`, a Part's `index.part`),
+    or a piece per write, numbered after it in the same order: a lone file writes a piece per block, as
+    read_blocks cuts it. Each row keeps its file and its row number in that file (in the quarantine, and
+    in each file's accounting). `line_by_line` reads every row the reference way (raw.read_rows), a file
+    at a time, instead of Arrow's blocks first; the output is the same, which a test checks.
     """
     out_dir = storage.path(out_dir)
     name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
     pending = _Pending(source, out_dir, name, buckets)
-    reports = []
-    for position, path in enumerate(paths):
-        report = {"source": source, "file": path, "rows_in": 0, "extra_fields": set()}
-        if part is not None:
-            report["part"], report["worker"] = part.number, _worker_address()
-        kept, shown_items_in, days = 0, 0, set()
-        set_aside_reasons, items_set_aside_reasons = collections.Counter(), collections.Counter()
-        for rows_in, extra_fields, text_bytes, cleaned, last in _clean_blocks(path, source, line_by_line, part,
-                                                                              block_bytes):
-            report["rows_in"] += rows_in
-            report["extra_fields"] |= extra_fields
-            if source == "impressions":
-                shown, rankings_set_aside, items_set_aside = cleaned
-                days |= set(shown["dt"])
-                kept += rows_in - len(rankings_set_aside)
-                shown_items_in += len(shown) + len(items_set_aside)
-                set_aside_reasons.update(_reasons(rankings_set_aside))
-                items_set_aside_reasons.update(_reasons(items_set_aside))
-                set_aside = pd.concat([rankings_set_aside, items_set_aside], ignore_index=True)
-                pending.add(shown, set_aside.sort_values("row", kind="stable"), rows_in, text_bytes)
-            else:
-                actions, set_aside = cleaned
-                kept += len(actions)
-                set_aside_reasons.update(_reasons(set_aside))
-                pending.add(actions, set_aside, rows_in, text_bytes)
-            if not last or position < len(paths) - 1 and pending.full(block_bytes):
-                pending.write(more=True)
-        report["kept"], report["set_aside"] = kept, dict(set_aside_reasons)
+    accounts = _Accounts(source, paths)
+    files = np.array(paths, dtype=object)
+    extra = set()
+    for row_keys, extra_fields, text_bytes, cleaned, last in _clean_blocks(paths, source, line_by_line, part,
+                                                                           block_bytes):
+        extra |= extra_fields
+        accounts.add(row_keys, cleaned)
         if source == "impressions":
-            report["days"], report["shown_items_in"] = sorted(days), shown_items_in
-            report["shown_items_set_aside"] = dict(items_set_aside_reasons)
-        reports.append(report)
+            shown, rankings_set_aside, items_set_aside = cleaned
+            # Empty frames left out: an empty column's type must not change a piece's columns' types.
+            set_aside = pd.concat([frame for frame in (rankings_set_aside, items_set_aside) if len(frame)]
+                                  or [rankings_set_aside], ignore_index=True)
+            set_aside = set_aside.sort_values("row", kind="stable", ignore_index=True)  # keys: file, then row
+            shown["row"] = split_row_keys(shown["row"].to_numpy())[1]
+            kept = shown
+        else:
+            kept, _, set_aside = cleaned
+        file_of, set_aside["row"] = split_row_keys(set_aside["row"].to_numpy())
+        set_aside["source_file"] = files[file_of]
+        pending.add(kept, set_aside, len(row_keys), text_bytes)
+        if not last and pending.full(block_bytes):
+            pending.write(more=True)
     pending.write(more=False)
-    return {"reports": reports, "buckets": sorted(pending.buckets)}
+    reports = accounts.reports()
+    if part is not None:
+        reports[0]["part"], reports[0]["worker"] = part.number, _worker_address()
+    return {"reports": reports, "extra_fields": sorted(extra), "buckets": sorted(pending.buckets)}
+
+
+class _Accounts:
+    """Each file's accounting of a task's files, counted a block at a time from the rows' keys."""
+
+    def __init__(self, source, paths):
+        self.source, self.paths = source, paths
+        n = len(paths)
+        self.rows_in, self.kept = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        self.shown_items_in = np.zeros(n, dtype=np.int64)
+        self.set_aside = [collections.Counter() for _ in paths]
+        self.items_set_aside = [collections.Counter() for _ in paths]
+        self.days = [set() for _ in paths]
+
+    def _count(self, keys):
+        return np.bincount(split_row_keys(keys)[0], minlength=len(self.paths))
+
+    def add(self, row_keys, cleaned):
+        self.rows_in += self._count(row_keys)
+        if self.source == "impressions":
+            shown, rankings_set_aside, items_set_aside = cleaned
+            self.kept += self._count(row_keys) - self._count(rankings_set_aside["row"].to_numpy())
+            self.shown_items_in += self._count(shown["row"].to_numpy()) + self._count(items_set_aside["row"].to_numpy())
+            _count_reasons(self.set_aside, rankings_set_aside)
+            _count_reasons(self.items_set_aside, items_set_aside)
+            days = pd.DataFrame({"file": split_row_keys(shown["row"].to_numpy())[0], "dt": shown["dt"]})
+            for file, day in days.drop_duplicates().itertuples(index=False):  # a step per file and day
+                self.days[file].add(day)
+        else:
+            _, kept_keys, set_aside = cleaned
+            self.kept += self._count(kept_keys)
+            _count_reasons(self.set_aside, set_aside)
+
+    def reports(self):
+        reports = []
+        for number, path in enumerate(self.paths):
+            report = {"source": self.source, "file": path, "rows_in": int(self.rows_in[number]),
+                      "kept": int(self.kept[number]), "set_aside": dict(self.set_aside[number])}
+            if self.source == "impressions":
+                report["days"], report["shown_items_in"] = sorted(self.days[number]), int(self.shown_items_in[number])
+                report["shown_items_set_aside"] = dict(self.items_set_aside[number])
+            reports.append(report)
+        return reports
+
+
+def _count_reasons(counters, set_aside):
+    """Add set-aside rows (row keys) to each file's {reason: rows}, in the order the reasons first occur
+    (counted in pandas: a file of a million malformed lines is no million Python steps)."""
+    if not len(set_aside):
+        return
+    counts = pd.DataFrame({"file": split_row_keys(set_aside["row"].to_numpy())[0], "reason": set_aside["reason"]}
+                          ).groupby(["file", "reason"], sort=False).size()
+    for (file, reason), n in counts.items():  # a step per file and reason
+        counters[file][str(reason)] += int(n)
 
 
 class _Pending:
@@ -336,24 +390,27 @@ class _Pending:
             kept = self.kept[0] if len(self.kept) == 1 else pd.concat(self.kept, ignore_index=True)
             if source == "impressions":
                 for day, of_day in kept.groupby("dt", sort=True):
-                    write_table(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{piece}.parquet",
-                                SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
+                    _write(of_day, out_dir / "_scratch" / "impressions" / day.isoformat() / f"{piece}.parquet",
+                           SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
             else:
-                write_table(kept, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
+                _write(kept, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
                 self.buckets |= set(_write_by_bucket(kept, self.buckets_of, out_dir / "_scratch" / "actions"
                                                      / f"{source}-{piece}.parquet"))
         if self.set_aside:
             set_aside = self.set_aside[0] if len(self.set_aside) == 1 else pd.concat(self.set_aside,
                                                                                       ignore_index=True)
-            write_table(set_aside, out_dir / "_quarantine" / source / f"part-{piece}.parquet", schemas.QUARANTINE)
+            _write(set_aside, out_dir / "_quarantine" / source / f"part-{piece}.parquet", schemas.QUARANTINE)
         self.kept, self.set_aside, self.rows, self.text_bytes = [], [], 0, 0
 
 
-def _reasons(set_aside):
-    """{reason: rows} of set-aside rows, in the order the reasons first occur (counted in pandas: a file
-    of a million malformed lines is no million Python steps)."""
-    counts = set_aside["reason"].value_counts(sort=False)
-    return {str(reason): int(n) for reason, n in counts.items()}
+def _table(frame, schema):
+    """`frame` as an Arrow table of `schema`, each column one array: a piece's bytes must not depend on how
+    many frames its rows came in (Parquet's dictionary gives up at a size checked between arrays)."""
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False).combine_chunks()
+
+
+def _write(frame, path, schema, **options):
+    tables.write(_table(frame, schema), path, **options)
 
 
 def _worker_address():
@@ -363,33 +420,43 @@ def _worker_address():
         return "this process"
 
 
-def _clean_blocks(path, source, line_by_line, part, block_bytes):
-    """Yield (rows in, extra fields, bytes of text, cleaned, whether it is the last) for each block of one raw
-    file: clean_impressions' or clean_actions' result."""
+def _clean_blocks(paths, source, line_by_line, part, block_bytes):
+    """Yield (the keys of its rows, extra fields, bytes of text, cleaned, whether it is the last) for each block
+    of a task's raw files, their rows numbered by row key (raw.split_row_keys): clean_impressions' result, or
+    clean_action_rows'."""
     if line_by_line:
-        rows = read_rows(path, source)
-        if source == "impressions":
-            cleaned = clean_impressions(rows.frame, path)
-        else:
-            cleaned = clean_actions(rows.frame, source, path)
-        yield len(rows.frame), rows.extra_fields, rows.text_bytes, cleaned, True
+        for position, path in enumerate(paths):
+            rows = read_rows(path, source)
+            rows.frame["row"] += position << ROW_KEY_BITS
+            if source == "impressions":
+                cleaned = clean_impressions(rows.frame, path)
+            else:
+                cleaned = clean_action_rows(rows.frame, source, path)
+            yield rows.frame["row"].to_numpy(), rows.extra_fields, rows.text_bytes, cleaned, position == len(paths) - 1
         return
-    blocks = read_blocks(path, source, block_bytes=block_bytes) if part is None else read_blocks(
-        path, source, part.start, part.end, part.first_row, part.header, block_bytes=block_bytes)
+    if part is None:
+        blocks = read_files(paths, source, block_bytes=block_bytes)
+    else:
+        (path,) = paths
+        blocks = read_blocks(path, source, part.start, part.end, part.first_row, part.header, block_bytes=block_bytes)
     for block, last in blocks:
-        yield block.rows_in, block.extra_fields, block.text_bytes, _clean_block(block, path, source), last
+        row_keys = np.concatenate([block.rows, block.rest["row"].to_numpy(dtype=np.int64)])
+        yield row_keys, block.extra_fields, block.text_bytes, _clean_block(block, paths[0], source), last
 
 
 def _clean_block(block, path, source):
+    """clean_impressions' or clean_action_rows' result for a Block (its rows in row order); `path` names
+    the rows' file in the quarantine until their keys name theirs."""
     if source == "impressions":
         plain, shown = typed_impressions(block.table, block.rows)
         shown_rest, rankings_set_aside, items_set_aside = clean_impressions(_rest(block, plain), path)
         return _in_row_order(shown, shown_rest), rankings_set_aside, items_set_aside
     plain, actions, rows = typed_actions(block.table, block.rows, source)
     actions_rest, rows_rest, set_aside = clean_action_rows(_rest(block, plain), source, path)
-    order = np.argsort(np.concatenate([rows, rows_rest]), kind="stable")
+    rows = np.concatenate([rows, rows_rest])
+    order = np.argsort(rows, kind="stable")
     actions = pd.concat([actions, actions_rest], ignore_index=True).take(order).reset_index(drop=True)
-    return actions, set_aside
+    return actions, rows[order], set_aside
 
 
 def _rest(block, plain):
@@ -420,7 +487,7 @@ def _write_by_bucket(actions, buckets, path):
     files cost more than cleaning their rows."""
     bucket_of = actions["customer_id"].to_numpy() % buckets
     order = np.argsort(bucket_of, kind="stable")
-    table = pa.Table.from_pandas(actions.take(order), schema=schemas.ACTIONS, preserve_index=False)
+    table = _table(actions.take(order), schemas.ACTIONS)
     present, firsts = np.unique(bucket_of[order], return_index=True)
     bounds = [*firsts.tolist(), len(order)]
     with tables.writer(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())}),

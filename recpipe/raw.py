@@ -8,7 +8,8 @@ Two ways, one result:
   that does not decode is marked `malformed` here and loses only itself.
 - `read_block`, the fast path merge_and_clean uses: Arrow decodes whole blocks into typed
   columns, and only the rows it cannot read, or that cleaning's typed rules do not plainly
-  take, are turned into RawRows frames the reference way (`Block`).
+  take, are turned into RawRows frames the reference way (`Block`); `read_files` reads several
+  small files of one source into the same blocks, each row keeping its file and row number.
 """
 
 import codecs
@@ -476,29 +477,186 @@ def read_blocks(path, source, start=0, end=None, first_row=1, header=None, block
     """
     fmt = file_format(path)
     if fmt == ".parquet":
-        data = _read_whole(path)
-        block = _parquet_block(data, source, path)
-        block.text_bytes = len(data)
-        yield block, True
+        yield _parquet_block(_read_whole(path), source, path), True
         return
-    fields = FIELDS[source]
     chunks = _file_chunks(path) if end is None else _chunks_of(_read_lines(path, start, end))
     lines = (_JsonLines if fmt == ".jsonl" else _CsvLines)(first_row, header)
     for text, last in _cut_blocks(chunks, lines, block_bytes, block_rows):
-        if fmt == ".jsonl":
-            block = _json_block(text.data, source, text.rows)
-            block.text_bytes = len(text.data)
-            yield block, last
-            continue
-        decoded = _decode_csv(text.data, fields, path, text.rows, text.rest_first)
-        fast = ~decoded.malformed
-        table = pa.table({name: decoded.table.column(name) if name in decoded.table.column_names
-                          else pa.nulls(decoded.table.num_rows, pa.string()) for name in fields})
-        yield Block(table.filter(pa.array(fast)), decoded.rows[fast],
-                    pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
-                    .sort_values("row", kind="stable", ignore_index=True),
-                    decoded.extra_fields, lambda mask, decoded=decoded, fast=fast:
-                    _csv_frame(_subset(decoded, fast), mask, fields), len(text.data)), last
+        yield _text_block(text, fmt, source, path), last
+
+
+def _text_block(text, fmt, source, path):
+    """The Block of a Text of JSON Lines or CSV (`path` names the file in an error)."""
+    if fmt == ".jsonl":
+        block = _json_block(text.data, source, text.rows)
+        block.text_bytes = len(text.data)
+        return block
+    fields = FIELDS[source]
+    decoded = _decode_csv(text.data, fields, path, text.rows, text.rest_first)
+    fast = ~decoded.malformed
+    table = pa.table({name: decoded.table.column(name) if name in decoded.table.column_names
+                      else pa.nulls(decoded.table.num_rows, pa.string()) for name in fields})
+    return Block(table.filter(pa.array(fast)), decoded.rows[fast],
+                 pd.concat([decoded.invalid, _csv_frame(decoded, ~fast, fields)], ignore_index=True)
+                 .sort_values("row", kind="stable", ignore_index=True),
+                 decoded.extra_fields, lambda mask, decoded=decoded, fast=fast:
+                 _csv_frame(_subset(decoded, fast), mask, fields), len(text.data))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several small files read as one: a landing zone of a file per source and hour must cost what
+# its bytes cost, not the fixed cost of decoding and cleaning a block per file.
+#
+# The rows of consecutive files of one source are numbered with a row key, the file's place among
+# them times 2^40 plus the row's number in the file: so the keys sort the rows in raw order, and
+# `split_row_keys` gives each row's file and its number in that file back.
+
+ROW_KEY_BITS = 40
+
+
+def split_row_keys(keys):
+    """(each row's place among the files read together, its row number in its file) of row keys."""
+    keys = np.asarray(keys, dtype=np.int64)
+    return keys >> ROW_KEY_BITS, keys & ((1 << ROW_KEY_BITS) - 1)
+
+
+def read_files(paths, source, block_bytes=BLOCK_BYTES, block_rows=BLOCK_ROWS):
+    """Yield (Block, whether it is the last) for consecutive raw files of one source, their rows numbered by
+    row key (see split_row_keys; a file alone keeps its row numbers), as if they were one file read by
+    read_blocks: one Block of at most about `block_bytes` of text and `block_rows` rows at a time.
+
+    The text of consecutive JSON Lines files is decoded as one text, and that of consecutive CSV files
+    with the same header line under it once, up to a file's first quote or carriage return (from there
+    on its lines, as they came, end the text: a quoted value may hold a line end). The Blocks of texts
+    that a file ends (a Parquet file, a CSV file of another header, one with a quote) are joined into one
+    Block where their columns have the same types, within the same bounds.
+    """
+    yield from _Files(source, block_bytes, block_rows).read(paths)
+
+
+class _Files:
+    """read_files' state: the text being gathered (`run`) and the Blocks waiting to be joined."""
+
+    def __init__(self, source, block_bytes, block_rows):
+        self.source, self.block_bytes, self.block_rows = source, block_bytes, block_rows
+        self.run, self.waiting = None, []
+
+    def read(self, paths):
+        for position, path in enumerate(paths):
+            first_key = position << ROW_KEY_BITS
+            fmt = file_format(path)
+            last_file = position == len(paths) - 1
+            if fmt == ".parquet":
+                yield from self._end_run()
+                yield from self._add(_parquet_block(_read_whole(path), self.source, path, first_key + 1),
+                                     more=not last_file)
+                continue
+            lines = (_JsonLines if fmt == ".jsonl" else _CsvLines)(1)
+            joined = False  # whether this file's lines go into the run yet (a CSV file's header is found first)
+            for kept, rows, more in _line_pieces(_file_chunks(path), lines):
+                if not joined and (fmt == ".jsonl" or lines.header is not None):
+                    yield from self._join(fmt, lines.header, path)
+                    joined = True
+                if joined:
+                    self.run.add(kept, rows + first_key)
+                    if lines.tail is None and (more or not last_file) and self._full(self.run.size, self.run.count):
+                        yield from self._end_run()
+                        self.run = _Run(fmt, lines.header, path)
+            if not joined and fmt == ".csv" and lines.header is not None:  # a header alone, found at the end
+                yield from self._join(fmt, lines.header, path)
+                joined = True
+            if joined and lines.tail is not None:  # the rest of the file as it came: nothing can follow it
+                self.run.tail, self.run.rest_first = lines.tail, first_key + lines.rest_first
+                yield from self._end_run(more=not last_file)
+        yield from self._end_run(more=False)
+        if self.waiting:
+            yield _joined(self.waiting), True
+
+    def _full(self, size, count):
+        """Whether this much text, with the Blocks waiting, makes a block."""
+        waiting_size = sum(block.text_bytes for block in self.waiting)
+        waiting_count = sum(block.rows_in for block in self.waiting)
+        return self.block_bytes is not None and (size + waiting_size >= self.block_bytes
+                                                 or count + waiting_count >= self.block_rows)
+
+    def _join(self, fmt, header, path):
+        """Put a file's lines after the run's, or end the run and start one with this file."""
+        if fmt == ".csv":
+            _csv_header(header, path)  # a header that is not CSV names its own file
+        if self.run is not None and self.run.takes(fmt, header):
+            self.run.files.append(path)
+            return
+        yield from self._end_run()
+        self.run = _Run(fmt, header, path)
+
+    def _end_run(self, more=True):
+        if self.run is not None:
+            block = self.run.block(self.source)
+            self.run = None
+            yield from self._add(block, more)
+
+    def _add(self, block, more):
+        """Wait with `block` for more to join it; yield what waited once it makes a block and `more` input
+        follows (the last Block is the one the end yields)."""
+        if self.waiting and not block.table.schema.equals(self.waiting[0].table.schema):
+            yield _joined(self.waiting), False
+            self.waiting = []
+        self.waiting.append(block)
+        if more and self._full(0, 0):
+            yield _joined(self.waiting), False
+            self.waiting = []
+
+
+def _joined(blocks):
+    """One Block of the rows of `blocks`, in order (their tables' columns have the same types)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    sizes = np.cumsum([0] + [block.table.num_rows for block in blocks]).tolist()
+
+    def as_rows(mask):
+        return pd.concat([block.as_rows(mask[start:stop]) for block, start, stop in zip(blocks, sizes, sizes[1:])],
+                         ignore_index=True)
+
+    return Block(pa.concat_tables([block.table for block in blocks]), np.concatenate([b.rows for b in blocks]),
+                 pd.concat([block.rest for block in blocks], ignore_index=True),
+                 set().union(*(block.extra_fields for block in blocks)), as_rows,
+                 sum(block.text_bytes for block in blocks))
+
+
+class _Run:
+    """The text of consecutive files of one format (CSV: under one header) to be decoded as one."""
+
+    def __init__(self, fmt, header, path):
+        self.fmt, self.header = fmt, header if fmt == ".csv" else None
+        self.files = [path]  # the first names the text in an error
+        self.pieces, self.rows, self.size, self.count = [], [], 0, 0
+        self.tail, self.rest_first = None, 1
+
+    def takes(self, fmt, header):
+        return self.fmt == fmt and self.header == (header if fmt == ".csv" else None) and self.tail is None
+
+    def add(self, kept, rows):
+        if len(kept):
+            self.pieces.append(kept)
+            self.rows.append(rows)
+            self.size, self.count = self.size + len(kept), self.count + len(rows)
+
+    def text(self):
+        rows = np.concatenate(self.rows) if self.rows else _NO_ROWS
+        if self.fmt == ".jsonl":
+            return Text(b"".join(self.pieces), rows)
+        return Text(b"".join([self.header, b"\n", *self.pieces, *(self.tail or [])]), rows, self.rest_first)
+
+    def block(self, source):
+        try:
+            return _text_block(self.text(), self.fmt, source, self.files[0])
+        except UserError:
+            if len(self.files) < 2:
+                raise
+        for path in self.files:  # refused together: read each alone, so that the message names its file
+            for _ in read_blocks(path, source, block_bytes=None):
+                pass
+        raise AssertionError(f"{self.files[0]} and the files after it were refused together, but not alone")
 
 
 def _subset(decoded, mask):
@@ -614,6 +772,7 @@ class _JsonLines:
     blank or not, is numbered."""
 
     tail = None  # JSON Lines are cut anywhere: no line is kept for later
+    header = None
 
     def __init__(self, first_row, header=None):
         self.before = first_row - 1  # the lines before the next one
@@ -695,10 +854,9 @@ class _CsvLines:
                     np.concatenate(rows) if rows else _NO_ROWS, self.rest_first)
 
 
-def _cut_blocks(chunks, lines, block_bytes, block_rows):
-    """Yield (Text, whether it is the last) for `chunks` of a file's text, cut at line ends into blocks of
-    about `block_bytes` and `block_rows` (None: one block)."""
-    pieces, rows, size, count = [], [], 0, 0
+def _line_pieces(chunks, lines):
+    """Yield (kept lines, their rows, whether more of the text follows) for the whole lines of each of
+    `chunks` of a file's text, turned by `lines` (_JsonLines or _CsvLines)."""
     carry = []  # the start of a line whose end is in a later chunk
     chunks = iter(chunks)
     chunk = next(chunks, None)
@@ -713,17 +871,25 @@ def _cut_blocks(chunks, lines, block_bytes, block_rows):
             text = b"".join([*carry, chunk[:cut]]) if carry else chunk[:cut]
             carry = [chunk[cut:]] if cut < len(chunk) else []
             kept, kept_rows = lines.lines(text)
-            if len(kept):
-                pieces.append(kept)
-                rows.append(kept_rows)
-                size, count = size + len(kept), count + len(kept_rows)
-        if (block_bytes is not None and lines.tail is None and (size >= block_bytes or count >= block_rows)
-                and following is not None):
-            yield lines.text(pieces, rows), False
-            pieces, rows, size, count = [], [], 0, 0
+            yield kept, kept_rows, following is not None
         chunk = following
     if isinstance(lines, _CsvLines):
         lines.finish()
+
+
+def _cut_blocks(chunks, lines, block_bytes, block_rows):
+    """Yield (Text, whether it is the last) for `chunks` of a file's text, cut at line ends into blocks of
+    about `block_bytes` and `block_rows` (None: one block)."""
+    pieces, rows, size, count = [], [], 0, 0
+    for kept, kept_rows, more in _line_pieces(chunks, lines):
+        if len(kept):
+            pieces.append(kept)
+            rows.append(kept_rows)
+            size, count = size + len(kept), count + len(kept_rows)
+        if (block_bytes is not None and lines.tail is None and (size >= block_bytes or count >= block_rows)
+                and more):
+            yield lines.text(pieces, rows), False
+            pieces, rows, size, count = [], [], 0, 0
     yield lines.text(pieces, rows), True
 
 
@@ -823,19 +989,20 @@ def _entries_as_typed(column):
     return pa.ListArray.from_arrays(column.offsets, typed, mask=column.is_null())
 
 
-def _parquet_block(data, source, path):
+def _parquet_block(data, source, path, first_row=1):
+    """The Block of a Parquet file's bytes, its rows numbered from `first_row` (a row key, see read_files)."""
     fields = FIELDS[source]
     table = _parquet_table(data, fields, path)
-    rows = np.arange(1, table.num_rows + 1, dtype=np.int64)
+    rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
     extra = set(table.column_names) - set(fields)
     present = [name for name in fields if name in table.column_names]
     if any(table.schema.field(name).type != _typed(name) for name in present):  # judged the reference way
         return Block(TYPES[source].empty_table(), rows[:0], _parquet_frame(table, rows, fields), extra,
-                     lambda mask: _parquet_frame(table.slice(0, 0), rows[:0], fields))
+                     lambda mask: _parquet_frame(table.slice(0, 0), rows[:0], fields), len(data))
     typed = pa.table({name: table.column(name) if name in present else pa.nulls(table.num_rows, _typed(name))
                       for name in fields})
     return Block(typed, rows, _parquet_frame(table.slice(0, 0), rows[:0], fields), extra,
-                 lambda mask: _parquet_frame(table.filter(pa.array(mask)), rows[mask], fields))
+                 lambda mask: _parquet_frame(table.filter(pa.array(mask)), rows[mask], fields), len(data))
 
 
 # ---------------------------------------------------------------------------------------------

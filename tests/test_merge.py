@@ -289,6 +289,8 @@ def grouped_and_alone(tmp_path, source, files, **options):
         paths.append(str(path))
     group = clean_files(paths, source, 4, str(tmp_path / "group"), 2, **options)
     alone = [clean_file(path, source, 4 + i, str(tmp_path / f"alone-{i}"), 2) for i, path in enumerate(paths)]
+    assert group["extra_fields"] == sorted(set().union(*(report.pop("extra_fields") for report in alone)))
+    assert group["buckets"] == sorted(set().union(*(report.pop("buckets", []) for report in alone)))
     return group, tmp_path / "group", alone, [tmp_path / f"alone-{i}" for i in range(len(paths))]
 
 
@@ -306,9 +308,9 @@ def test_merge_group_of_small_files_writes_one_file_of_their_rows_in_raw_order(t
            "2024-03-04,4,x,2024-03-04T10:00:00\n2024-03-04,5,50,2024-03-04T11:00:00Z\n").encode()
     group, out, alone, alone_outs = grouped_and_alone(tmp_path, "clicks", {
         "a.jsonl": jsonl_bytes(CLICK_LINES), "b.csv": csv, "c.jsonl.gz": jsonl_bytes(CLICK_LINES[::-1], gz=True)})
-    assert group["reports"] == [{key: value for key, value in report.items() if key != "buckets"} for report in alone]
+    assert group["reports"] == alone
     assert [report["rows_in"] for report in group["reports"]] == [6, 3, 6]
-    assert group["buckets"] == sorted(set().union(*(report["buckets"] for report in alone)))
+    assert group["buckets"] == [0, 1]
     names, rows = parquet_rows(out)
     assert names == ["_quarantine/clicks/part-00004.parquet", "_scratch/actions/clicks-00004.parquet",
                      "actions/clicks-00004.parquet"]
@@ -327,6 +329,7 @@ def test_merge_group_of_impression_files_writes_a_piece_per_day_named_after_its_
         "a.jsonl": jsonl_bytes(IMPRESSION_LINES[:2]), "b.jsonl.gz": jsonl_bytes(IMPRESSION_LINES[2:], gz=True),
         "c.jsonl": jsonl_bytes(IMPRESSION_LINES[::-1])})
     assert group["reports"] == alone
+    assert group["extra_fields"] == ["app_version"]
     assert [report["days"] for report in group["reports"]] == [
         [pd.Timestamp("2024-03-02").date()], [pd.Timestamp("2024-03-03").date()],
         [pd.Timestamp("2024-03-02").date(), pd.Timestamp("2024-03-03").date()]]

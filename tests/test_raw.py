@@ -12,8 +12,8 @@ import pytest
 
 from conftest import listing, one_line, run_main
 from recpipe.cli import UserError
-from recpipe.raw import (byte_ranges, count_rows, file_format, list_raw_files, list_source_files, read_block,
-                         read_blocks, read_rows)
+from recpipe.raw import (ROW_KEY_BITS, byte_ranges, count_rows, file_format, list_raw_files, list_source_files,
+                         read_block, read_blocks, read_files, read_rows, split_row_keys)
 
 
 def test_raw_file_format_looks_through_gzip():
@@ -352,3 +352,67 @@ def test_raw_blank_lines_are_counted_and_dropped_a_chunk_at_a_time(tmp_path):
     (block, last), = read_blocks(path, "clicks")
     assert last and block.rows_in == 2
     assert block_rows(block) == {1: (None, 1), blank + 1000 + 2: (b"not json", None)}
+
+
+def click_files(folder):
+    """Click files of every kind a group may hold, in raw order: JSON Lines (one gzipped, one empty), CSV
+    files under one header (one with blank lines and a byte order mark before it), one under another, one
+    with a quote, Parquet, JSON Lines again."""
+    header = b"dt,customer_id,item_id,click_time"
+
+    def jsonl(first, n):
+        return b"".join(b'{"dt": "2024-03-01", "customer_id": %d, "item_id": 3, "click_time": "2024-03-01T10:00:00"}\n'
+                        % i for i in range(first, first + n)) + b"not json\n\n"
+
+    def csv(first, n, head=header):
+        return head + b"\n" + b"".join(b"2024-03-01,%d,4,2024-03-01T10:00:00\n" % i
+                                       for i in range(first, first + n)) + b"1,2\n\n  \n"
+
+    files = {
+        "00.jsonl": jsonl(1, 5), "01.jsonl.gz": gzip.compress(jsonl(10, 7)), "02.jsonl": b"",
+        "03.csv": csv(20, 4), "04.csv": b"\xef\xbb\xbf\n  \n" + csv(30, 3), "05.csv": csv(40, 2, header + b",extra"),
+        "06.csv": csv(50, 3) + b'2024-03-01,"51",4,2024-03-01T10:00:00\n' + csv(52, 2)[len(header) + 1:],
+        "07.csv": csv(60, 2), "10.jsonl": jsonl(90, 3),
+    }
+    paths = []
+    for name, data in files.items():
+        paths.append(folder / name)
+        paths[-1].write_bytes(data)
+    for name, first in (("08.parquet", 70), ("09.parquet", 80)):
+        pq.write_table(pa.table({"dt": ["2024-03-01"] * 3, "customer_id": list(range(first, first + 3)),
+                                 "item_id": [5, 5, None], "click_time": ["2024-03-01T10:00:00"] * 3}), folder / name)
+    return sorted(folder.iterdir())
+
+
+def test_raw_files_read_together_give_each_row_of_each_file_alone_under_its_key(tmp_path, monkeypatch):
+    """Files read as one, cut into blocks of every size: each file's rows, numbered as read alone, under its
+    place among them; the JSON Lines files' text decoded as one, and CSV under one header as one."""
+    paths = click_files(tmp_path)
+    alone = {}
+    for position, path in enumerate(paths):
+        rows = block_rows(read_block(path, "clicks"))
+        alone.update({(position << ROW_KEY_BITS) + row: value for row, value in rows.items()})
+    assert len(alone) == 47
+    blocks = list(read_files(paths, "clicks"))
+    assert [last for _, last in blocks] == [False, False, True]  # JSON Lines; CSV; Parquet with the JSON Lines after
+    files_of = [split_row_keys(np.concatenate([block.rows, block.rest.row]))[0] for block, _ in blocks]
+    assert [sorted(set(files.tolist())) for files in files_of] == [[0, 1], [3, 4, 5, 6, 7], [8, 9, 10]]
+    assert blocks[1][0].extra_fields == {"extra"}
+    for chunk in (3, 100, 1 << 20):
+        monkeypatch.setattr("recpipe.raw._CHUNK_BYTES", chunk)
+        for block_bytes, block_rows_ in ((1, 1), (300, 1000), (10**6, 7), (None, None)):
+            blocks = list(read_files(paths, "clicks", block_bytes=block_bytes, block_rows=block_rows_))
+            assert [last for _, last in blocks] == [False] * (len(blocks) - 1) + [True]
+            rows = {}
+            for block, _ in blocks:
+                found = block_rows(block)
+                assert not set(found) & set(rows), "a row read twice"
+                rows.update(found)
+            assert rows == alone, (chunk, block_bytes, block_rows_)
+
+
+def test_raw_files_read_together_name_the_file_a_bad_header_is_in(tmp_path):
+    paths = click_files(tmp_path)
+    paths[4].write_bytes(b"dt,customer_id,dt\n2024-03-01,1,x\n")
+    with pytest.raises(UserError, match=f"^{paths[4]}: the header row names 'dt' more than once"):
+        list(read_files(paths, "clicks"))
