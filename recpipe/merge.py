@@ -58,7 +58,10 @@ SPLIT_BYTES = 32 * 2**20
 # (a compressed file by its compressed size), and write one merged file, one scratch file and one
 # quarantine file between them: a landing zone of a file per source and hour then costs what its
 # bytes cost, not a task, three small Parquet files and a read of each scratch file per bucket each.
-GROUP_BYTES = SPLIT_BYTES
+# Smaller than SPLIT_BYTES so that a few hundred MiB still make enough tasks to share among the
+# workers: on docs/benchmarks.md's 155 MiB in 118 files, 8 MiB made 23 tasks, cleaned in 6.1-6.6 s
+# on 2 workers, against 7.8-8.7 s for 32 MiB (8 tasks, the last ones alone) and 7.0-7.2 s a file a task.
+GROUP_BYTES = 8 * 2**20
 
 # About this much raw action input (on disk) per customer bucket of the duplicate count.
 BUCKET_BYTES = 4 * 2**20
