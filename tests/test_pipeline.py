@@ -20,6 +20,7 @@ from recpipe.raw import SOURCES
 
 SCHEMA = pa.schema([("customer_id", pa.int64())])
 DEFAULTS = {stage.name: {p.name: p.default for p in stage.parameters} for stage in stages.STAGES}
+DEFAULTS["repartitioned"]["buckets"] = 16  # a run records the number it chose (repartition.choose_buckets), never None
 
 
 def make_raw(root):

@@ -1,6 +1,7 @@
 """preprocess.py end to end on generated data, after every earlier stage: the one test of all stages."""
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, listing, one_line, run_in_process, run_joined, run_main
-from recpipe import stages
+from recpipe import preprocess, stages
 from recpipe.histories import history_windows, padded, timelines
 from recpipe.preprocess import LeakError, check_histories, check_timelines, in_sample
 
@@ -390,3 +391,11 @@ def test_preprocess_replaces_preprocessors_whose_processed_folder_is_gone_or_thi
     assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
     (pre / FITTED_FOR).write_text("[")
     assert fitted_for_another(pre, str(tmp_path / "data" / "processed")) is None
+
+
+def test_preprocess_keys_are_the_distinct_customer_days_in_order_of_appearance():
+    days = [dt.date(2024, 1, 2), dt.date(2024, 1, 2), dt.date(2024, 1, 2), dt.date(2024, 1, 1), dt.date(2024, 1, 1)]
+    examples = pa.table({"customer_id": pa.array([5, 3, 5, 3, 2**62], pa.int64()), "dt": pa.array(days, pa.date32())})
+    keys, key_of_example = preprocess._keys(examples)
+    assert list(zip(keys["customer_id"], keys["dt"])) == [(5, days[0]), (3, days[0]), (3, days[3]), (2**62, days[3])]
+    assert key_of_example.tolist() == [0, 1, 0, 2, 3]
