@@ -85,7 +85,10 @@ def run_stage(args):
     raw_files = list_raw_files(args.raw)
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
-    with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args) as client:
+    # Cleaning is mostly Arrow, zlib and NumPy: on 173 MiB of raw files (5.5 M actions) threads took 10.1-11.4 s
+    # against 11.0-12.8 s with worker processes, run alternately.
+    threads = cluster.in_process_reason(args, inputs[0]["bytes"], args.raw)
+    with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args, threads) as client:
         accounting, impression_days, extra_fields = merge_and_clean(
             client, raw_files, run.path, args.test_days, args.val_days, args.train_days)
         for source, fields in extra_fields.items():

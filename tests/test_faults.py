@@ -181,10 +181,10 @@ def test_faults_output_failure_reads_errno_from_errno_text_or_cause(error, expec
         assert message.startswith(expected), message
 
 
-def start_stage(raw, data, env):
+def start_stage(raw, data, env, flags=()):
     """merge_and_clean.py in the background, in its own session (so a failed test can stop it all)."""
     log = data.parent / "run.log"
-    process = subprocess.Popen([sys.executable, "merge_and_clean.py", "--raw", str(raw), "--data", str(data)],
+    process = subprocess.Popen([sys.executable, "merge_and_clean.py", "--raw", str(raw), "--data", str(data), *flags],
                                cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     return process, log
@@ -246,7 +246,7 @@ def test_faults_workers_dying_past_allowed_failures_is_one_line_and_keeps_the_pr
     shutil.copytree(reference / "merged", data / "merged")
     before = file_hashes(data)
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-    process, log = start_stage(raw, data, env)
+    process, log = start_stage(raw, data, env, ["--workers", "2"])  # worker processes, not threads, to kill
     try:
         wait_for_staged_output(process, data)
         workers = [child for child in psutil.Process(process.pid).children()

@@ -86,6 +86,19 @@ def test_merge_twice_gives_identical_rows_in_identical_order(planted, session_cl
         pd.testing.assert_frame_equal(first[name], second[name])
 
 
+def test_merge_small_raw_folder_runs_on_threads_of_the_script_with_the_same_rows(planted, tmp_path):
+    """Without cluster flags, a small raw folder is cleaned by a LocalCluster in merge_and_clean.py's own
+    process, and gives what the planted run's worker process gave."""
+    _, first_data, raw = planted
+    result = run_in_process("merge_and_clean.py", "--raw", raw, "--data", tmp_path / "data")
+    first_line = result.stdout.splitlines()[0]
+    assert first_line.startswith("Dask: LocalCluster in this process") and f"{raw}/ holds" in first_line, first_line
+    first, second = merged_rows(first_data), merged_rows(tmp_path / "data")
+    assert first.keys() == second.keys()
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], second[name])
+
+
 def test_merge_labels_splits_by_day(raw_dir, session_cluster, tmp_path):
     run_joined(session_cluster, "merge_and_clean.py", "--raw", raw_dir, "--data", tmp_path / "data", "--test-days", "1",
                "--val-days", "0", "--train-days", "0")

@@ -138,7 +138,13 @@ def test_storage_a_url_that_cannot_be_opened_is_one_line(s3, tmp_path, monkeypat
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value.format(closed=free_port()))
-    result = run_in_process("merge_and_clean.py", "--raw", raw_url, "--data", tmp_path / "data", check=False)
+    # File systems are cached by their arguments, and the stage's workers may be threads of this process.
+    s3fs_class = type(fsspec.filesystem("s3"))
+    s3fs_class.clear_instance_cache()
+    try:
+        result = run_in_process("merge_and_clean.py", "--raw", raw_url, "--data", tmp_path / "data", check=False)
+    finally:
+        s3fs_class.clear_instance_cache()
     assert result.returncode == 2
     where, _, cause = message.partition("*")
     line = one_line(result.stderr)
