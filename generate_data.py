@@ -15,7 +15,9 @@ when it is empty or a folder this script wrote, whose _generated.json lists its 
 
 About 2% of the rows of every source are bad (docs/data.md, Cleaning), and the impressions
 carry a learnable signal; see recpipe/synthetic/. The same arguments give the same
-bytes on every run.
+bytes on every run. Customers are made and written in blocks of about 2 M rows, so memory
+stays bounded whatever --customers is: 100 M actions took 193 s at a 0.71 GiB peak on 2
+cores (docs/benchmarks.md).
 """
 
 import argparse

@@ -19,8 +19,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import one_line, run_in_process
+from conftest import one_line, run_in_process, run_joined
 from recpipe.synthetic import generate
+from recpipe.synthetic.sources import BACKFILL_ORDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("impressions", "clicks", "add_to_carts", "previous_orders")
@@ -37,12 +38,22 @@ KINDS = {
                         "bad_id:customer_id", "bad_id:config_id", "bad_time:order_date"},
 }
 SIZES = {"customers": 300, "items": 400, "days": 8, "actions_per_customer": 150, "seed": 1}
+# About 168 actions and shown items a customer of SIZES: blocks of 29 customers, 11 blocks.
+SMALL_BLOCK_ROWS = 5000
 
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic") / "raw"
     generate(out, **SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory):
+    """SIZES made in many blocks of customers, as a million customers are (in blocks of about 2 M rows)."""
+    out = tmp_path_factory.mktemp("blocks") / "raw"
+    generate(out, **SIZES, block_rows=SMALL_BLOCK_ROWS)
     return out
 
 
@@ -78,6 +89,10 @@ def _records(path):
         if isinstance(record, dict):
             decoded.append(record)
     return len(lines), decoded
+
+
+def _contents(out):
+    return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
 
 
 def _frame(raw, source):
@@ -144,10 +159,7 @@ def _shown_items(raw):
 
 def test_synthetic_same_seed_gives_identical_bytes(tmp_path):
     small = {"customers": 60, "items": 80, "days": 4, "actions_per_customer": 20}
-
-    def contents(out):
-        return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
-
+    contents = _contents
     first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     generate(first, seed=3, **small)
     generate(second, seed=4, **small)
@@ -158,6 +170,26 @@ def test_synthetic_same_seed_gives_identical_bytes(tmp_path):
     differing = [name for name, data in contents(first).items() if contents(other).get(name) != data]
     assert len(differing) > 10
     assert not list(tmp_path.glob(".*"))  # no staging or old folders left beside the output
+
+
+def test_synthetic_same_seed_and_block_size_give_identical_bytes(tmp_path):
+    small = {"customers": 60, "items": 80, "days": 4, "actions_per_customer": 20, "seed": 3}
+    summary = generate(tmp_path / "a", **small, block_rows=300)["summary"]  # 28.8 rows a customer: 6 blocks of 10
+    generate(tmp_path / "b", **small, block_rows=300)
+    generate(tmp_path / "one", **small)
+    first, second, one = _contents(tmp_path / "a"), _contents(tmp_path / "b"), _contents(tmp_path / "one")
+    assert first == second
+    # The block size is part of the data, so the parameters say which one made it.
+    parameters = {name: json.loads(files["_generated.json"])["parameters"]["customers_per_block"]
+                  for name, files in (("blocks", first), ("one", one))}
+    assert parameters == {"blocks": 10, "one": 60}
+    assert first.keys() == one.keys()
+    assert len([name for name in first if first[name] != one[name]]) > 20
+    # 2% bad rows of the whole source (rounded once, not per block of 140 clicks), or one of every kind if more.
+    for source in SOURCES:
+        kinds = len(KINDS[source]) + (source == "impressions")  # bad_item as well
+        rows = summary["rows"][source] - summary["duplicate_rows"][source]
+        assert summary["bad_rows"][source] == max(kinds, round(0.02 * rows)), source
 
 
 def test_synthetic_writes_every_source_in_a_mix_of_formats(raw):
@@ -200,7 +232,9 @@ def test_synthetic_order_rate_is_higher_for_recently_engaged_items(raw):
     assert 0.15 < rates[True] < 0.35 and rates[False] < 0.05
 
 
-def test_synthetic_accounting_matches_the_files(raw):
+@pytest.mark.parametrize("dataset", ["raw", "blocks"])
+def test_synthetic_accounting_matches_the_files(dataset, request):
+    raw = request.getfixturevalue(dataset)
     generated = json.loads((raw / "_generated.json").read_text())
     assert set(generated) == {"parameters", "expected", "files"}
     assert generated["files"] == sorted(str(path.relative_to(raw)) for path in raw.rglob("*")
@@ -246,6 +280,51 @@ def test_synthetic_accounting_matches_the_files(raw):
         planted = sum(repeats(source).values())
         assert 0 < planted <= expected[source]["exact_duplicates"]
     assert expected["previous_orders"]["exact_duplicates"] > 0  # the same item ordered twice on a day
+    # A few hundred backfilled orders in all, however many blocks the customers came in.
+    assert 200 <= _records(raw / "previous_orders" / "backfill.jsonl")[0] <= BACKFILL_ORDERS
+
+
+def test_synthetic_blocks_hold_their_own_customers_one_after_the_other(blocks):
+    """Customers first..first + customers_per_block - 1 are one block's; a file holds its blocks' rows in turn (a
+    Parquet file a row group each), and each block draws its own rows, not a copy of another's."""
+    per_block = json.loads((blocks / "_generated.json").read_text())["parameters"]["customers_per_block"]
+    n_blocks = -(-SIZES["customers"] // per_block)
+    assert n_blocks >= 8
+    seen = set()
+    for source in SOURCES:
+        for path in _files(blocks, source):
+            ids = _ids([record.get("customer_id") for record in _records(path)[1]]).dropna().astype(int)
+            assert ids.between(1, SIZES["customers"]).all(), path
+            block = (ids - 1) // per_block
+            assert block.is_monotonic_increasing, path
+            seen.update(block)
+    assert seen == set(range(n_blocks))
+    impressions_parquet = [path for path in _files(blocks, "impressions") if path.suffix == ".parquet"]
+    assert pq.ParquetFile(impressions_parquet[0]).num_row_groups == n_blocks  # every block ranks every day
+
+    clicks = _frame(blocks, "clicks")
+    clicks = pd.DataFrame({"customer_id": _ids(clicks["customer_id"]), "item_id": _ids(clicks["item_id"]),
+                           "click_time": clicks["click_time"]}).dropna()
+    block = (clicks["customer_id"] - 1) // per_block
+    clicks["customer_id"] -= block * per_block  # the same numbers in every block, had each drawn block 0's rows
+    rows = [set(map(tuple, clicks[block == number].to_numpy().tolist())) for number in (0, 1)]
+    assert rows[0] and rows[1] and not rows[0] & rows[1]
+
+
+def test_synthetic_blocks_accounting_is_what_merge_and_clean_finds(blocks, session_cluster, tmp_path):
+    run_joined(session_cluster, "merge_and_clean.py", "--raw", blocks, "--data", tmp_path / "data")
+    accounting = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]
+    expected = json.loads((blocks / "_generated.json").read_text())["expected"]
+    impressions = expected["impressions"]
+    assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
+    assert accounting["impressions.rankings"]["set_aside"] == impressions["rankings_quarantined"]
+    assert accounting["impressions.shown_items"]["rows_in"] == impressions["shown_items_in"]
+    assert accounting["impressions.shown_items"]["set_aside"] == impressions["shown_items_quarantined"]
+    assert accounting["impressions.shown_items"]["duplicates_dropped"] == impressions["shown_items_duplicates"]
+    for source in ("clicks", "add_to_carts", "previous_orders"):
+        assert accounting[source]["rows_in"] == expected[source]["rows_in"], source
+        assert accounting[source]["set_aside"] == expected[source]["quarantined"], source
+        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"], source
 
 
 def test_synthetic_click_offsets_are_the_same_instant(raw):

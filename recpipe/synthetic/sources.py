@@ -6,15 +6,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from recpipe.schemas import ADD_TO_CART, CLICK, ORDER
 from recpipe.synthetic.defects import (BAD_FRACTION, BAD_ITEMS, CSV_BAD_DATES, CSV_BAD_IDS, CSV_BAD_TIMESTAMPS,
                                        DUPLICATE_FRACTION, FORMAT_CODES, JSON_BAD_DATES, JSON_BAD_IDS,
                                        JSON_BAD_TIMESTAMPS, JSON_NOT_LISTS, KINDS, PARQUET_BAD_IDS, _csv_field,
                                        _json_field, _malformed_csv, _malformed_json, _with_duplicates)
+from recpipe.synthetic.files import _ParquetFile, _TextFile
 from recpipe.synthetic.text import (_dates, _ints, _json_objects, _quoted, _ranking_ids, _replace, _session_ids,
-                                    _text_bytes, _timestamps, _write_bytes)
+                                    _text_bytes, _timestamps)
 from recpipe.synthetic.world import DAYS_BEFORE, FIRST_IMPRESSION_DAY
 
 BACKFILL_ORDERS = 300
@@ -24,30 +24,43 @@ APP_VERSIONS = ["5.9.2", "5.10.0", "5.11.1", "5.12.0", "5.12.3", "6.0.0-beta"]
 CHANNELS = ["web", "app", "app", "web", "marketplace"]
 
 
+class _Planted:
+    """What the blocks so far planted in one source: the defect kinds, whether a duplicate, how many rows and bad
+    rows (so that the bad fraction is rounded once over all of them, not per block), and backfilled orders."""
+
+    def __init__(self):
+        self.kinds, self.duplicate = set(), False
+        self.rows = self.bad = self.backfill = 0
+
+
 class _Source:
-    """Rows of one source sorted by file, with their planted defects and duplicates.
+    """One block's rows of one source sorted by file, with their planted defects and duplicates.
 
     Subclasses set `file_of_row` (file index per row, non-decreasing), `file_names`
     and `file_formats`, call `_plant`, and implement `expected()` (their part of
-    _generated.json) and `write_file(folder, index)` (one file, from the rows alone, so
-    that files can be written in any order, in parallel, with the same bytes).
+    _generated.json, which adds up over the blocks) and `write_piece(file, index)` (the
+    block's rows of one file, appended to it, from the rows alone, so that the files of a block
+    can be written in any order, in parallel, with the same bytes).
     """
 
     name = None
 
-    def _plant(self, rng, n):
-        """Draw one defect (or none) and the duplicate flag of every row, plus their variant draws."""
+    def _plant(self, rng, n, planted):
+        """Draw one defect (or none) and the duplicate flag of every row, plus their variant draws; `planted`
+        (what earlier blocks planted) is updated."""
         formats = np.array([FORMAT_CODES[fmt] for fmt in self.file_formats], dtype=np.int8)[self.file_of_row]
         kinds = KINDS[self.name]
         self.reasons = list(dict.fromkeys(reason for fmt in kinds for reason in kinds[fmt]))
         defect = np.full(n, -1, dtype=np.int16)
         # One row of every kind first, so that even a tiny dataset exercises them all.
         for code, reason in enumerate(self.reasons):
+            if reason in planted.kinds:
+                continue
             allowed = np.isin(formats, [FORMAT_CODES[fmt] for fmt in kinds if reason in kinds[fmt]])
             free = np.flatnonzero(allowed & (defect < 0))
             if len(free):
                 defect[free[rng.integers(len(free))]] = code
-        more = max(0, min(n, round(BAD_FRACTION * n)) - int((defect >= 0).sum()))
+        more = max(0, min(n, round(BAD_FRACTION * (planted.rows + n)) - planted.bad) - int((defect >= 0).sum()))
         free = np.flatnonzero(defect < 0)
         extra = free[rng.permutation(len(free))[:more]]
         for fmt, fmt_reasons in kinds.items():
@@ -59,8 +72,12 @@ class _Source:
         self.cut = rng.random(n)
         candidates = self._duplicable() & (defect < 0)
         self.duplicate = candidates & (rng.random(n) < DUPLICATE_FRACTION)
-        if candidates.any() and not self.duplicate.any():  # so that even a tiny dataset has one
+        if candidates.any() and not self.duplicate.any() and not planted.duplicate:  # so that a tiny dataset has one
             self.duplicate[np.flatnonzero(candidates)[rng.integers(int(candidates.sum()))]] = True
+        planted.kinds.update(self.reasons[code] for code in np.unique(defect[defect >= 0]))
+        planted.rows += n
+        planted.bad += int((defect >= 0).sum())
+        planted.duplicate |= bool(self.duplicate.any())
         self.placement = rng.random(n)
         bounds = np.searchsorted(self.file_of_row, np.arange(len(self.file_names) + 1))
         self.file_bounds = list(zip(bounds[:-1], bounds[1:]))
@@ -71,6 +88,13 @@ class _Source:
     @property
     def n_files(self):
         return len(self.file_names)
+
+    def open_file(self, folder, index):
+        path = folder / self.file_names[index]
+        return _ParquetFile(path) if self.file_formats[index] == "parquet" else _TextFile(path, self._header(index))
+
+    def _header(self, index):
+        return None
 
     def rows_in(self):
         return int(len(self.defect) + self.duplicate.sum())
@@ -92,7 +116,7 @@ class _Source:
 class _Impressions(_Source):
     name = "impressions"
 
-    def __init__(self, rng, world, rankings, shown, user_agents):
+    def __init__(self, rng, world, rankings, shown, user_agents, planted):
         self.rankings, self.shown = rankings, shown
         n = len(rankings["customer_id"])
         self.file_of_row = rankings["impression_day"]
@@ -101,7 +125,7 @@ class _Impressions(_Source):
         self.file_formats = ["parquet" if day == world.days - 3 else "jsonl" for day in days]
         self.file_names = [f"{date}.parquet" if fmt == "parquet" else f"{date}.jsonl" + (".gz" if day % 2 else "")
                            for day, date, fmt in zip(days, self.dates, self.file_formats)]
-        self._plant(rng, n)
+        self._plant(rng, n, planted)
         self.ranking_id = _ranking_ids(rng, n)
         self.ua_table, self.ua_code = user_agents
         self.ua_json = pa.array(["null" if agent is None else json.dumps(agent) for agent in self.ua_table])
@@ -132,18 +156,14 @@ class _Impressions(_Source):
             "shown_items_duplicates": duplicate_items,
         }
 
-    def write_file(self, folder, index):
+    def write_piece(self, file, index):
         start, stop = self.file_bounds[index]
         entries = slice(self.rankings["offset"][start], self.rankings["offset"][stop])
+        order = pa.array(_with_duplicates(stop - start, self.duplicate[start:stop], self.placement[start:stop]))
         if self.file_formats[index] == "parquet":
-            table = self._table(start, stop, entries)
-            order = _with_duplicates(stop - start, self.duplicate[start:stop], self.placement[start:stop])
-            folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table.take(pa.array(order)), folder / self.file_names[index])
-            return
-        lines = self._lines(start, stop, entries)
-        order = _with_duplicates(stop - start, self.duplicate[start:stop], self.placement[start:stop])
-        _write_bytes(folder / self.file_names[index], _text_bytes(lines.take(pa.array(order))))
+            file.append(self._table(start, stop, entries).take(order))
+        else:
+            file.append(_text_bytes(self._lines(start, stop, entries).take(order)))
 
     def _lines(self, start, stop, entries):
         rows = slice(start, stop)
@@ -217,7 +237,7 @@ class _Actions(_Source):
 
     action_type = None
 
-    def __init__(self, rng, world, actions):
+    def __init__(self, rng, world, actions, planted):
         mine = np.flatnonzero(actions["action_type"] == self.action_type)
         mine = mine[np.lexsort((actions["time_us"][mine],))]
         self.customer_id = actions["customer_id"][mine]
@@ -227,7 +247,7 @@ class _Actions(_Source):
         self.file_of_row = self.day - world.first_action_day
         self.dates = [str(FIRST_IMPRESSION_DAY - DAYS_BEFORE + day) for day in range(world.action_days)]
         self._set_files(world)
-        self._plant(rng, len(mine))
+        self._plant(rng, len(mine), planted)
         self._draw(rng, len(mine))
 
     def _duplicable(self):
@@ -237,14 +257,11 @@ class _Actions(_Source):
         return self._action_expected({"customer_id": self.customer_id, "item": self.item_id,
                                       "occurred_at": self.time_us})
 
-    def write_file(self, folder, index):
+    def write_piece(self, file, index):
         start, stop = self.file_bounds[index]
         lines = self._lines(start, stop, index)
         order = _with_duplicates(stop - start, self.duplicate[start:stop], self.placement[start:stop])
-        _write_bytes(folder / self.file_names[index], _text_bytes(lines.take(pa.array(order)), self._header(index)))
-
-    def _header(self, index):
-        return None
+        file.append(_text_bytes(lines.take(pa.array(order))))
 
 
 class _Clicks(_Actions):
@@ -331,7 +348,8 @@ class _PreviousOrders(_Source):
 
     name = "previous_orders"
 
-    def __init__(self, rng, world, actions, rankings, shown):
+    def __init__(self, rng, block, actions, rankings, shown, planted):
+        world = block.world
         ordered = actions["action_type"] == ORDER
         shown_ordered = shown["is_order"]
         day = np.concatenate([actions["day"][ordered], rankings["day"][shown["owner"]][shown_ordered]])
@@ -340,7 +358,15 @@ class _PreviousOrders(_Source):
         config = np.concatenate([actions["item_id"][ordered], shown["item_id"][shown_ordered]])
         weeks = (world.action_days + 6) // 7
         file_of_row = (day - world.first_action_day) // 7
-        backfill = rng.permutation(len(day))[:min(BACKFILL_ORDERS, max(1, len(day) // 4))]
+        # The block's share of BACKFILL_ORDERS (at most a quarter of its orders), and one at least until the
+        # backfill has one, so that a tiny dataset has its JSON Lines defects too.
+        share = (round(BACKFILL_ORDERS * (block.first - 1 + block.customers) / world.customers)
+                 - round(BACKFILL_ORDERS * (block.first - 1) / world.customers))
+        take = min(share, len(day) // 4)
+        if not planted.backfill:
+            take = max(1, take)
+        backfill = rng.permutation(len(day))[:take]
+        planted.backfill += len(backfill)
         file_of_row[backfill] = weeks
         order = np.lexsort((config, customer, day, file_of_row))
         self.day, self.customer_id, self.config_id = day[order], customer[order], config[order]
@@ -348,7 +374,7 @@ class _PreviousOrders(_Source):
         self.file_formats = ["parquet"] * weeks + ["jsonl"]
         self.file_names = [f"{FIRST_IMPRESSION_DAY - DAYS_BEFORE + 7 * week}.parquet" for week in range(weeks)]
         self.file_names.append("backfill.jsonl")
-        self._plant(rng, len(day))
+        self._plant(rng, len(day), planted)
         self.with_channel = rng.random(len(day)) < 0.2
         self.channel = rng.integers(0, len(CHANNELS), len(day))
 
@@ -359,7 +385,7 @@ class _PreviousOrders(_Source):
         return self._action_expected({"customer_id": self.customer_id, "item": self.config_id,
                                       "occurred_at": self.day})
 
-    def write_file(self, folder, index):
+    def write_piece(self, file, index):
         start, stop = self.file_bounds[index]
         rows = slice(start, stop)
         defect, variant, reasons = self.defect[rows], self.variant[rows], self.reasons
@@ -367,7 +393,6 @@ class _PreviousOrders(_Source):
         def has(reason):
             return defect == reasons.index(reason)
 
-        path = folder / self.file_names[index]
         if self.file_formats[index] == "parquet":
             order_date = _replace(_dates(self.day[rows]), has("bad_time:order_date"), CSV_BAD_DATES, variant)
             ids = {}
@@ -381,8 +406,7 @@ class _PreviousOrders(_Source):
                                          order_date),
                 **ids,
             })
-            folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, path)
+            file.append(table)
             return
         fields = {
             "order_date": _json_field(_quoted(_dates(self.day[rows])), "order_date", reasons, defect, variant,
@@ -396,4 +420,4 @@ class _PreviousOrders(_Source):
                                   pa.scalar(None, pa.string())),
         }
         lines = _malformed_json(_json_objects(fields), has("malformed"), variant, self.cut[rows])
-        _write_bytes(path, _text_bytes(lines))
+        file.append(_text_bytes(lines))

@@ -1,7 +1,5 @@
 """Vectorised text building: dates, timestamps and ids as Arrow strings, JSON objects, file bytes."""
 
-import gzip
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -91,19 +89,10 @@ def _json_objects(fields):
     return pc.binary_join_element_wise("{", body, "}", "")
 
 
-
-def _text_bytes(lines, header=None):
-    """One file's bytes: the lines joined by newlines, with a trailing newline."""
+def _text_bytes(lines):
+    """The lines joined by newlines, with a trailing newline (nothing for no lines)."""
     lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
-    body = b""
-    if len(lines):
-        one_list = pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines)
-        body = pc.binary_join(one_list, "\n")[0].as_buffer().to_pybytes() + b"\n"
-    return (header.encode() + b"\n" if header else b"") + body
-
-
-def _write_bytes(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)
-    path.write_bytes(data)
+    if not len(lines):
+        return b""
+    one_list = pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines)
+    return pc.binary_join(one_list, "\n")[0].as_buffer().to_pybytes() + b"\n"

@@ -122,38 +122,45 @@ def _ua_values(rng):
     }
 
 
-def _user_agents(rng, world, rankings, pool_target=3000):
-    """The user agent of every ranking: (table of strings, with None for null; code per ranking into it)."""
-    weights = np.array([weight for weight, _ in _UA_TEMPLATES])
-    template_cdf = np.cumsum(weights / weights.sum())
-    pool, starts, counts = [], [], []
-    for weight, template in _UA_TEMPLATES:
-        variants = dict.fromkeys(template.format(**_ua_values(rng))
-                                 for _ in range(max(3, round(pool_target * weight / weights.sum()))))
-        starts.append(len(pool))
-        counts.append(len(variants))
-        pool.extend(variants)
-    starts, counts = np.array(starts), np.array(counts)
+class _Pool:
+    """A few thousand distinct agents, about `target` in all, each template's share in its weight; shared by all
+    blocks of customers."""
 
-    def sample(size):
-        template = np.minimum(np.searchsorted(template_cdf, rng.random(size), side="right"), len(starts) - 1)
-        return starts[template] + (rng.random(size) * counts[template]).astype(np.int64)
+    def __init__(self, rng, target=3000):
+        weights = np.array([weight for weight, _ in _UA_TEMPLATES])
+        self.template_cdf = np.cumsum(weights / weights.sum())
+        agents, starts, counts = [], [], []
+        for weight, template in _UA_TEMPLATES:
+            variants = dict.fromkeys(template.format(**_ua_values(rng))
+                                     for _ in range(max(3, round(target * weight / weights.sum()))))
+            starts.append(len(agents))
+            counts.append(len(variants))
+            agents.extend(variants)
+        self.agents, self.starts, self.counts = agents, np.array(starts), np.array(counts)
 
+    def sample(self, rng, size):
+        """Indices into `agents`, a template drawn by weight, then one of its variants."""
+        template = np.minimum(np.searchsorted(self.template_cdf, rng.random(size), side="right"), len(self.starts) - 1)
+        return self.starts[template] + (rng.random(size) * self.counts[template]).astype(np.int64)
+
+
+def _user_agents(rng, pool, block, rankings):
+    """The user agent of every ranking of a block: (table of strings, with None for null; code per ranking into it)."""
     # Table: null, empty, blank, the pool, the pool with stray whitespace, then the garbage.
     special = 3
-    primary = special + sample(world.customers)
+    primary = special + pool.sample(rng, block.customers)
     n = len(rankings["customer_id"])
-    code = primary[rankings["customer_id"] - 1]
+    code = primary[rankings["customer_id"] - block.first]
     draw = rng.random(n)
     other = draw < 0.06  # a second device
-    code[other] = special + sample(int(other.sum()))
+    code[other] = special + pool.sample(rng, int(other.sum()))
     padded = (draw >= 0.06) & (draw < 0.065)
-    code[padded] += len(pool)
+    code[padded] += len(pool.agents)
     code[(draw >= 0.065) & (draw < 0.085)] = 0
     code[(draw >= 0.085) & (draw < 0.095)] = 1
     code[(draw >= 0.095) & (draw < 0.097)] = 2
     garbage = np.flatnonzero(draw >= 0.9995)
-    table = [None, "", "   ", *pool, *(f" {agent}  " for agent in pool)]
+    table = [None, "", "   ", *pool.agents, *(f" {agent}  " for agent in pool.agents)]
     for row in garbage:
         code[row] = len(table)
         if rng.random() < 0.5:

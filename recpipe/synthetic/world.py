@@ -15,12 +15,13 @@ ACTION_MIX = (0.7, 0.2, 0.1)  # click, add-to-cart, order
 FAVOURITES = 20  # size of each customer's personal item set
 FAVOURITE_P = 0.35
 RANKED_FRACTION = 0.2
+MEAN_RANKING_LENGTH = 11  # 10 with p 0.6, else 5..20 uniformly
 RECENT_SLOT_P = 0.3
 ORDER_P_RECENT, ORDER_P_OTHER = 0.25, 0.02
 
 
 class _World:
-    """Sizes, dates, item popularity and customer activity."""
+    """Sizes, dates and item popularity: what every block of customers shares."""
 
     def __init__(self, rng, customers, items, days, actions_per_customer):
         self.customers, self.items, self.days = customers, items, days
@@ -30,24 +31,39 @@ class _World:
         self.item_by_rank = rng.permutation(items).astype(np.int64) + 1
         weights = 1.0 / np.arange(1, items + 1) ** ZIPF_EXPONENT
         self.item_cdf = np.cumsum(weights / weights.sum())
-        mu = np.log(actions_per_customer) - ACTIVITY_SIGMA**2 / 2  # so that the mean is actions_per_customer
-        self.activity = rng.lognormal(mu, ACTIVITY_SIGMA, customers)
-        self.favourites = self.popular_items(rng, (customers, FAVOURITES))
+        self.activity_mu = np.log(actions_per_customer) - ACTIVITY_SIGMA**2 / 2  # so that the mean is as asked
 
     def popular_items(self, rng, size):
         ranks = np.searchsorted(self.item_cdf, rng.random(size), side="right")
         return self.item_by_rank[np.minimum(ranks, self.items - 1)]
 
 
-def _actions(rng, world):
-    """Every click, add-to-cart and order: customer_id, item_id, action_type (CLICK, ADD_TO_CART, ORDER), day,
-    time_us (UTC)."""
-    per_customer = rng.poisson(world.activity)
-    customer = np.repeat(np.arange(1, world.customers + 1, dtype=np.int64), per_customer)
+class _Block:
+    """Customers first..first + customers - 1 of the world: their activity and favourite items.
+
+    Everything a block's rows need is drawn from the block's own generators, so that blocks
+    are generated (and their rows written) one after the other, in memory bounded by one block.
+    """
+
+    def __init__(self, rng, world, first, customers):
+        self.world, self.first, self.customers = world, first, customers
+        self.activity = rng.lognormal(world.activity_mu, ACTIVITY_SIGMA, customers)
+        self.favourites = world.popular_items(rng, (customers, FAVOURITES))
+        # Each block ranks its own share of customers, so that its rows do not depend on the blocks after it.
+        self.ranked_per_day = max(1, round(RANKED_FRACTION * customers))
+
+
+def _actions(rng, block):
+    """The block's clicks, add-to-carts and orders: customer_id, item_id, action_type (CLICK, ADD_TO_CART, ORDER),
+    day, time_us (UTC)."""
+    world = block.world
+    per_customer = rng.poisson(block.activity)
+    customer = np.repeat(np.arange(block.first, block.first + block.customers, dtype=np.int64), per_customer)
     n = len(customer)
     item = world.popular_items(rng, n)
     favourite = rng.random(n) < FAVOURITE_P
-    item[favourite] = world.favourites[customer[favourite] - 1, rng.integers(FAVOURITES, size=int(favourite.sum()))]
+    item[favourite] = block.favourites[customer[favourite] - block.first,
+                                       rng.integers(FAVOURITES, size=int(favourite.sum()))]
     # ACTION_MIX weighs CLICK, ADD_TO_CART and ORDER, whose codes are 1, 2, 3: the index drawn, plus one.
     action_type = (np.searchsorted(np.cumsum(ACTION_MIX), rng.random(n) * sum(ACTION_MIX), side="right") + CLICK)
     action_type = np.minimum(action_type, ORDER).astype(np.int8)
@@ -60,14 +76,15 @@ def _actions(rng, world):
     return {"customer_id": customer, "item_id": item, "action_type": action_type, "day": day, "time_us": time_us}
 
 
-def _rankings(rng, world, actions):
-    """Rankings (customer_id, day, offset, length) and their shown items (item_id, is_order), with the signal planted."""
-    per_day = max(1, round(RANKED_FRACTION * world.customers))
+def _rankings(rng, block, actions):
+    """The block's rankings (customer_id, day, offset, length) and their shown items (item_id, is_order), with the
+    signal planted."""
+    world, per_day = block.world, block.ranked_per_day
     # Weighted sampling without replacement, all days at once: the top keys of log(w) + Gumbel noise.
-    keys = 0.5 * np.log(world.activity) + rng.gumbel(size=(world.days, world.customers))
-    chosen = np.argpartition(-keys, per_day - 1, axis=1)[:, :per_day] if per_day < world.customers \
-        else np.tile(np.arange(world.customers), (world.days, 1))
-    customer = chosen.ravel().astype(np.int64) + 1
+    keys = 0.5 * np.log(block.activity) + rng.gumbel(size=(world.days, block.customers))
+    chosen = np.argpartition(-keys, per_day - 1, axis=1)[:, :per_day] if per_day < block.customers \
+        else np.tile(np.arange(block.customers), (world.days, 1))
+    customer = chosen.ravel().astype(np.int64) + block.first
     impression_day = np.repeat(np.arange(world.days), per_day)
     order = np.lexsort((rng.random(len(customer)), impression_day))  # a random order within each day
     customer, impression_day = customer[order], impression_day[order]
