@@ -169,6 +169,21 @@ def run_main(script, *args):
     return 0
 
 
+def assert_accounting_is_what_was_planted(accounting, expected):
+    """merged/_stage.json's accounting against generate_data's `expected` (_generated.json): every row in,
+    set aside and duplicated, per source, as the generator planted it."""
+    impressions = expected["impressions"]
+    assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
+    assert accounting["impressions.rankings"]["set_aside"] == impressions["rankings_quarantined"]
+    assert accounting["impressions.shown_items"]["rows_in"] == impressions["shown_items_in"]
+    assert accounting["impressions.shown_items"]["set_aside"] == impressions["shown_items_quarantined"]
+    assert accounting["impressions.shown_items"]["duplicates_dropped"] == impressions["shown_items_duplicates"]
+    for source in ("clicks", "add_to_carts", "previous_orders"):
+        assert accounting[source]["rows_in"] == expected[source]["rows_in"], source
+        assert accounting[source]["set_aside"] == expected[source]["quarantined"], source
+        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"], source
+
+
 def one_line(stderr):
     """The single line a user error prints on stderr (asserting that it is one, without a traceback)."""
     assert "Traceback" not in stderr, stderr

@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (EXPECTED_ACCOUNTING, ROOT, listing, run_in_process, run_joined, run_script, write_jsonl,
-                      write_planted_raw)
+from conftest import (EXPECTED_ACCOUNTING, ROOT, assert_accounting_is_what_was_planted, listing, run_in_process,
+                      run_joined, run_script, write_jsonl, write_planted_raw)
 
 # The planted run's own LocalCluster: a shape other than the session cluster's 2 workers x 1 thread,
 # which test_merge_twice_gives_identical_rows_in_identical_order compares it with.
@@ -162,16 +162,7 @@ def generated_merged(generated_raw, session_cluster, tmp_path_factory):
 def test_merge_accounting_matches_what_the_generator_planted(generated_raw, generated_merged):
     accounting = json.loads((generated_merged / "merged" / "_stage.json").read_text())["accounting"]
     expected = json.loads((generated_raw / "_generated.json").read_text())["expected"]
-    impressions = expected["impressions"]
-    assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
-    assert accounting["impressions.rankings"]["set_aside"] == impressions["rankings_quarantined"]
-    assert accounting["impressions.shown_items"]["rows_in"] == impressions["shown_items_in"]
-    assert accounting["impressions.shown_items"]["set_aside"] == impressions["shown_items_quarantined"]
-    assert accounting["impressions.shown_items"]["duplicates_dropped"] == impressions["shown_items_duplicates"]
-    for source in ("clicks", "add_to_carts", "previous_orders"):
-        assert accounting[source]["rows_in"] == expected[source]["rows_in"]
-        assert accounting[source]["set_aside"] == expected[source]["quarantined"]
-        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"]
+    assert_accounting_is_what_was_planted(accounting, expected)
 
 
 @pytest.mark.processes

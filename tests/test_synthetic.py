@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import one_line, run_in_process, run_joined
+from conftest import assert_accounting_is_what_was_planted, one_line, run_in_process, run_joined
 from recpipe.synthetic import generate
 from recpipe.synthetic.sources import BACKFILL_ORDERS
 
@@ -315,16 +315,7 @@ def test_synthetic_blocks_accounting_is_what_merge_and_clean_finds(blocks, sessi
     run_joined(session_cluster, "merge_and_clean.py", "--raw", blocks, "--data", tmp_path / "data")
     accounting = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]
     expected = json.loads((blocks / "_generated.json").read_text())["expected"]
-    impressions = expected["impressions"]
-    assert accounting["impressions.rankings"]["rows_in"] == impressions["rankings_in"]
-    assert accounting["impressions.rankings"]["set_aside"] == impressions["rankings_quarantined"]
-    assert accounting["impressions.shown_items"]["rows_in"] == impressions["shown_items_in"]
-    assert accounting["impressions.shown_items"]["set_aside"] == impressions["shown_items_quarantined"]
-    assert accounting["impressions.shown_items"]["duplicates_dropped"] == impressions["shown_items_duplicates"]
-    for source in ("clicks", "add_to_carts", "previous_orders"):
-        assert accounting[source]["rows_in"] == expected[source]["rows_in"], source
-        assert accounting[source]["set_aside"] == expected[source]["quarantined"], source
-        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"], source
+    assert_accounting_is_what_was_planted(accounting, expected)
 
 
 def test_synthetic_click_offsets_are_the_same_instant(raw):

@@ -71,16 +71,23 @@ def test_user_agents_strip_surrounding_whitespace_before_parsing():
     assert rows[0] == rows[1] and rows[0]["browser_family"] == "Mobile Safari"
 
 
-def test_user_agents_parse_each_distinct_string_once(monkeypatch):
+@pytest.fixture
+def parsed_calls(monkeypatch):
+    """The strings the parser is called on, from an empty cache of parsed strings."""
     monkeypatch.setattr(user_agents, "_parsed", {})
     calls = []
+    original = user_agents.parse_user_agent
 
     def counting(user_agent):
         calls.append(user_agent)
         return original(user_agent)
 
-    original = user_agents.parse_user_agent
     monkeypatch.setattr(user_agents, "parse_user_agent", counting)
+    return calls
+
+
+def test_user_agents_parse_each_distinct_string_once(parsed_calls):
+    calls = parsed_calls
     rng = np.random.default_rng(0)
     agents = np.array([GOOD_UA, GOOGLEBOT, GARBAGE, ""], dtype=object)[rng.integers(0, 4, 10_000)]
     table = impressions(list(agents))
@@ -96,15 +103,8 @@ def test_user_agents_parse_each_distinct_string_once(monkeypatch):
     assert all(family is None for family in families[agents == ""])
 
 
-def test_user_agents_a_string_parsed_for_one_bucket_is_not_parsed_again_for_the_next(monkeypatch):
-    monkeypatch.setattr(user_agents, "_parsed", {})
-    calls = []
-
-    def counting(user_agent):
-        calls.append(user_agent)
-        return original(user_agent)
-    original = user_agents.parse_user_agent
-    monkeypatch.setattr(user_agents, "parse_user_agent", counting)
+def test_user_agents_a_string_parsed_for_one_bucket_is_not_parsed_again_for_the_next(parsed_calls):
+    calls = parsed_calls
     first, first_stats = user_agents.parse_partition(impressions([GOOD_UA, GOOGLEBOT, GOOD_UA]))
     second, second_stats = user_agents.parse_partition(impressions([GOOGLEBOT, GARBAGE, "", GOOGLEBOT]))
     assert sorted(calls) == sorted([GOOD_UA, GOOGLEBOT, GARBAGE])
