@@ -87,13 +87,12 @@ def parsed_calls(monkeypatch):
 
 
 def test_user_agents_parse_each_distinct_string_once(parsed_calls):
-    calls = parsed_calls
     rng = np.random.default_rng(0)
     agents = np.array([GOOD_UA, GOOGLEBOT, GARBAGE, ""], dtype=object)[rng.integers(0, 4, 10_000)]
     table = impressions(list(agents))
     table = pa.concat_tables([table.slice(0, 4000), table.slice(4000)])  # two part files: two chunks
     cleaned, stats = user_agents.parse_partition(table)
-    assert sorted(calls) == sorted([GOOD_UA, GOOGLEBOT, GARBAGE])
+    assert sorted(parsed_calls) == sorted([GOOD_UA, GOOGLEBOT, GARBAGE])
     assert stats["distinct"] == 3 and stats["rows"] == 10_000
     assert stats["bots"] == int((agents == GOOGLEBOT).sum()) and stats["missing"] == int((agents == "").sum())
     families = np.array(cleaned.column("browser_family").to_pylist(), dtype=object)
@@ -104,10 +103,9 @@ def test_user_agents_parse_each_distinct_string_once(parsed_calls):
 
 
 def test_user_agents_a_string_parsed_for_one_bucket_is_not_parsed_again_for_the_next(parsed_calls):
-    calls = parsed_calls
     first, first_stats = user_agents.parse_partition(impressions([GOOD_UA, GOOGLEBOT, GOOD_UA]))
     second, second_stats = user_agents.parse_partition(impressions([GOOGLEBOT, GARBAGE, "", GOOGLEBOT]))
-    assert sorted(calls) == sorted([GOOD_UA, GOOGLEBOT, GARBAGE])
+    assert sorted(parsed_calls) == sorted([GOOD_UA, GOOGLEBOT, GARBAGE])
     assert (first_stats["parsed"], second_stats["parsed"]) == (2, 1)
     assert (first_stats["distinct"], second_stats["distinct"]) == (2, 2)
     assert second.column("browser_family").to_pylist() == ["Googlebot", "Other", None, "Googlebot"]
