@@ -15,7 +15,6 @@ Two ways, one result:
 import codecs
 import contextlib
 import csv
-import gzip
 import io
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from isal import igzip, isal_zlib  # ISA-L's gzip: the same streams, gunzipped about 3x as fast as zlib
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -669,7 +669,7 @@ def _reading(path):
     """A raw file that cannot be read or gunzipped, or an object storage error, as one line naming it."""
     try:
         yield
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+    except (OSError, EOFError, zlib.error, isal_zlib.error) as error:
         raise UserError(f"{path}: cannot be read or decompressed ({error}); replace or remove the file") from None
     except Exception as error:  # object storage's own errors
         if not storage.is_url(path):
@@ -683,7 +683,7 @@ def _read_whole(path):
     with _reading(path):
         data = storage.path(path).read_bytes()
         if storage.name(path).lower().endswith(".gz"):
-            data = gzip.decompress(data)
+            data = igzip.decompress(data)
     return data.removeprefix(codecs.BOM_UTF8)
 
 
@@ -721,7 +721,7 @@ def _read_lines(path, start, end):
 def _file_chunks(path):
     """The bytes of a whole raw file, gunzipped, _CHUNK_BYTES at a time, without a leading byte order mark."""
     with _reading(path), storage.path(path).open("rb") as file:
-        stream = gzip.GzipFile(fileobj=file, mode="rb") if storage.name(path).lower().endswith(".gz") else file
+        stream = igzip.GzipFile(fileobj=file, mode="rb") if storage.name(path).lower().endswith(".gz") else file
         chunk = stream.read(max(_CHUNK_BYTES, len(codecs.BOM_UTF8))).removeprefix(codecs.BOM_UTF8)
         while chunk or (chunk := stream.read(_CHUNK_BYTES)):
             yield chunk
@@ -939,7 +939,10 @@ def _gather(data, starts, stops):
         return b"", offsets
     runs = np.flatnonzero(starts[1:] != stops[:-1]) + 1  # lines that do not follow on from the one before
     run_starts, run_stops = starts[np.concatenate([[0], runs])], stops[np.concatenate([runs - 1, [len(stops) - 1]])]
-    return b"".join(data[a:b] for a, b in zip(run_starts.tolist(), run_stops.tolist())), offsets
+    if len(runs) == 0 and run_starts[0] == 0 and run_stops[0] == len(data):
+        return data, offsets  # every line: a copy of a block's text costs as much as screening it
+    view = memoryview(data)
+    return b"".join(view[a:b] for a, b in zip(run_starts.tolist(), run_stops.tolist())), offsets
 
 
 def _strings(data, offsets):
@@ -956,7 +959,7 @@ def _decode_json(data, starts, stops, schema):
     tables, decoded = [], []
     while todo:
         first, last = todo.pop()
-        table = _arrow_json(data[offsets[first]:offsets[last]], schema, last - first)
+        table = _arrow_json(pa.py_buffer(data)[offsets[first]:offsets[last]], schema, last - first)
         if table is not None:
             tables.append(table)
             decoded.append(np.arange(first, last))
@@ -968,7 +971,7 @@ def _decode_json(data, starts, stops, schema):
 
 def _arrow_json(data, schema, lines):
     try:
-        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(
+        table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(
             use_threads=False, block_size=len(data) + 1), parse_options=pajson.ParseOptions(
             explicit_schema=schema, unexpected_field_behavior="infer"))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
