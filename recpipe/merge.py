@@ -85,7 +85,7 @@ def run_stage(args):
     raw_files = list_raw_files(args.raw)
     inputs = [stage.raw_input(args.raw, [path for files in raw_files.values() for path in files])]
 
-    # Cleaning is mostly Arrow, zlib and NumPy: on 173 MiB of raw files (5.5 M actions) threads took 10.1-11.4 s
+    # Cleaning is mostly Arrow, gzip (ISA-L) and NumPy: on 173 MiB of raw files (5.5 M actions) threads took 10.1-11.4 s
     # against 11.0-12.8 s with worker processes, run alternately.
     threads = cluster.in_process_reason(args, inputs[0]["bytes"], args.raw)
     with stage.publish(args.data, this.name, this.asked(args), inputs) as run, cluster.connect(args, threads) as client:
