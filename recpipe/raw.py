@@ -953,13 +953,14 @@ def _decode_json(data, starts, stops, schema):
     """(tables, indices): Arrow's reading of the lines [starts, stops), in pieces of about _DECODE_BYTES, and
     which lines it gave: all but those of a piece it refused that were still refused alone, after halving."""
     data, offsets = _gather(data, starts, stops)
+    data = pa.py_buffer(data)  # its pieces are slices of it, not copies
     cuts = np.searchsorted(offsets, np.arange(_DECODE_BYTES, offsets[-1], _DECODE_BYTES))
     bounds = np.unique(np.concatenate([[0], cuts, [len(starts)]])).astype(np.int64)
     todo = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))[::-1]
     tables, decoded = [], []
     while todo:
         first, last = todo.pop()
-        table = _arrow_json(pa.py_buffer(data)[offsets[first]:offsets[last]], schema, last - first)
+        table = _arrow_json(data[offsets[first]:offsets[last]], schema, last - first)
         if table is not None:
             tables.append(table)
             decoded.append(np.arange(first, last))
