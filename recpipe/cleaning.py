@@ -271,11 +271,6 @@ def clean_action_rows(frame, source, source_file):
     return actions, frame["row"].to_numpy()[kept], set_aside_rows(frame, reasons, source, source_file)
 
 
-def exact_duplicate_actions(actions):
-    """True for each action that repeats an earlier one exactly (they are kept: repeated actions are signal)."""
-    return actions.duplicated(["customer_id", "item_id", "action_type", "occurred_at"]).to_numpy()
-
-
 def clean_impressions(frame, source_file):
     """RawRows frame of impressions -> (one row per shown item, quarantined rankings, quarantined items, rankings kept).
 

@@ -5,22 +5,23 @@ Two passes, both one task per unit of work:
 1. one task per group of consecutive small raw files of one source (about GROUP_BYTES on disk,
    see `plan_tasks`), per large file, or per byte range of a large one (see `split_large_files`)
    reads its files as one text where it can (raw.read_files), validates and cleans them a block at
-   a time, and writes their canonical actions
-   (`actions/<source>-<first file>.parquet`, plus a copy with a row group per customer bucket
-   into a scratch folder) or their shown items cut by day into the scratch folder, and their
+   a time, and writes their canonical actions (`actions/<source>-<first file>.parquet`) or their
+   shown items cut by day into a scratch folder, and their
    quarantined rows (`_quarantine/<source>/part-<first file>.parquet`), each file's rows in raw
    order; it accounts for every file on its own;
 2. one task per impression day gathers that day's pieces in the raw files' order,
    drops exact duplicate shown items (they may sit in different files), labels the
-   split and writes `impressions/part-<day>.parquet`; one task per customer bucket
-   counts the exact duplicate actions (kept, but reported).
+   split and writes `impressions/part-<day>.parquet`.
 
-Passing rows through disk, cut by day or bucket, is the shuffle: no worker ever
-holds more than a block of raw text and the cleaned rows of about one, one day or one bucket.
+Passing rows through disk, cut by day, is the shuffle: no worker ever holds more than a
+block of raw text and the cleaned rows of about one, or one day.
+
+Exact duplicate actions are kept (repeated actions are signal) and counted by repartition.py,
+whose sort by customer puts them side by side: counting them here took a second copy of every
+action cut by customer and a pass over it, a tenth of this stage at 100 M actions.
 """
 
 import collections
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +30,8 @@ import pyarrow as pa
 from distributed import get_worker
 
 from recpipe import cluster, schemas, stage, stages, storage, summary, tables
-from recpipe.cleaning import (ACTION_SOURCES, clean_action_rows, clean_impressions,
-                              drop_duplicate_impressions, exact_duplicate_actions, split_days, typed_actions,
-                              typed_impressions)
+from recpipe.cleaning import (clean_action_rows, clean_impressions,
+                              drop_duplicate_impressions, split_days, typed_actions, typed_impressions)
 from recpipe.cli import UserError
 from recpipe.cluster import task_key, wait_with_progress
 from recpipe.raw import (BLOCK_BYTES, BLOCK_ROWS, ROW_KEY_BITS, SOURCES, byte_ranges, can_split, count_rows,
@@ -41,9 +41,6 @@ from recpipe.tables import write_table
 # Scratch files live for one run and are read once: compressing and describing them cost a fifth of
 # the first pass's writing, and saved nothing.
 SCRATCH_OPTIONS = {"compression": "none", "use_dictionary": False, "write_statistics": False}
-
-# The key of a scratch action file's metadata that names the customer bucket of each of its row groups.
-BUCKETS_KEY = "recpipe.buckets"
 
 # Shown items between the two passes: the final table without `split`, plus the ranking's row.
 SCRATCH_IMPRESSIONS = schemas.IMPRESSIONS.remove(schemas.IMPRESSIONS.get_field_index("split")).append(
@@ -55,16 +52,13 @@ SCRATCH_IMPRESSIONS = schemas.IMPRESSIONS.remove(schemas.IMPRESSIONS.get_field_i
 SPLIT_BYTES = 32 * 2**20
 
 # Consecutive smaller files of one source are read by one task, up to about this many bytes on disk
-# (a compressed file by its compressed size), and write one merged file, one scratch file and one
-# quarantine file between them: a landing zone of a file per source and hour then costs what its
-# bytes cost, not a task, three small Parquet files and a read of each scratch file per bucket each.
+# (a compressed file by its compressed size), and write one merged file (or a scratch file per
+# impression day) and one quarantine file between them: a landing zone of a file per source and hour
+# then costs what its bytes cost, not a task and small Parquet files each.
 # Smaller than SPLIT_BYTES so that a few hundred MiB still make enough tasks to share among the
 # workers: on docs/benchmarks.md's 155 MiB in 118 files, 8 MiB made 23 tasks, cleaned in 6.1-6.6 s
 # on 2 workers, against 7.8-8.7 s for 32 MiB (8 tasks, the last ones alone) and 7.0-7.2 s a file a task.
 GROUP_BYTES = 8 * 2**20
-
-# About this much raw action input (on disk) per customer bucket of the duplicate count.
-BUCKET_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -112,13 +106,11 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
     out_dir = storage.path(out_dir)
     scratch = out_dir / "_scratch"
     sizes = _file_sizes(raw_files)
-    action_bytes = sum(sizes[path] for source in ACTION_SOURCES for path in raw_files[source])
-    buckets = min(64, max(1, action_bytes // BUCKET_BYTES))  # few enough that bucket pieces are not tiny
     parts = {} if line_by_line else split_large_files(client, raw_files, sizes, split_bytes)
     tasks = plan_tasks(raw_files, sizes, parts, group_bytes)
     futures = [
         client.submit(clean_files, [str(raw_files[source][index]) for index in indexes], source, indexes[0],
-                      str(out_dir), buckets, line_by_line, part,
+                      str(out_dir), line_by_line, part,
                       key=task_key(f"clean-{source}-{indexes[0]}" + ("" if part is None else f"-{part.number}")),
                       pure=False)
         for source, indexes, part in tasks
@@ -146,17 +138,12 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
             files_by_day[day].append(str(report["file"]))
     days = sorted(files_by_day)
     splits = split_days(days, test_days, val_days, train_days, files_by_day)
-    # Both halves of pass 2 are submitted at once: the workers take the second's tasks as the first's run out.
     day_futures = [
         client.submit(finish_impression_day, str(scratch / "impressions" / day.isoformat()), day.isoformat(),
                       splits[day], str(out_dir), key=task_key(f"impressions-{day}"), pure=False)
         for day in days
     ]
-    bucket_futures = [client.submit(count_exact_duplicate_actions, str(scratch / "actions"), bucket,
-                                    key=task_key(f"duplicates-{bucket:03d}"), pure=False)
-                      for bucket in sorted({bucket for result in results for bucket in result["buckets"]})]
     day_reports = wait_with_progress(day_futures, "deduplicating impressions by day")
-    exact_duplicates = _sum_counters(wait_with_progress(bucket_futures, "counting exact duplicate actions"))
     storage.remove_tree(scratch)  # absent when every row was set aside
     accounting = {}
     for source in SOURCES:
@@ -177,7 +164,6 @@ def merge_and_clean(client, raw_files, out_dir, test_days, val_days, train_days,
             accounting[source] = {
                 "rows_in": sum(r["rows_in"] for r in reports), "kept": sum(r["kept"] for r in reports),
                 "set_aside": set_aside, "duplicates_dropped": 0,
-                "exact_duplicates_kept": exact_duplicates.get(ACTION_SOURCES[source][0], 0),
             }
     impression_days = {r["day"]: {"split": r["split"], "shown_items": r["kept"]} for r in day_reports}
     extra_fields = {source: set() for source in SOURCES}
@@ -256,19 +242,19 @@ def split_large_files(client, raw_files, sizes, split_bytes):
     return parts
 
 
-def clean_file(path, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
+def clean_file(path, source, index, out_dir, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
     """Pass 1 for one raw file, or one Part of it (runs on a worker): clean_files of that file alone; returns
-    its accounting, with its unknown fields and the buckets its scratch copy holds."""
-    result = clean_files([path], source, index, out_dir, buckets, line_by_line, part, block_bytes)
+    its accounting, with its unknown fields."""
+    result = clean_files([path], source, index, out_dir, line_by_line, part, block_bytes)
     report, = result["reports"]
     report["extra_fields"] = set(result["extra_fields"])
-    return {**report, "buckets": result["buckets"]} if result["buckets"] else report
+    return report
 
 
-def clean_files(paths, source, index, out_dir, buckets, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
+def clean_files(paths, source, index, out_dir, line_by_line=False, part=None, block_bytes=BLOCK_BYTES):
     """Pass 1 for consecutive raw files of one source, the first numbered `index`, or for one Part of one file
     (runs on a worker). Returns {"reports": each file's accounting, in order, "extra_fields": the unknown
-    fields they hold, "buckets": the customer buckets written}.
+    fields they hold}.
 
     The files are read as one text where they can be (raw.read_files: a block of at most about `block_bytes`
     of text at a time, however many files it holds), cleaned a block at a time, and their cleaned rows
@@ -282,7 +268,7 @@ def clean_files(paths, source, index, out_dir, buckets, line_by_line=False, part
     """
     out_dir = storage.path(out_dir)
     name = f"{index:05d}" if part is None else f"{index:05d}.{part.number:05d}"  # sorted, in raw order
-    pending = _Pending(source, out_dir, name, buckets)
+    pending = _Pending(source, out_dir, name)
     accounts = _Accounts(source, paths)
     files = np.array(paths, dtype=object)
     extra = set()
@@ -309,7 +295,7 @@ def clean_files(paths, source, index, out_dir, buckets, line_by_line=False, part
     reports = accounts.reports()
     if part is not None:
         reports[0]["part"], reports[0]["worker"] = part.number, _worker_address()
-    return {"reports": reports, "extra_fields": sorted(extra), "buckets": sorted(pending.buckets)}
+    return {"reports": reports, "extra_fields": sorted(extra)}
 
 
 class _Accounts:
@@ -369,10 +355,10 @@ def _count_reasons(counters, set_aside):
 class _Pending:
     """A task's cleaned rows not yet written: its files' kept rows and set-aside rows, in raw order."""
 
-    def __init__(self, source, out_dir, name, buckets):
-        self.source, self.out_dir, self.name, self.buckets_of = source, out_dir, name, buckets
+    def __init__(self, source, out_dir, name):
+        self.source, self.out_dir, self.name = source, out_dir, name
         self.kept, self.set_aside, self.rows, self.text_bytes = [], [], 0, 0
-        self.written, self.buckets = 0, set()
+        self.written = 0
 
     def add(self, kept, set_aside, rows_in, text_bytes):
         if len(kept):
@@ -400,8 +386,6 @@ class _Pending:
                            SCRATCH_IMPRESSIONS, **SCRATCH_OPTIONS)
             else:
                 _write(kept, out_dir / "actions" / f"{source}-{piece}.parquet", schemas.ACTIONS)
-                self.buckets |= set(_write_by_bucket(kept, self.buckets_of, out_dir / "_scratch" / "actions"
-                                                     / f"{source}-{piece}.parquet"))
         if self.set_aside:
             set_aside = self.set_aside[0] if len(self.set_aside) == 1 else pd.concat(self.set_aside,
                                                                                       ignore_index=True)
@@ -485,35 +469,6 @@ def finish_impression_day(pieces_dir, day, split, out_dir):
     shown["split"] = split
     write_table(shown.drop(columns="row"), storage.path(out_dir) / "impressions" / f"part-{day}.parquet", schemas.IMPRESSIONS)
     return {"day": day, "split": split, "kept": len(shown), "duplicates_dropped": duplicates}
-
-
-def _write_by_bucket(actions, buckets, path):
-    """Write `actions` to one file, a row group per customer bucket (named in the file's metadata); return
-    the buckets written. One file per raw file, not one per bucket: opening and closing hundreds of small
-    files cost more than cleaning their rows."""
-    bucket_of = actions["customer_id"].to_numpy() % buckets
-    order = np.argsort(bucket_of, kind="stable")
-    table = _table(actions.take(order), schemas.ACTIONS)
-    present, firsts = np.unique(bucket_of[order], return_index=True)
-    bounds = [*firsts.tolist(), len(order)]
-    with tables.writer(path, table.schema.with_metadata({BUCKETS_KEY: json.dumps(present.tolist())}),
-                       **SCRATCH_OPTIONS) as writer:
-        for first, last in zip(bounds[:-1], bounds[1:]):
-            writer.write_table(table.slice(first, last - first), row_group_size=last - first)
-    return present.tolist()
-
-
-def count_exact_duplicate_actions(scratch_dir, bucket):
-    """Exact repeats among one customer bucket's actions, {action_type: count} (runs on a worker)."""
-    pieces = []
-    for path in sorted(storage.path(scratch_dir).glob("*.parquet")):
-        file = tables.parquet_file(path, whole=True)
-        written = json.loads(file.schema_arrow.metadata[BUCKETS_KEY.encode()])
-        if bucket in written:
-            pieces.append(file.read_row_group(written.index(bucket)))
-    actions = pa.concat_tables(pieces).to_pandas()
-    repeats = actions[exact_duplicate_actions(actions)]
-    return {int(action_type): int(n) for action_type, n in repeats.groupby("action_type").size().items()}
 
 
 def _sum_counters(counters):

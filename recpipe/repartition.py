@@ -15,6 +15,10 @@ file cuts it by bucket into one scratch file, a piece per bucket; one task per
 (table, bucket) reads its pieces, sorts them with PyArrow and writes them with
 tables.write_sized.
 
+Sorted, an action that repeats an earlier one exactly (the same customer, item, action type
+and time) follows it: the stage counts those repeats per source here (`exact_duplicate_actions`,
+in its summary and manifest). They are kept: repeated actions are signal.
+
 Without --buckets the stage derives their number (choose_buckets) and records it as its parameter,
 with the reason beside it (`buckets_chosen`).
 """
@@ -67,8 +71,9 @@ def run_stage(args):
         else:
             buckets, why = choose_buckets(merged_bytes_in_memory(merged), worker_threads(client), args.row_group_mb)
         run.parameters = {"buckets": buckets, **this.asked(args), "bucket_hash": BUCKET_HASH}
-        run.accounting, group_sizes = repartition(client, merged.path, run.path, buckets, args.row_group_mb)
+        run.accounting, group_sizes, repeats = repartition(client, merged.path, run.path, buckets, args.row_group_mb)
         run.extra["buckets_chosen"] = {"buckets": buckets, "why": why}
+        run.extra["exact_duplicate_actions"] = repeats
         run.extra["row_group_mib_in_memory"] = {table: stage.size_stats(sizes)
                                                 for table, sizes in group_sizes.items() if sizes}
 
@@ -156,7 +161,8 @@ def bucket_name(bucket):
 def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
     """Run both passes into `out_dir` (a staging folder).
 
-    Returns (accounting, {table: in-memory sizes in bytes of the row groups written}).
+    Returns (accounting, {table: in-memory sizes in bytes of the row groups written},
+    {action source: its exact duplicate actions}).
     """
     merged_dir, out_dir = storage.path(merged_dir), storage.path(out_dir)
     scratch = out_dir / "_scratch"
@@ -178,11 +184,17 @@ def repartition(client, merged_dir, out_dir, buckets, row_group_mb):
                for table, bucket in sorted(pieces)]
     rows_out = {table: 0 for table in TABLES}
     group_sizes = {table: [] for table in TABLES}
-    for (table, _), (rows, sizes) in zip(sorted(pieces), wait_with_progress(futures, "sorting and writing buckets")):
+    repeats = {source: 0 for source in schemas.SOURCE_OF_ACTION_TYPE.values()}
+    for (table, _), (rows, sizes, bucket_repeats) in zip(sorted(pieces),
+                                                         wait_with_progress(futures, "sorting and writing buckets")):
         rows_out[table] += rows
         group_sizes[table] += sizes
+        for action_type, count in bucket_repeats.items():
+            repeats[schemas.SOURCE_OF_ACTION_TYPE[action_type]] += count
     storage.remove_tree(scratch)  # absent when merged/ kept no rows (every raw row was set aside)
-    return {table: {"rows_in": rows_in[table], "kept": rows_out[table]} for table in TABLES}, group_sizes
+    accounting = {table: {"rows_in": rows_in[table], "kept": rows_out[table]} for table in TABLES}
+    accounting["actions"]["exact_duplicates_kept"] = sum(repeats.values())
+    return accounting, group_sizes, repeats
 
 
 def cut_by_bucket(path, table, scratch_file, buckets):
@@ -226,9 +238,27 @@ def read_piece(scratch_file, start, length):
 
 
 def write_bucket(pieces, table, out_dir, row_group_mb):
-    """Pass 2 for one bucket of one table (runs on a worker): gather, sort, write sized row groups."""
+    """Pass 2 for one bucket of one table (runs on a worker): gather, sort, write sized row groups. Returns
+    (rows, the row groups' sizes in memory, {action_type: exact duplicate actions} of an actions bucket)."""
     schema, sort_keys = TABLES[table]
     # One chunk: PyArrow sorts a table of many chunks chunk by chunk and merges them, a third slower.
     data = pa.concat_tables([read_piece(*piece) for piece in pieces]).combine_chunks()
     data = data.sort_by(sort_keys)
-    return data.num_rows, write_sized(data, out_dir, schema, row_group_mb)
+    repeats = exact_duplicate_actions(data) if table == "actions" else {}
+    return data.num_rows, write_sized(data, out_dir, schema, row_group_mb), repeats
+
+
+def exact_duplicate_actions(actions):
+    """{action_type: how many actions repeat an earlier one exactly} of `actions` in TABLES' order, which sorts
+    on every column: the same customer, item, action type and time, so that a repeat follows what it repeats."""
+    if actions.num_rows < 2:
+        return {}
+    repeats = np.ones(actions.num_rows - 1, dtype=bool)
+    for name in schemas.ACTIONS.names:
+        values = actions.column(name).combine_chunks()
+        if pa.types.is_timestamp(values.type):
+            values = values.cast(pa.int64())
+        values = values.to_numpy(zero_copy_only=False)
+        repeats &= values[1:] == values[:-1]
+    types, counts = np.unique(actions.column("action_type").to_numpy()[1:][repeats], return_counts=True)
+    return dict(zip(types.tolist(), counts.tolist()))

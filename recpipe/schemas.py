@@ -11,6 +11,7 @@ US_PER_DAY = 86_400 * 10**6  # a day in TIMESTAMP's unit
 
 # Action types of the canonical stream (docs/data.md, The action stream and histories).
 CLICK, ADD_TO_CART, ORDER = 1, 2, 3
+SOURCE_OF_ACTION_TYPE = {CLICK: "clicks", ADD_TO_CART: "add_to_carts", ORDER: "previous_orders"}
 
 ACTIONS = pa.schema([
     ("customer_id", pa.int64()),

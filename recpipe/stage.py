@@ -139,7 +139,7 @@ _MANIFEST = {
     # processed.
     "?impression_days": _Each({"split": str, "shown_items": _COUNT}),
     "?row_group_mib_in_memory": _Each(_SIZES),
-    "?buckets_chosen": {"buckets": _COUNT, "why": str},
+    "?buckets_chosen": {"buckets": _COUNT, "why": str}, "?exact_duplicate_actions": _Each(_COUNT),
     "?user_agents": dict,
     "?rows_per_split": _Each(_COUNT), "?history_entries_per_example": (_NUMBER, None), "?sample_rows": _COUNT,
     "?preprocessors_sha256": str,

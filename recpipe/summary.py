@@ -17,6 +17,8 @@ def print_summary(manifest):
             if counts.get("exact_duplicates_kept"):
                 print(f"  {'':<28}exact duplicates kept (repeated actions are signal): "
                       f"{counts['exact_duplicates_kept']:,}")
+                for action_source, count in manifest.get("exact_duplicate_actions", {}).items():
+                    print(f"  {'':<28}{count:>12,}  of {action_source}")
     total_bytes = 0
     for table, described in manifest["tables"].items():
         total_bytes += described["bytes"]

@@ -97,13 +97,16 @@ EXPECTED_ACCOUNTING = {
     "impressions.shown_items": {"rows_in": 8, "kept": 3, "set_aside": {"bad_item": 3}, "duplicates_dropped": 2},
     "clicks": {"rows_in": 6, "kept": 2, "set_aside": {
         "malformed": 1, "missing:item_id": 1, "bad_id:item_id": 1, "bad_time:click_time": 1},
-        "duplicates_dropped": 0, "exact_duplicates_kept": 1},
+        "duplicates_dropped": 0},
     "add_to_carts": {"rows_in": 6, "kept": 2, "set_aside": {
         "malformed": 1, "missing:customer_id": 1, "bad_id:config_id": 1, "bad_time:occur_at": 1},
-        "duplicates_dropped": 0, "exact_duplicates_kept": 0},
+        "duplicates_dropped": 0},
     "previous_orders": {"rows_in": 4, "kept": 2, "set_aside": {"missing:order_date": 1, "bad_time:order_date": 1},
-                        "duplicates_dropped": 0, "exact_duplicates_kept": 1},
+                        "duplicates_dropped": 0},
 }
+# What repartition.py counts of the planted actions: a click and an order repeated exactly (the click at the
+# same instant in two offsets); the two kept carts differ in their time (one is an hour later).
+EXPECTED_EXACT_DUPLICATE_ACTIONS = {"clicks": 1, "add_to_carts": 0, "previous_orders": 1}
 
 
 DEAD_PID = 2**22 + 12345  # above pid_max's default, so never a live process
@@ -181,7 +184,15 @@ def assert_accounting_is_what_was_planted(accounting, expected):
     for source in ("clicks", "add_to_carts", "previous_orders"):
         assert accounting[source]["rows_in"] == expected[source]["rows_in"], source
         assert accounting[source]["set_aside"] == expected[source]["quarantined"], source
-        assert accounting[source]["exact_duplicates_kept"] == expected[source]["exact_duplicates"], source
+
+
+def assert_exact_duplicates_are_what_was_planted(repartitioned_manifest, expected):
+    """repartitioned/_stage.json's count of exact duplicate actions against generate_data's `expected`."""
+    sources = ("clicks", "add_to_carts", "previous_orders")
+    assert repartitioned_manifest["exact_duplicate_actions"] == {
+        source: expected[source]["exact_duplicates"] for source in sources}
+    assert repartitioned_manifest["accounting"]["actions"]["exact_duplicates_kept"] == sum(
+        expected[source]["exact_duplicates"] for source in sources)
 
 
 def one_line(stderr):

@@ -258,8 +258,8 @@ def test_merge_file_of_several_blocks_writes_the_rows_of_one(tmp_path, monkeypat
     for source, lines in (("impressions", IMPRESSION_LINES), ("clicks", CLICK_LINES)):
         path = tmp_path / "raw" / source / "f.jsonl.gz"
         write_jsonl(path, [line for line in lines * 5 for line in (line, "")], gz=True)
-        whole = clean_file(str(path), source, 3, str(tmp_path / source / "whole"), 2, block_bytes=None)
-        cut = clean_file(str(path), source, 3, str(tmp_path / source / "cut"), 2, block_bytes=300)
+        whole = clean_file(str(path), source, 3, str(tmp_path / source / "whole"), block_bytes=None)
+        cut = clean_file(str(path), source, 3, str(tmp_path / source / "cut"), block_bytes=300)
         assert whole == cut
         whole_files = sorted(p.relative_to(tmp_path / source / "whole")
                              for p in (tmp_path / source / "whole").rglob("*.parquet"))
@@ -291,10 +291,9 @@ def grouped_and_alone(tmp_path, source, files, **options):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         paths.append(str(path))
-    group = clean_files(paths, source, 4, str(tmp_path / "group"), 2, **options)
-    alone = [clean_file(path, source, 4 + i, str(tmp_path / f"alone-{i}"), 2) for i, path in enumerate(paths)]
+    group = clean_files(paths, source, 4, str(tmp_path / "group"), **options)
+    alone = [clean_file(path, source, 4 + i, str(tmp_path / f"alone-{i}")) for i, path in enumerate(paths)]
     assert group["extra_fields"] == sorted(set().union(*(report.pop("extra_fields") for report in alone)))
-    assert group["buckets"] == sorted(set().union(*(report.pop("buckets", []) for report in alone)))
     return group, tmp_path / "group", alone, [tmp_path / f"alone-{i}" for i in range(len(paths))]
 
 
@@ -304,9 +303,9 @@ def jsonl_bytes(lines, gz=False):
 
 
 def test_merge_group_of_small_files_writes_one_file_of_their_rows_in_raw_order(tmp_path):
-    """Three click files, three formats, cleaned by one task: one actions file, one scratch file and one
-    quarantine file, holding what each file alone writes, one file after another; each file accounted
-    for on its own, its set-aside rows under its own name and row numbers."""
+    """Three click files, three formats, cleaned by one task: one actions file and one quarantine file,
+    holding what each file alone writes, one file after another; each file accounted for on its own, its
+    set-aside rows under its own name and row numbers."""
     from conftest import CLICK_LINES
     csv = ("dt,customer_id,item_id,click_time\n2024-03-04,4,40,2024-03-04T10:00:00\n"
            "2024-03-04,4,x,2024-03-04T10:00:00\n2024-03-04,5,50,2024-03-04T11:00:00Z\n").encode()
@@ -314,10 +313,8 @@ def test_merge_group_of_small_files_writes_one_file_of_their_rows_in_raw_order(t
         "a.jsonl": jsonl_bytes(CLICK_LINES), "b.csv": csv, "c.jsonl.gz": jsonl_bytes(CLICK_LINES[::-1], gz=True)})
     assert group["reports"] == alone
     assert [report["rows_in"] for report in group["reports"]] == [6, 3, 6]
-    assert group["buckets"] == [0, 1]
     names, rows = parquet_rows(out)
-    assert names == ["_quarantine/clicks/part-00004.parquet", "_scratch/actions/clicks-00004.parquet",
-                     "actions/clicks-00004.parquet"]
+    assert names == ["_quarantine/clicks/part-00004.parquet", "actions/clicks-00004.parquet"]
     for folder in ("actions", "_quarantine"):
         pd.testing.assert_frame_equal(parquet_rows(out / folder)[1],
                                       pd.concat([parquet_rows(o / folder)[1] for o in alone_outs], ignore_index=True))
@@ -357,8 +354,8 @@ def test_merge_group_writes_a_piece_per_block_of_text_and_the_same_rows(tmp_path
     for name in "abcde":
         paths.append(str(tmp_path / "raw" / "clicks" / f"{name}.jsonl"))
         write_jsonl(tmp_path / "raw" / "clicks" / f"{name}.jsonl", CLICK_LINES * 2)
-    cut = clean_files(paths, "clicks", 4, str(tmp_path / "cut"), 2, block_bytes=200)
-    whole = clean_files(paths, "clicks", 4, str(tmp_path / "whole"), 2)
+    cut = clean_files(paths, "clicks", 4, str(tmp_path / "cut"), block_bytes=200)
+    whole = clean_files(paths, "clicks", 4, str(tmp_path / "whole"))
     assert cut == whole
     names = parquet_rows(tmp_path / "cut" / "actions")[0]
     assert len(names) > len(paths) and names == [f"clicks-00004-{n:05d}.parquet" for n in range(len(names))]

@@ -8,10 +8,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import listing, run_in_process, run_joined
+from conftest import EXPECTED_EXACT_DUPLICATE_ACTIONS, listing, run_in_process, run_joined
 from recpipe import schemas, stage, tables
 from recpipe.cli import UserError
-from recpipe.repartition import bucket_of, choose_buckets, cut_by_bucket, merged_bytes_in_memory, read_piece
+from recpipe.repartition import (bucket_of, choose_buckets, cut_by_bucket, exact_duplicate_actions,
+                                  merged_bytes_in_memory, read_piece)
 from recpipe.tables import read_parts, write_sized
 
 CLUSTER = ["--workers", "1", "--threads-per-worker", "2"]
@@ -77,10 +78,29 @@ def test_repartition_buckets_customers_and_sorts_each_bucket(session_cluster, ra
     assert (impressions.bucket == bucket_of(impressions.customer_id, 4)).all()
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
     assert manifest["accounting"]["impressions"] == {"rows_in": 3, "kept": 3}
+    assert manifest["accounting"]["actions"] == {"rows_in": 6, "kept": 6, "exact_duplicates_kept": 2}
+    assert manifest["exact_duplicate_actions"] == EXPECTED_EXACT_DUPLICATE_ACTIONS
+    assert "exact duplicates kept (repeated actions are signal): 2" in result.stdout
     assert manifest["parameters"]["buckets"] == 4
     assert manifest["buckets_chosen"] == {"buckets": 4,
                                           "why": "given: --buckets, or what pipeline.py kept from the last run"}
     assert set(manifest["row_group_mib_in_memory"]) == {"actions", "impressions"}
+
+
+def test_repartition_exact_duplicate_actions_counts_repeats_of_every_column_per_action_type():
+    at = pd.Timestamp("2024-03-01T10:00:00Z")
+    second = pd.Timedelta(seconds=1)
+    # Sorted as repartition sorts: customer, time, action type, item.
+    actions = pa.Table.from_pandas(pd.DataFrame({
+        "customer_id": [1, 1, 1, 1, 1, 1, 2, 2, 2],
+        "item_id": [10, 10, 10, 11, 10, 10, 10, 10, 10],
+        "action_type": [1, 1, 1, 1, 3, 1, 3, 3, 3],
+        "occurred_at": [at, at, at, at, at, at + second, at, at, at],
+    }), schema=schemas.ACTIONS, preserve_index=False)
+    # Row 2 and 3 repeat row 1; rows 4-6 each differ from the one before in one column; 8 and 9 repeat 7.
+    assert exact_duplicate_actions(actions) == {1: 2, 3: 2}
+    assert exact_duplicate_actions(actions.slice(0, 1)) == {}
+    assert exact_duplicate_actions(actions.slice(3, 4)) == {}
 
 
 def test_repartition_without_buckets_derives_them_and_records_the_number_and_why(session_cluster, raw_dir, tmp_path):
@@ -193,7 +213,8 @@ def test_repartition_a_merged_stage_that_kept_no_rows_publishes_empty_tables(ses
                                run.path / table / "part-0.parquet", getattr(schemas, table.upper()))
     run_joined(session_cluster, "repartition.py", "--data", data)
     manifest = json.loads((data / "repartitioned" / "_stage.json").read_text())
-    assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0}, "impressions": {"rows_in": 0, "kept": 0}}
+    assert manifest["accounting"] == {"actions": {"rows_in": 0, "kept": 0, "exact_duplicates_kept": 0},
+                                      "impressions": {"rows_in": 0, "kept": 0}}
     assert not (data / "repartitioned" / "_scratch").exists()
 
 

@@ -19,7 +19,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_accounting_is_what_was_planted, one_line, run_in_process, run_joined
+from conftest import (assert_accounting_is_what_was_planted, assert_exact_duplicates_are_what_was_planted, one_line,
+                      run_in_process, run_joined)
+from recpipe import stage
 from recpipe.synthetic import generate
 from recpipe.synthetic.sources import BACKFILL_ORDERS
 
@@ -311,11 +313,13 @@ def test_synthetic_blocks_hold_their_own_customers_one_after_the_other(blocks):
     assert rows[0] and rows[1] and not rows[0] & rows[1]
 
 
-def test_synthetic_blocks_accounting_is_what_merge_and_clean_finds(blocks, session_cluster, tmp_path):
+def test_synthetic_blocks_accounting_is_what_merge_and_clean_and_repartition_find(blocks, session_cluster, tmp_path):
     run_joined(session_cluster, "merge_and_clean.py", "--raw", blocks, "--data", tmp_path / "data")
+    run_joined(session_cluster, "repartition.py", "--data", tmp_path / "data")
     accounting = json.loads((tmp_path / "data" / "merged" / "_stage.json").read_text())["accounting"]
     expected = json.loads((blocks / "_generated.json").read_text())["expected"]
     assert_accounting_is_what_was_planted(accounting, expected)
+    assert_exact_duplicates_are_what_was_planted(stage.read_manifest(tmp_path / "data" / "repartitioned"), expected)
 
 
 def test_synthetic_click_offsets_are_the_same_instant(raw):
