@@ -72,7 +72,6 @@ def clean(path, source, index, out, clock):
         actions = pd.concat([actions, actions_rest], ignore_index=True).take(order).reset_index(drop=True)
         clock.lap("build")
         merge.write_table(actions, out / "actions" / f"{source}-{index:05d}.parquet", merge.schemas.ACTIONS)
-        merge._write_by_bucket(actions, 12, out / "scratch" / f"{source}-{index:05d}.parquet")
     clock.lap("write")
     return block.rows_in
 
